@@ -1,0 +1,637 @@
+//! Test support: a real Kubernetes control plane for integration tests.
+//!
+//! Each test binary starts its own etcd + kube-apiserver on free loopback ports, with
+//! certificates generated for the run, the first time a test asks for it; later tests in the
+//! same binary reuse it. [`jobs`] additionally starts kube-controller-manager, kube-scheduler
+//! and kwok with one fake node, for tests that need Jobs and Pods to run to completion.
+//!
+//! The processes are spawned by one supervisor thread that lives as long as the test binary,
+//! with `PR_SET_PDEATHSIG`, so they die with the test binary however it ends. Logs live in
+//! `target/tmp/control-plane/<binary>-<pid>/logs`; a run directory is removed by the next run
+//! unless a test failed in it, in which case its logs are kept (and their path printed).
+//!
+//! With `SHAPEBLOCK_TEST_KUBECONFIG=<path>` the same tests run against that cluster instead:
+//! nothing is started, and [`jobs`] assumes the cluster runs Jobs itself.
+//!
+//! The binaries come from `tests/control-plane/build.sh` (or the directory named by
+//! `SHAPEBLOCK_TEST_BINS`). Nothing here skips: a control plane that cannot start fails the
+//! test with the reason and the tail of the component's log.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The shared control plane of this test binary.
+struct Shared {
+    config: Config,
+    /// Path of an admin kubeconfig for the control plane.
+    kubeconfig: PathBuf,
+    /// Run directory (None when running against `SHAPEBLOCK_TEST_KUBECONFIG`).
+    run_dir: Option<PathBuf>,
+    requests: Mutex<mpsc::Sender<Request>>,
+}
+
+enum Request {
+    StartJobs(mpsc::Sender<Result<(), String>>),
+}
+
+static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+static JOBS: OnceLock<Result<(), String>> = OnceLock::new();
+
+fn shared() -> &'static Shared {
+    match SHARED.get_or_init(start) {
+        Ok(shared) => shared,
+        Err(reason) => panic!("the test control plane is not available: {reason}"),
+    }
+}
+
+/// Admin configuration for the test control plane (started on first use).
+pub async fn config() -> Config {
+    tokio::task::spawn_blocking(|| shared().config.clone())
+        .await
+        .expect("control plane start")
+}
+
+/// A client with admin rights on the test control plane (started on first use).
+pub async fn client() -> Client {
+    Client::try_from(config().await).expect("client from test config")
+}
+
+/// Path of an admin kubeconfig file for the test control plane, for processes under test.
+pub async fn kubeconfig_path() -> PathBuf {
+    tokio::task::spawn_blocking(|| shared().kubeconfig.clone())
+        .await
+        .expect("control plane start")
+}
+
+/// Ensures Jobs run to completion: kube-controller-manager, kube-scheduler and kwok with a
+/// ready fake node. Started once per test binary.
+pub async fn jobs() {
+    let result = tokio::task::spawn_blocking(|| {
+        JOBS.get_or_init(|| {
+            let shared = shared();
+            if shared.run_dir.is_none() {
+                return Ok(()); // an existing cluster runs its own controllers and nodes
+            }
+            let (tx, rx) = mpsc::channel();
+            shared
+                .requests
+                .lock()
+                .map_err(|_| "supervisor lock poisoned".to_string())?
+                .send(Request::StartJobs(tx))
+                .map_err(|_| "the control plane supervisor is gone".to_string())?;
+            rx.recv()
+                .map_err(|_| "the control plane supervisor is gone".to_string())?
+        })
+        .clone()
+    })
+    .await
+    .expect("jobs start");
+    if let Err(reason) = result {
+        panic!("kube-controller-manager + kwok are not available: {reason}");
+    }
+}
+
+/// A namespace created for one test and deleted when the test ends. When the test fails,
+/// the control plane's logs are kept and their location printed.
+pub struct TestNamespace {
+    pub name: String,
+    config: Config,
+}
+
+impl TestNamespace {
+    /// Creates a fresh namespace named `<prefix>-<random>`.
+    pub async fn new(prefix: &str) -> Self {
+        let config = config().await;
+        let client = Client::try_from(config.clone()).expect("client");
+        let name = format!("{}-{}", prefix, random_suffix());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"shapeblock.io/test": "true"}}
+        }))
+        .expect("namespace object");
+        Api::<Namespace>::all(client)
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("create test namespace {name}: {e}"));
+        Self { name, config }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            keep_logs(&self.name);
+        }
+        // Drop cannot await, and the test's runtime is going away: delete from a thread with
+        // its own runtime and client. Best effort; a control plane started for this binary
+        // dies with it anyway.
+        let config = self.config.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(client) = Client::try_from(config) {
+                    let _ = Api::<Namespace>::all(client)
+                        .delete(&name, &DeleteParams::background())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Marks the run directory so the next run keeps its logs, and says where they are.
+pub fn keep_logs(test: &str) {
+    if let Some(Ok(Shared {
+        run_dir: Some(dir), ..
+    })) = SHARED.get()
+    {
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("KEEP"))
+            .and_then(|mut f| writeln!(f, "{test}"));
+        eprintln!(
+            "test {test} failed: control plane logs kept in {}",
+            dir.join("logs").display()
+        );
+    }
+}
+
+pub fn random_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    format!("{:08x}", h.finish() as u32)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up
+
+fn start() -> Result<Shared, String> {
+    if let Ok(path) = std::env::var("SHAPEBLOCK_TEST_KUBECONFIG") {
+        return external(PathBuf::from(path));
+    }
+    let bins = binaries()?;
+    let run_dir = run_dir()?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (req_tx, req_rx) = mpsc::channel();
+    let dir = run_dir.clone();
+    std::thread::Builder::new()
+        .name("control-plane".into())
+        .spawn(move || supervise(bins, dir, ready_tx, req_rx))
+        .map_err(|e| format!("spawn supervisor thread: {e}"))?;
+    let (config, kubeconfig) = ready_rx
+        .recv()
+        .map_err(|_| "the control plane supervisor died during start-up".to_string())??;
+    Ok(Shared {
+        config,
+        kubeconfig,
+        run_dir: Some(run_dir),
+        requests: Mutex::new(req_tx),
+    })
+}
+
+fn external(path: PathBuf) -> Result<Shared, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .map_err(|e| format!("SHAPEBLOCK_TEST_KUBECONFIG={}: {e}", path.display()))?;
+    let config = rt
+        .block_on(Config::from_custom_kubeconfig(
+            kubeconfig,
+            &KubeConfigOptions::default(),
+        ))
+        .map_err(|e| format!("SHAPEBLOCK_TEST_KUBECONFIG={}: {e}", path.display()))?;
+    let (tx, _rx) = mpsc::channel();
+    Ok(Shared {
+        config,
+        kubeconfig: path,
+        run_dir: None,
+        requests: Mutex::new(tx),
+    })
+}
+
+/// Locates the control plane binaries, building them with the repository's script when no
+/// directory is given.
+fn binaries() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("SHAPEBLOCK_TEST_BINS") {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed ({}); see its output above",
+            script.display(),
+            out.status
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .last()
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{} printed no binary directory", script.display()))
+}
+
+/// Creates this run's directory and removes earlier runs whose process is gone, keeping
+/// only the logs of runs in which a test failed.
+fn run_dir() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("control-plane");
+    fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+    if let Ok(entries) = fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let pid = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if alive {
+                continue;
+            }
+            if path.join("KEEP").exists() {
+                let _ = fs::remove_dir_all(path.join("etcd-data"));
+                let _ = fs::remove_dir_all(path.join("pki"));
+            } else {
+                let _ = fs::remove_dir_all(&path);
+            }
+        }
+    }
+    let exe = std::env::current_exe().ok();
+    let binary = exe
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .and_then(|s| s.to_str())
+        .map(|s| {
+            s.rsplit_once('-')
+                .map_or(s, |(name, _hash)| name)
+                .to_string()
+        })
+        .unwrap_or_else(|| "test".into());
+    let dir = root.join(format!("{binary}-{}", std::process::id()));
+    for sub in ["logs", "pki", "etcd-data"] {
+        fs::create_dir_all(dir.join(sub)).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Owns the control plane processes for the life of the test binary.
+fn supervise(
+    bins: PathBuf,
+    dir: PathBuf,
+    ready: mpsc::Sender<Result<(Config, PathBuf), String>>,
+    requests: mpsc::Receiver<Request>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("supervisor runtime: {e}")));
+            return;
+        }
+    };
+    let mut children: Vec<Child> = Vec::new();
+    let started = rt.block_on(start_apiserver(&bins, &dir, &mut children));
+    let kubeconfig = dir.join("admin.kubeconfig");
+    let config = match started {
+        Ok(config) => config,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok((config.clone(), kubeconfig.clone())));
+    // Serve requests until the test binary exits; this thread must outlive every child,
+    // because PR_SET_PDEATHSIG fires when the spawning thread ends.
+    while let Ok(request) = requests.recv() {
+        match request {
+            Request::StartJobs(reply) => {
+                let result =
+                    rt.block_on(start_jobs(&bins, &dir, &kubeconfig, &config, &mut children));
+                let _ = reply.send(result);
+            }
+        }
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("free port: {e}"))
+}
+
+/// Spawns a component with its output in `logs/<name>.log`, killed when this thread dies.
+fn spawn(dir: &Path, bin: &Path, name: &str, args: &[String]) -> Result<Child, String> {
+    let log = fs::File::create(dir.join("logs").join(format!("{name}.log")))
+        .map_err(|e| format!("create {name} log: {e}"))?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| format!("start {}: {e}", bin.display()))
+}
+
+fn log_tail(dir: &Path, name: &str) -> String {
+    let text = fs::read_to_string(dir.join("logs").join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn check_alive(child: &mut Child, dir: &Path, name: &str) -> Result<(), String> {
+    match child.try_wait() {
+        Ok(Some(status)) => Err(format!(
+            "{name} exited ({status}); last log lines:\n{}",
+            log_tail(dir, name)
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn start_apiserver(
+    bins: &Path,
+    dir: &Path,
+    children: &mut Vec<Child>,
+) -> Result<Config, String> {
+    let pki = pki::generate(&dir.join("pki")).map_err(|e| format!("generate certificates: {e}"))?;
+
+    let etcd_port = free_port()?;
+    let peer_port = free_port()?;
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let mut etcd = spawn(
+        dir,
+        &bins.join("etcd"),
+        "etcd",
+        &[
+            "--name=test".into(),
+            format!("--data-dir={}", dir.join("etcd-data").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=test={peer_url}"),
+            "--unsafe-no-fsync=true".into(),
+            "--log-level=warn".into(),
+        ],
+    )?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        check_alive(&mut etcd, dir, "etcd")?;
+        if http_get_contains(etcd_port, "/health", "\"health\":\"true\"") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "etcd not healthy after {START_TIMEOUT:?}:\n{}",
+                log_tail(dir, "etcd")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    children.push(etcd);
+
+    let api_port = free_port()?;
+    let p = |f: &str| dir.join("pki").join(f).display().to_string();
+    let mut apiserver = spawn(
+        dir,
+        &bins.join("kube-apiserver"),
+        "kube-apiserver",
+        &[
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", dir.join("pki").display()),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--service-account-issuer=https://127.0.0.1:{api_port}"),
+            format!("--service-account-key-file={}", p("sa.key")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--profiling=false".into(),
+        ],
+    )?;
+
+    let kubeconfig_path = dir.join("admin.kubeconfig");
+    fs::write(&kubeconfig_path, pki.kubeconfig(api_port))
+        .map_err(|e| format!("write kubeconfig: {e}"))?;
+    let kubeconfig =
+        Kubeconfig::read_from(&kubeconfig_path).map_err(|e| format!("read kubeconfig: {e}"))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("kubeconfig: {e}"))?;
+    let client = Client::try_from(config.clone()).map_err(|e| format!("client: {e}"))?;
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut last_error: String;
+    loop {
+        check_alive(&mut apiserver, dir, "kube-apiserver")?;
+        // Ready means /readyz passes and the bootstrap controllers created `default`.
+        let readyz = client
+            .request_text(
+                http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?,
+            )
+            .await;
+        match readyz {
+            Ok(_) => match Api::<Namespace>::all(client.clone())
+                .get_opt("default")
+                .await
+            {
+                Ok(Some(_)) => break,
+                Ok(None) => last_error = "namespace default not created yet".into(),
+                Err(e) => last_error = e.to_string(),
+            },
+            Err(e) => last_error = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "kube-apiserver not ready after {START_TIMEOUT:?} ({last_error}):\n{}",
+                log_tail(dir, "kube-apiserver")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    children.push(apiserver);
+    Ok(config)
+}
+
+async fn start_jobs(
+    bins: &Path,
+    dir: &Path,
+    kubeconfig: &Path,
+    config: &Config,
+    children: &mut Vec<Child>,
+) -> Result<(), String> {
+    let kc = kubeconfig.display().to_string();
+    let p = |f: &str| dir.join("pki").join(f).display().to_string();
+    let mut kcm = spawn(
+        dir,
+        &bins.join("kube-controller-manager"),
+        "kube-controller-manager",
+        &[
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()?),
+            "--leader-elect=false".into(),
+            format!("--root-ca-file={}", p("ca.crt")),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            "--use-service-account-credentials=false".into(),
+            "--kube-api-qps=500".into(),
+            "--kube-api-burst=1000".into(),
+        ],
+    )?;
+    let mut scheduler = spawn(
+        dir,
+        &bins.join("kube-scheduler"),
+        "kube-scheduler",
+        &[
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()?),
+            "--leader-elect=false".into(),
+        ],
+    )?;
+    let mut kwok = spawn(
+        dir,
+        &bins.join("kwok"),
+        "kwok",
+        &[
+            format!("--kubeconfig={kc}"),
+            format!("--config={}", bins.join("kwok-stages.yaml").display()),
+            "--manage-all-nodes=false".into(),
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+            "--node-lease-duration-seconds=40".into(),
+            "--cidr=10.244.0.0/16".into(),
+            "--node-ip=127.0.0.1".into(),
+            format!("--server-address=127.0.0.1:{}", free_port()?),
+        ],
+    )?;
+
+    let client = Client::try_from(config.clone()).map_err(|e| e.to_string())?;
+    let nodes: Api<Node> = Api::all(client);
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": "kwok-node-0",
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                       "kubernetes.io/hostname": "kwok-node-0", "type": "kwok"}
+        },
+        "status": {
+            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}
+        }
+    }))
+    .map_err(|e| e.to_string())?;
+    nodes
+        .patch(
+            "kwok-node-0",
+            &PatchParams::apply("shapeblock-tests").force(),
+            &Patch::Apply(&node),
+        )
+        .await
+        .map_err(|e| format!("create fake node: {e}"))?;
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        check_alive(&mut kcm, dir, "kube-controller-manager")?;
+        check_alive(&mut scheduler, dir, "kube-scheduler")?;
+        check_alive(&mut kwok, dir, "kwok")?;
+        let ready = nodes
+            .get("kwok-node-0")
+            .await
+            .ok()
+            .and_then(|n| n.status)
+            .and_then(|s| s.conditions)
+            .is_some_and(|conds| {
+                conds
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "fake node not Ready after {START_TIMEOUT:?}:\n{}",
+                log_tail(dir, "kwok")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    children.extend([kcm, scheduler, kwok]);
+    Ok(())
+}
+
+/// Plain HTTP/1.0 GET on loopback; true when the body contains `needle`.
+fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.contains(needle)
+}
+
+pub mod pki;

@@ -95,7 +95,7 @@ pub struct Pki {
     dir: PathBuf,
 }
 
-/// Writes `ca.crt`, `apiserver.{crt,key}`, `admin.{crt,key}` and `sa.key` into `dir`.
+/// Writes `ca.crt`, `apiserver.{crt,key}`, `admin.{crt,key}` and `sa.{key,pub}` into `dir`.
 pub fn generate(dir: &Path) -> Result<Pki, Box<dyn std::error::Error>> {
     let ca = TestCa::new("shapeblock-test-ca")?;
     let serving = ca.server(&[
@@ -114,6 +114,7 @@ pub fn generate(dir: &Path) -> Result<Pki, Box<dyn std::error::Error>> {
     fs::write(dir.join("admin.crt"), admin.cert_pem)?;
     fs::write(dir.join("admin.key"), admin.key_pem)?;
     fs::write(dir.join("sa.key"), sa.serialize_pem())?;
+    fs::write(dir.join("sa.pub"), sa.public_key_pem())?;
     Ok(Pki {
         dir: dir.to_path_buf(),
     })

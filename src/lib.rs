@@ -4,7 +4,9 @@
 //! Layout (each module's own doc says what it may depend on):
 //! - [`crd`]: the ShapeBlock custom resource types; the CRD YAML is generated from them.
 //! - [`hub`]: the hub process: HTTP API and, later, the gateway, registry and cluster sessions.
+//! - [`tunnel`]: the wire shared by hub and agent: HTTP/2 over a websocket byte stream.
 //! - [`agent`]: the tunnel agent that runs in each managed cluster.
+//! - [`secret`]: strings that never print (tokens).
 //! - [`telemetry`]: logging set-up shared by both binaries.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these modules.
@@ -12,4 +14,6 @@
 pub mod agent;
 pub mod crd;
 pub mod hub;
+pub mod secret;
 pub mod telemetry;
+pub mod tunnel;

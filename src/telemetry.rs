@@ -1,5 +1,5 @@
-//! Logging set-up shared by the hub and the agent: human-readable or JSON lines on stderr,
-//! filtered by `RUST_LOG` (default `info`).
+//! Logging set-up and signal handling shared by the hub and the agent: human-readable or
+//! JSON lines on stderr, filtered by `RUST_LOG` (default `info`).
 
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -23,4 +23,28 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use shapeblock::hub::{Hub, HubConfig};
+use shapeblock::hub::{Hub, HubConfig, TlsFiles};
 use shapeblock::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,22 @@ struct Cli {
         global = true
     )]
     listen: SocketAddr,
+    /// PEM certificate chain to serve TLS with (plain HTTP when absent, e.g. behind an ingress).
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HUB_TLS_CERT_FILE",
+        requires = "tls_key_file",
+        global = true
+    )]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the TLS certificate.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HUB_TLS_KEY_FILE",
+        requires = "tls_cert_file",
+        global = true
+    )]
+    tls_key_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "SHAPEBLOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -46,7 +63,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Crds { out } => print_crds(out),
-        Command::Serve => serve(HubConfig { listen: cli.listen }, cli.log_format),
+        Command::Serve => {
+            let tls = match (cli.tls_cert_file, cli.tls_key_file) {
+                (Some(cert_file), Some(key_file)) => Some(TlsFiles {
+                    cert_file,
+                    key_file,
+                }),
+                _ => None,
+            };
+            serve(
+                HubConfig {
+                    listen: cli.listen,
+                    tls,
+                    ..HubConfig::default()
+                },
+                cli.log_format,
+            )
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,31 +117,13 @@ fn serve(config: HubConfig, log_format: LogFormat) -> Result<(), Box<dyn std::er
         .build()?;
     runtime.block_on(async {
         let hub = Hub::bind(&config).await?;
-        hub.serve(shutdown_signal()).await?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            telemetry::shutdown_signal().await;
+            stop.cancel();
+        });
+        hub.serve(shutdown).await;
         Ok(())
     })
-}
-
-/// Resolves on SIGINT or SIGTERM so the hub stops accepting and drains in-flight requests.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
 }

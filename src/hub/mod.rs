@@ -1,16 +1,28 @@
-//! The hub process: the HTTP API the ShapeBlock server talks to.
+//! The hub process: the agent gateway, the cluster registry and the HTTP API the ShapeBlock
+//! server talks to, served on one listener (TLS with rustls, or plain HTTP behind an ingress).
 //!
-//! The hub starts with an embedded default configuration and no external services. Later
-//! issues add the agent gateway, the cluster registry and per-cluster sessions here; this
-//! module may depend on [`crate::crd`] but nothing depends on it.
+//! The hub starts with an embedded default configuration and no external services. This
+//! module builds on [`crate::tunnel`] and [`crate::crd`]; nothing depends on it.
 
 mod api;
+pub mod gateway;
+pub mod metrics;
+pub mod registry;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
-pub use api::router;
+pub use gateway::{ConnectionState, Gateway, GatewayConfig, TunnelError};
+pub use registry::{ClusterId, ClusterRecord, Registry};
 
 /// Errors that stop the hub from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -22,58 +34,179 @@ pub enum HubError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP server stopped with an I/O error.
-    #[error("HTTP server failed: {0}")]
-    Serve(#[source] std::io::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Certificate and key files for serving TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Hub settings. Defaults give a working hub with no configuration at all.
 #[derive(Clone, Debug)]
 pub struct HubConfig {
-    /// Address the HTTP API listens on.
+    /// Address the API and the agent gateway listen on.
     pub listen: SocketAddr,
+    /// Serve TLS from these files; plain HTTP (for a TLS-terminating ingress) when absent.
+    pub tls: Option<TlsFiles>,
+    pub gateway: GatewayConfig,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
+            gateway: GatewayConfig::default(),
         }
     }
 }
 
-/// A bound, not yet serving, hub. Binding first lets callers (and tests) learn the actual
-/// address when port 0 was asked for.
+/// Time a client has to send its request headers (or finish TLS) before it is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound hub. Binding first lets callers (and tests) learn the actual address when port 0
+/// was asked for, and use the registry and gateway before serving.
 pub struct Hub {
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    pub registry: Arc<Registry>,
+    pub gateway: Arc<Gateway>,
+    metrics: Arc<prometheus_client::registry::Registry>,
 }
 
 impl Hub {
-    /// Binds the API listener.
+    /// Binds the listener and builds the hub's state with a fresh registry.
     pub async fn bind(config: &HubConfig) -> Result<Self, HubError> {
+        Self::bind_with_registry(config, Arc::new(Registry::new())).await
+    }
+
+    /// Binds the listener with an existing registry (its clusters and tokens).
+    pub async fn bind_with_registry(
+        config: &HubConfig,
+        registry: Arc<Registry>,
+    ) -> Result<Self, HubError> {
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| HubError::Bind {
                 addr: config.listen,
                 source,
             })?;
-        Ok(Self { listener })
+        let tunnel_metrics = Arc::new(metrics::TunnelMetrics::default());
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        tunnel_metrics.register(&mut prometheus);
+        let gateway = Gateway::new(registry.clone(), tunnel_metrics, config.gateway.clone());
+        Ok(Self {
+            listener,
+            tls,
+            registry,
+            gateway,
+            metrics: Arc::new(prometheus),
+        })
     }
 
-    /// The address the API is listening on.
+    /// The address the hub is listening on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    /// Serves the API until `shutdown` resolves.
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> Result<(), HubError> {
-        tracing::info!(addr = ?self.listener.local_addr().ok(), "hub API listening");
-        axum::serve(self.listener, router())
-            .with_graceful_shutdown(shutdown)
+    /// Serves until `shutdown` is cancelled, then closes every tunnel and drains requests.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let router = api::router(self.metrics.clone()).merge(self.gateway.routes());
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tracing::info!(addr = ?self.listener.local_addr().ok(), tls = self.tls.is_some(), "hub listening");
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let service = router.clone().map_request(
+                move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(remote));
+                    request
+                },
+            );
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let tls = self.tls.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let result = match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let conn = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                            Ok(Err(err)) => {
+                                tracing::debug!(%remote, error = %err, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+                if let Err(err) = result {
+                    tracing::debug!(%remote, error = %err, "connection ended with an error");
+                }
+            });
+        }
+        self.gateway.shutdown();
+        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
             .await
-            .map_err(HubError::Serve)
+            .is_err()
+        {
+            tracing::warn!("connections still open after 10s; closing them");
+        }
+        tracing::info!("hub stopped");
     }
+}
+
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, HubError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
+        .and_then(|iter| iter.collect())
+        .map_err(|e| HubError::Tls(format!("{}: {e}", files.cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(HubError::Tls(format!(
+            "{} holds no certificate",
+            files.cert_file.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|e| HubError::Tls(format!("{}: {e}", files.key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HubError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| HubError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,0 +1,574 @@
+//! The agent gateway: the websocket endpoint agents dial, one live tunnel per cluster, and a
+//! `kube::Client` per cluster that sends its requests through whichever tunnel is current.
+//!
+//! A handshake is authenticated (bearer token against the stored hashes) and rate limited
+//! (globally and per source address) before the websocket upgrade. After the upgrade the hub
+//! is the HTTP/2 client: the tunnel counts as connected only once an HTTP/2 handshake and a
+//! `GET /version` through it succeed within the handshake timeout. A newer tunnel for the
+//! same cluster replaces the older. Liveness is HTTP/2 PING with a deadline (hyper's
+//! keep-alive) plus a periodic ping request to the agent, which also measures round-trip time.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dashmap::DashMap;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::metrics::{ClusterLabel, TunnelMetrics};
+use super::registry::{ClusterId, Registry};
+use crate::tunnel::{self, WsIo};
+
+/// Gateway settings.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Upgrade, HTTP/2 handshake and first request through the tunnel must finish within this.
+    pub handshake_timeout: Duration,
+    /// Handshakes accepted per second across all agents (burst: 2 seconds' worth).
+    pub handshakes_per_second: u32,
+    /// Handshakes accepted per second from one source address (burst: 5 seconds' worth).
+    pub handshakes_per_second_per_ip: u32,
+    /// How often the hub pings each agent to measure round-trip time.
+    pub ping_interval: Duration,
+    /// A ping unanswered for this long ends the tunnel.
+    pub ping_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            handshakes_per_second: 200,
+            handshakes_per_second_per_ip: 20,
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connection state of one cluster, for the API and metrics.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionState {
+    pub connected: bool,
+    /// When the current tunnel was established.
+    #[serde(skip_serializing_if = "Option::is_none", with = "unix_time")]
+    pub connected_since: Option<SystemTime>,
+    /// When the hub last heard from the agent (handshake or answered ping).
+    #[serde(skip_serializing_if = "Option::is_none", with = "unix_time")]
+    pub last_seen: Option<SystemTime>,
+    /// Round-trip time of the last ping, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_addr: Option<String>,
+    /// Tunnels established since the hub started.
+    pub connects: u64,
+}
+
+mod unix_time {
+    use std::time::SystemTime;
+
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let secs = t
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64());
+        match secs {
+            Some(secs) => s.serialize_f64(secs),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// Why a request through a tunnel failed before reaching the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cluster {0} is not connected: its agent has no live tunnel to the hub")]
+    NotConnected(ClusterId),
+    #[error("the tunnel to cluster {cluster} failed: {source}")]
+    Broken {
+        cluster: ClusterId,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("bad request URI: {0}")]
+    Uri(#[from] http::Error),
+}
+
+#[derive(Clone)]
+struct Tunnel {
+    sender: SendRequest<kube::client::Body>,
+    generation: u64,
+    closed: CancellationToken,
+}
+
+/// Everything the hub keeps for one cluster across tunnels.
+struct ClusterSlot {
+    id: ClusterId,
+    current: RwLock<Option<Tunnel>>,
+    state: Mutex<ConnectionState>,
+    generation: AtomicU64,
+}
+
+impl ClusterSlot {
+    fn current(&self) -> Option<Tunnel> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ConnectionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `tunnel` current and closes the one it replaces.
+    fn publish(&self, tunnel: Tunnel) {
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(tunnel);
+        if let Some(old) = old {
+            old.closed.cancel();
+        }
+    }
+
+    /// Clears the current tunnel if it is still `generation`.
+    fn retire(&self, generation: u64) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|t| t.generation == generation) {
+            *current = None;
+            return true;
+        }
+        false
+    }
+
+    async fn send(
+        &self,
+        request: http::Request<kube::client::Body>,
+    ) -> Result<http::Response<Incoming>, TunnelError> {
+        let tunnel = self
+            .current()
+            .ok_or_else(|| TunnelError::NotConnected(self.id.clone()))?;
+        send_via(&self.id, tunnel, request).await
+    }
+}
+
+/// Sends one request through `tunnel`.
+async fn send_via(
+    id: &str,
+    tunnel: Tunnel,
+    mut request: http::Request<kube::client::Body>,
+) -> Result<http::Response<Incoming>, TunnelError> {
+    // HTTP/2 needs a scheme and authority; the agent ignores them and uses its apiserver.
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *request.uri_mut() = http::Uri::builder()
+        .scheme("http")
+        .authority(format!("{id}.tunnel.shapeblock"))
+        .path_and_query(path)
+        .build()?;
+    let broken = |source| TunnelError::Broken {
+        cluster: id.to_string(),
+        source,
+    };
+    let mut sender = tunnel.sender;
+    sender.ready().await.map_err(broken)?;
+    sender.send_request(request).await.map_err(broken)
+}
+
+/// The agent gateway.
+pub struct Gateway {
+    registry: Arc<Registry>,
+    slots: DashMap<ClusterId, Arc<ClusterSlot>>,
+    global_limiter: DefaultDirectRateLimiter,
+    ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    metrics: Arc<TunnelMetrics>,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<TunnelMetrics>,
+        config: GatewayConfig,
+    ) -> Arc<Self> {
+        let per_sec = |n: u32| NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN);
+        let global = Quota::per_second(per_sec(config.handshakes_per_second))
+            .allow_burst(per_sec(config.handshakes_per_second.saturating_mul(2)));
+        let per_ip = Quota::per_second(per_sec(config.handshakes_per_second_per_ip)).allow_burst(
+            per_sec(config.handshakes_per_second_per_ip.saturating_mul(5)),
+        );
+        Arc::new(Self {
+            registry,
+            slots: DashMap::new(),
+            global_limiter: RateLimiter::direct(global),
+            ip_limiter: RateLimiter::keyed(per_ip),
+            metrics,
+            config,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Routes served by the gateway.
+    pub fn routes(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route(tunnel::CONNECT_PATH, get(connect))
+            .with_state(self.clone())
+    }
+
+    fn slot(&self, id: &str) -> Arc<ClusterSlot> {
+        self.slots
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(ClusterSlot {
+                    id: id.to_string(),
+                    current: RwLock::new(None),
+                    state: Mutex::new(ConnectionState::default()),
+                    generation: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// A client for a cluster's apiserver through its tunnel. It keeps working across agent
+    /// reconnects: each request uses the tunnel current at that moment, and fails fast with
+    /// [`TunnelError::NotConnected`] while there is none (watchers back off and resume).
+    /// Must be called within a Tokio runtime.
+    pub fn client(&self, id: &str) -> kube::Client {
+        let slot = self.slot(id);
+        let service = tower::service_fn(move |request| {
+            let slot = slot.clone();
+            async move { slot.send(request).await }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// Connection state of a cluster (all defaults if it never connected).
+    pub fn status(&self, id: &str) -> ConnectionState {
+        self.slots
+            .get(id)
+            .map(|s| s.state().clone())
+            .unwrap_or_default()
+    }
+
+    /// Closes the cluster's live tunnel, if any (after its token was revoked or rotated).
+    pub fn disconnect(&self, id: &str) {
+        if let Some(tunnel) = self.slots.get(id).and_then(|slot| slot.current()) {
+            tunnel.closed.cancel();
+        }
+    }
+
+    /// Forgets a deleted cluster: closes its tunnel and drops its state and metrics.
+    pub fn forget(&self, id: &str) {
+        self.disconnect(id);
+        self.slots.remove(id);
+        let label = ClusterLabel {
+            cluster: id.to_string(),
+        };
+        self.metrics.connected.remove(&label);
+        self.metrics.connected_since.remove(&label);
+        self.metrics.rtt_seconds.remove(&label);
+        self.metrics.connects.remove(&label);
+        self.metrics.disconnects.remove(&label);
+    }
+
+    /// Closes every tunnel; used when the hub stops.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Number of clusters with a live tunnel.
+    pub fn connected_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.current().is_some()).count()
+    }
+
+    /// Runs one tunnel from the HTTP/2 handshake to its end.
+    async fn run_session(
+        self: Arc<Self>,
+        id: ClusterId,
+        ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+        agent_version: Option<String>,
+        remote: SocketAddr,
+    ) {
+        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(tunnel::H2_STREAM_WINDOW)
+            .initial_connection_window_size(tunnel::H2_CONNECTION_WINDOW)
+            .max_frame_size(tunnel::H2_MAX_FRAME)
+            .max_send_buf_size(tunnel::H2_STREAM_WINDOW as usize)
+            .keep_alive_interval(tunnel::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(tunnel::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(WsIo::new(ws)));
+        let (sender, connection) =
+            match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "HTTP/2 handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("HTTP/2 handshake timed out");
+                    self.metrics.reject("handshake_timeout");
+                    return;
+                }
+            };
+        let mut connection = tokio::spawn(connection);
+        let slot = self.slot(&id);
+        let generation = slot.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let closed = self.shutdown.child_token();
+        let probe = Tunnel {
+            sender,
+            generation,
+            closed: closed.clone(),
+        };
+
+        // The tunnel is only published once a request through it reaches the apiserver.
+        let version = tokio::time::timeout(
+            self.config.handshake_timeout,
+            kubernetes_version(&slot.id, &probe),
+        )
+        .await;
+        let kubernetes_version = match version {
+            Ok(Ok(v)) => v,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "tunnel opened but the apiserver did not answer");
+                connection.abort();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("no answer through the new tunnel within the handshake timeout");
+                self.metrics.reject("handshake_timeout");
+                connection.abort();
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        let label = ClusterLabel {
+            cluster: id.clone(),
+        };
+        {
+            let mut state = slot.state();
+            state.connected = true;
+            state.connected_since = Some(now);
+            state.last_seen = Some(now);
+            state.agent_version = agent_version;
+            state.kubernetes_version = Some(kubernetes_version.clone());
+            state.remote_addr = Some(remote.to_string());
+            state.rtt_ms = None;
+            state.connects += 1;
+        }
+        slot.publish(probe.clone());
+        self.metrics.connected.get_or_create(&label).set(1);
+        self.metrics.connected_since.get_or_create(&label).set(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        self.metrics.connects.get_or_create(&label).inc();
+        tracing::info!(kubernetes = %kubernetes_version, "tunnel connected");
+
+        let mut ticker = tokio::time::interval(self.config.ping_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reason = loop {
+            tokio::select! {
+                _ = closed.cancelled() => break "closed by the hub (replaced, revoked or shutting down)",
+                result = &mut connection => break match result {
+                    Ok(Ok(())) => "agent closed the tunnel",
+                    _ => "tunnel connection failed",
+                },
+                _ = ticker.tick() => {
+                    match tokio::time::timeout(self.config.ping_timeout, ping(&slot.id, &probe)).await {
+                        Ok(Ok(rtt)) => {
+                            let mut state = slot.state();
+                            state.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+                            state.last_seen = Some(SystemTime::now());
+                            self.metrics.rtt_seconds.get_or_create(&label).set(rtt.as_secs_f64());
+                        }
+                        Ok(Err(err)) => {
+                            tracing::warn!(error = %err, "ping failed");
+                            break "ping failed";
+                        }
+                        Err(_) => break "ping timed out",
+                    }
+                }
+            }
+        };
+        connection.abort();
+        if slot.retire(generation) {
+            slot.state().connected = false;
+            self.metrics.connected.get_or_create(&label).set(0);
+        }
+        self.metrics.disconnects.get_or_create(&label).inc();
+        tracing::info!(reason, "tunnel ended");
+    }
+}
+
+async fn send_probe(
+    id: &str,
+    tunnel: &Tunnel,
+    path: &str,
+) -> Result<http::Response<Incoming>, TunnelError> {
+    let request = http::Request::get(path).body(kube::client::Body::from(Vec::new()))?;
+    send_via(id, tunnel.clone(), request).await
+}
+
+async fn kubernetes_version(id: &str, tunnel: &Tunnel) -> Result<String, String> {
+    let response = send_probe(id, tunnel, "/version")
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "GET /version: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    Ok(info["gitVersion"].as_str().unwrap_or("unknown").to_string())
+}
+
+async fn ping(id: &str, tunnel: &Tunnel) -> Result<Duration, String> {
+    let start = Instant::now();
+    let response = send_probe(id, tunnel, tunnel::AGENT_PING_PATH)
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status() != StatusCode::NO_CONTENT {
+        return Err(format!(
+            "agent answered ping with HTTP {}",
+            response.status()
+        ));
+    }
+    Ok(start.elapsed())
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+fn refuse(status: StatusCode, message: &'static str) -> Response {
+    (status, message).into_response()
+}
+
+/// `GET /agent/v1/connect`: authenticate, then upgrade to a websocket and run the tunnel.
+async fn connect(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    if gateway.ip_limiter.check_key(&remote.ip()).is_err()
+        || gateway.global_limiter.check().is_err()
+    {
+        gateway.metrics.reject("rate_limited");
+        let mut response = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many tunnel handshakes; retry later",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return response;
+    }
+    let headers = request.headers();
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let is_websocket = header_has_token(headers, header::UPGRADE, "websocket")
+        && header_has_token(headers, header::CONNECTION, "upgrade")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13");
+    let Some(key) = key.filter(|_| is_websocket) else {
+        gateway.metrics.reject("not_websocket");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "expected a websocket upgrade (version 13)",
+        );
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(cluster) = token.and_then(|t| gateway.registry.authenticate(t)) else {
+        gateway.metrics.reject("unauthorized");
+        tracing::info!(%remote, "tunnel handshake with a missing, wrong, unknown or revoked token");
+        return refuse(StatusCode::UNAUTHORIZED, "invalid cluster token");
+    };
+    let agent_version = headers
+        .get(tunnel::AGENT_VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(64).collect::<String>());
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(request);
+    let timeout = gateway.config.handshake_timeout;
+    tokio::spawn(async move {
+        let upgraded = match tokio::time::timeout(timeout, on_upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(err)) => {
+                tracing::warn!(cluster = %cluster, error = %err, "websocket upgrade failed");
+                return;
+            }
+            Err(_) => {
+                gateway.metrics.reject("handshake_timeout");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(tunnel::ws_config()),
+        )
+        .await;
+        let span = tracing::info_span!("tunnel", cluster = %cluster, %remote);
+        gateway
+            .run_session(cluster, ws, agent_version, remote)
+            .instrument(span)
+            .await;
+    });
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}

@@ -1,0 +1,73 @@
+//! Prometheus metrics of the hub, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Tunnel metrics, one series per cluster.
+#[derive(Default)]
+pub struct TunnelMetrics {
+    /// 1 while the cluster has a live tunnel.
+    pub connected: Family<ClusterLabel, Gauge>,
+    /// Unix time the current tunnel was established.
+    pub connected_since: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
+    /// Round-trip time of the last tunnel ping.
+    pub rtt_seconds: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
+    /// Tunnels established.
+    pub connects: Family<ClusterLabel, Counter>,
+    /// Tunnels that ended (dropped, replaced, revoked or timed out).
+    pub disconnects: Family<ClusterLabel, Counter>,
+    /// Websocket handshakes refused, by reason.
+    pub handshakes_rejected: Family<ReasonLabel, Counter>,
+}
+
+impl TunnelMetrics {
+    pub fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("shapeblock_tunnel");
+        sub.register(
+            "connected",
+            "1 while the cluster has a live tunnel",
+            self.connected.clone(),
+        );
+        sub.register(
+            "connected_since_seconds",
+            "Unix time the current tunnel was established",
+            self.connected_since.clone(),
+        );
+        sub.register(
+            "rtt_seconds",
+            "Round-trip time of the last tunnel ping",
+            self.rtt_seconds.clone(),
+        );
+        sub.register("connects", "Tunnels established", self.connects.clone());
+        sub.register(
+            "disconnects",
+            "Tunnels that ended",
+            self.disconnects.clone(),
+        );
+        sub.register(
+            "handshakes_rejected",
+            "Websocket handshakes refused, by reason",
+            self.handshakes_rejected.clone(),
+        );
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.handshakes_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+}

@@ -1,0 +1,68 @@
+//! The tunnel's wire: HTTP/2 over a websocket byte stream, with the roles reversed (the agent
+//! dials and is the HTTP/2 *server*; the hub is the HTTP/2 *client*).
+//!
+//! Nothing above this module knows the byte stream is a websocket: [`WsIo`] turns the
+//! websocket's binary messages into `AsyncRead + AsyncWrite`, and HTTP/2 runs on that. This
+//! module depends on no other module of the crate; both [`crate::agent`] and
+//! [`crate::hub`] build on it.
+//!
+//! # Sizing for thousands of tunnels
+//!
+//! A hub keeps one websocket and one HTTP/2 connection per cluster, so per-connection buffers
+//! are multiplied by the fleet size, while a single cluster's traffic is modest (controller
+//! watches and small writes, occasionally a large LIST):
+//!
+//! - websocket read buffer [`WS_READ_BUFFER`] 16 KiB instead of tungstenite's 128 KiB, and no
+//!   write buffer of its own (HTTP/2 already batches frames and flushes): about 16 KiB per idle
+//!   tunnel instead of about 256 KiB;
+//! - one websocket message per write of at most [`WS_MAX_WRITE`] bytes, so a peer never has
+//!   to hold a message larger than [`WS_MAX_MESSAGE`];
+//! - HTTP/2 windows [`H2_STREAM_WINDOW`] (256 KiB per stream) and [`H2_CONNECTION_WINDOW`]
+//!   (1 MiB per connection): the most unread data either side may have in flight. A slow
+//!   watch consumer fills its own stream window and stops only its own stream; the connection
+//!   window bounds the worst case per cluster at 1 MiB instead of hyper's default 5 MiB. A
+//!   1 MiB window still moves about 80 Mbit/s at 100 ms round trip, far more than a control
+//!   loop needs.
+
+mod ws_io;
+
+use std::time::Duration;
+
+pub use ws_io::WsIo;
+
+/// Path the agent dials on the hub.
+pub const CONNECT_PATH: &str = "/agent/v1/connect";
+/// Request header carrying the agent's version in the websocket handshake.
+pub const AGENT_VERSION_HEADER: &str = "x-shapeblock-agent-version";
+/// Path prefix the agent answers itself instead of forwarding to its apiserver. The
+/// Kubernetes API has no such path, so it cannot shadow an API request.
+pub const AGENT_LOCAL_PREFIX: &str = "/shapeblock-agent/v1/";
+/// Agent-local endpoint the hub uses to measure the tunnel's round-trip time.
+pub const AGENT_PING_PATH: &str = "/shapeblock-agent/v1/ping";
+
+/// Websocket read buffer per tunnel.
+pub const WS_READ_BUFFER: usize = 16 * 1024;
+/// Largest websocket message either side writes.
+pub const WS_MAX_WRITE: usize = 64 * 1024;
+/// Largest websocket message either side accepts.
+pub const WS_MAX_MESSAGE: usize = 1024 * 1024;
+/// HTTP/2 initial window per stream.
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 initial window per connection.
+pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Largest HTTP/2 frame payload (the protocol's minimum maximum, which keeps buffers small).
+pub const H2_MAX_FRAME: u32 = 16 * 1024;
+/// How often each side sends an HTTP/2 PING when it has not heard from the other.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a PING may go unanswered before the tunnel is declared dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The websocket settings both ends use.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(WS_MAX_MESSAGE * 2)
+        .max_message_size(Some(WS_MAX_MESSAGE))
+        .max_frame_size(Some(WS_MAX_MESSAGE))
+}

@@ -1,0 +1,150 @@
+//! A websocket as a byte stream.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use super::WS_MAX_WRITE;
+
+/// Adapts a websocket to `AsyncRead + AsyncWrite`: each write becomes one binary message
+/// (at most [`WS_MAX_WRITE`] bytes), and binary messages are read back as one contiguous
+/// stream. Ping and pong frames are handled by tungstenite underneath; a close frame or a
+/// closed connection reads as end of stream. Text messages are a protocol error.
+pub struct WsIo<S> {
+    ws: WebSocketStream<S>,
+    /// The unread rest of the last binary message.
+    pending: Bytes,
+}
+
+impl<S> WsIo<S> {
+    pub fn new(ws: WebSocketStream<S>) -> Self {
+        Self {
+            ws,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+fn to_io(err: WsError) -> io::Error {
+    match err {
+        WsError::Io(err) => err,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+        }
+        other => io::Error::other(other),
+    }
+}
+
+impl<S> AsyncRead for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = buf.remaining().min(this.pending.len());
+                buf.put_slice(&this.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => this.pending = data,
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text message on the tunnel",
+                    )));
+                }
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(err)) => return Poll::Ready(Err(to_io(err))),
+            }
+        }
+    }
+}
+
+impl<S> AsyncWrite for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(to_io)?;
+        let n = buf.len().min(WS_MAX_WRITE);
+        Pin::new(&mut this.ws)
+            .start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+            .map_err(to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws)
+            .poll_flush(cx)
+            .map_err(to_io)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(Pin::new(&mut self.get_mut().ws).poll_close(cx)) {
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
+            Err(err) => Poll::Ready(Err(to_io(err))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    #[tokio::test]
+    async fn bytes_cross_in_order_and_large_writes_are_split() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let client =
+            WebSocketStream::from_raw_socket(a, Role::Client, Some(super::super::ws_config()))
+                .await;
+        let server =
+            WebSocketStream::from_raw_socket(b, Role::Server, Some(super::super::ws_config()))
+                .await;
+        let (mut client, mut server) = (WsIo::new(client), WsIo::new(server));
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+        });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(received, payload, "bytes lost or reordered");
+    }
+
+    #[tokio::test]
+    async fn text_messages_are_refused() {
+        use futures_util::SinkExt;
+        let (a, b) = tokio::io::duplex(4096);
+        let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let server = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        client.send(Message::text("hello")).await.unwrap();
+        let mut server = WsIo::new(server);
+        let err = server.read(&mut [0u8; 16]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}

@@ -634,4 +634,5 @@ fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     body.contains(needle)
 }
 
+pub mod hub;
 pub mod pki;

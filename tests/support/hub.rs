@@ -1,0 +1,350 @@
+//! A hub and real agent processes for tunnel tests: the hub runs in the test process on a
+//! loopback port (TLS from a test CA, or plain HTTP), each agent is the real
+//! `shapeblock-agent` binary with a ServiceAccount token of the test control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use shapeblock::hub::{GatewayConfig, Hub, HubConfig, Registry, TlsFiles};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use super::pki::TestCa;
+
+/// Files of a test run (certificates, tokens, kubeconfigs, agent logs).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("tunnel")
+        .join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            super::random_suffix()
+        ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A hub serving in this process.
+pub struct TestHub {
+    pub addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    pub gateway: Arc<shapeblock::hub::Gateway>,
+    /// CA file agents pin (None for a plain HTTP hub).
+    pub ca_file: Option<PathBuf>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How tests run the hub: a fast ping so round-trip times show up quickly.
+pub fn test_gateway_config() -> GatewayConfig {
+    GatewayConfig {
+        ping_interval: Duration::from_millis(500),
+        ..GatewayConfig::default()
+    }
+}
+
+impl TestHub {
+    /// Starts a hub with TLS: a certificate for localhost/127.0.0.1 from a test CA, created in
+    /// `dir` the first time and reused after (so a restarted hub keeps its identity).
+    pub async fn start_tls(
+        dir: &std::path::Path,
+        registry: Arc<Registry>,
+        addr: Option<SocketAddr>,
+    ) -> Self {
+        let (ca_file, cert_file, key_file) = (
+            dir.join("hub-ca.crt"),
+            dir.join("hub.crt"),
+            dir.join("hub.key"),
+        );
+        if !ca_file.exists() {
+            let ca = TestCa::new("shapeblock-test-hub-ca").unwrap();
+            let cert = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+            std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+            std::fs::write(&cert_file, cert.cert_pem).unwrap();
+            std::fs::write(&key_file, cert.key_pem).unwrap();
+        }
+        Self::start(
+            registry,
+            addr,
+            Some(TlsFiles {
+                cert_file,
+                key_file,
+            }),
+            Some(ca_file),
+        )
+        .await
+    }
+
+    /// Starts a plain-HTTP hub.
+    pub async fn start_plain(registry: Arc<Registry>) -> Self {
+        Self::start(registry, None, None, None).await
+    }
+
+    async fn start(
+        registry: Arc<Registry>,
+        addr: Option<SocketAddr>,
+        tls: Option<TlsFiles>,
+        ca_file: Option<PathBuf>,
+    ) -> Self {
+        let config = HubConfig {
+            listen: addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
+            tls,
+            gateway: test_gateway_config(),
+        };
+        let hub = Hub::bind_with_registry(&config, registry.clone())
+            .await
+            .expect("bind hub");
+        let addr = hub.local_addr().unwrap();
+        let gateway = hub.gateway.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(hub.serve(shutdown.clone()));
+        Self {
+            addr,
+            registry,
+            gateway,
+            ca_file,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let scheme = if self.ca_file.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// Stops the hub and waits until its listener is closed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the cluster has a live tunnel.
+    pub async fn wait_connected(&self, cluster: &str) {
+        self.wait_until(cluster, true).await
+    }
+
+    pub async fn wait_disconnected(&self, cluster: &str) {
+        self.wait_until(cluster, false).await
+    }
+
+    async fn wait_until(&self, cluster: &str, connected: bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.gateway.status(cluster).connected != connected {
+            assert!(
+                Instant::now() < deadline,
+                "cluster {cluster} did not become {} within 30s: {:?}",
+                if connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                self.gateway.status(cluster)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A ServiceAccount of the test control plane, as an agent's credentials.
+pub struct AgentIdentity {
+    pub kubeconfig: PathBuf,
+    /// `system:serviceaccount:<ns>:<name>`
+    pub username: String,
+}
+
+/// Creates ServiceAccount `name` in `namespace`, binds it to `cluster-admin` (cluster-wide,
+/// when `scope` is None) or to a Role over ConfigMaps in the namespace `scope`, and writes a
+/// kubeconfig with a token for it.
+pub async fn agent_identity(
+    dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+    scope: Option<&str>,
+) -> AgentIdentity {
+    let config = super::config().await;
+    let client = kube::Client::try_from(config.clone()).unwrap();
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}
+    }))
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply("tests").force(),
+            &Patch::Apply(&sa),
+        )
+        .await
+        .unwrap();
+    let subject =
+        serde_json::json!([{"kind": "ServiceAccount", "name": name, "namespace": namespace}]);
+    match scope {
+        None => {
+            let binding_name = format!("{namespace}-{name}");
+            let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": binding_name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": subject
+            }))
+            .unwrap();
+            Api::<ClusterRoleBinding>::all(client.clone())
+                .patch(
+                    &binding_name,
+                    &PatchParams::apply("tests").force(),
+                    &Patch::Apply(&binding),
+                )
+                .await
+                .unwrap();
+        }
+        Some(scope) => {
+            // An explicit Role: the aggregated `admin` ClusterRole is only filled in by
+            // kube-controller-manager, which not every test starts.
+            let role: Role = serde_json::from_value(serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": format!("agent-{name}"), "namespace": scope},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["*"]}]
+            }))
+            .unwrap();
+            Api::<Role>::namespaced(client.clone(), scope)
+                .create(&PostParams::default(), &role)
+                .await
+                .unwrap();
+            let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": format!("agent-{name}"), "namespace": scope},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("agent-{name}")},
+                "subjects": subject
+            }))
+            .unwrap();
+            Api::<RoleBinding>::namespaced(client.clone(), scope)
+                .create(&PostParams::default(), &binding)
+                .await
+                .unwrap();
+        }
+    }
+    // A bound token from the TokenRequest API, as a projected ServiceAccount token would be.
+    let request = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 3600}
+    });
+    let token_request = http::Request::post(format!(
+        "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+    ))
+    .header("content-type", "application/json")
+    .body(serde_json::to_vec(&request).unwrap())
+    .unwrap();
+    let response: serde_json::Value = client.request(token_request).await.expect("TokenRequest");
+    let token = response["status"]["token"]
+        .as_str()
+        .expect("token in TokenRequest status")
+        .to_string();
+
+    let ca_data = config
+        .root_cert
+        .as_ref()
+        .and_then(|certs| certs.first())
+        .map(|der| base64::engine::general_purpose::STANDARD.encode(pem(der)));
+    let cluster = match ca_data {
+        Some(data) => format!(
+            "    server: {}\n    certificate-authority-data: {data}\n",
+            config.cluster_url
+        ),
+        None => format!("    server: {}\n", config.cluster_url),
+    };
+    let kubeconfig = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n{cluster}\
+             users:\n- name: u\n  user:\n    token: {token}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    AgentIdentity {
+        kubeconfig,
+        username: format!("system:serviceaccount:{namespace}:{name}"),
+    }
+}
+
+fn pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// A running `shapeblock-agent` process, killed when dropped.
+pub struct AgentProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn spawn(
+        dir: &std::path::Path,
+        hub: &TestHub,
+        token: &str,
+        kubeconfig: &std::path::Path,
+        tag: &str,
+    ) -> Self {
+        let token_file = dir.join(format!("{tag}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        let log = dir.join(format!("{tag}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shapeblock-agent"));
+        cmd.arg("--hub-url")
+            .arg(hub.url())
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--reconnect-min-ms=100")
+            .arg("--reconnect-max-ms=1000")
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        match &hub.ca_file {
+            Some(ca) => {
+                cmd.arg("--hub-ca-file").arg(ca);
+            }
+            None => {
+                cmd.arg("--allow-plaintext=true");
+            }
+        }
+        let child = cmd.spawn().expect("start shapeblock-agent");
+        Self { child, log }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a node failure or OOM kill would.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

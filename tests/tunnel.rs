@@ -1,0 +1,636 @@
+//! The tunnel end to end: a hub in this process, the real `shapeblock-agent` binary, and the
+//! real test control plane behind it. Every request in these tests travels
+//! hub client → HTTP/2 → websocket (TLS) → agent → kube-apiserver.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use shapeblock::hub::Registry;
+use support::TestNamespace;
+use support::hub::{AgentProcess, TestHub, agent_identity, scratch_dir};
+
+fn config_map(name: &str, data: BTreeMap<String, String>) -> ConfigMap {
+    ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// Waits until `stream` yields an applied object named `name`.
+async fn expect_event<S>(stream: &mut S, name: &str)
+where
+    S: futures::Stream<Item = Result<watcher::Event<ConfigMap>, watcher::Error>> + Unpin,
+{
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))
+                    if cm.name_any() == name =>
+                {
+                    return true;
+                }
+                Ok(_) => {}
+                Err(err) => eprintln!("watcher error (retried with backoff): {err}"),
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "watch through the tunnel did not deliver {name}"
+    );
+}
+
+struct Setup {
+    dir: std::path::PathBuf,
+    ns: TestNamespace,
+    hub: TestHub,
+    cluster: String,
+    token: String,
+    agent: AgentProcess,
+    client: Client,
+}
+
+/// A hub with TLS, one registered cluster, and its agent connected with cluster-admin.
+async fn setup(name: &str) -> Setup {
+    let dir = scratch_dir(name);
+    let ns = TestNamespace::new(name).await;
+    let identity = agent_identity(&dir, &ns.name, "agent", None).await;
+    let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
+    let (record, token) = hub.registry.register(name);
+    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
+    hub.wait_connected(&record.id).await;
+    let client = hub.gateway.client(&record.id);
+    Setup {
+        dir,
+        ns,
+        hub,
+        cluster: record.id,
+        token: token.expose().to_string(),
+        agent,
+        client,
+    }
+}
+
+#[tokio::test]
+async fn kube_requests_through_the_tunnel() {
+    let s = setup("requests").await;
+
+    // Connection state: versions from both ends, a measured round-trip time.
+    let status = s.hub.gateway.status(&s.cluster);
+    assert!(status.connected);
+    assert_eq!(
+        status.agent_version.as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert!(
+        status
+            .kubernetes_version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("v1.")),
+        "{status:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let status = s.hub.gateway.status(&s.cluster);
+    assert!(
+        status.rtt_ms.is_some_and(|rtt| rtt > 0.0),
+        "no round-trip time measured: {status:?}"
+    );
+
+    // Namespaces: create, get, list, patch, delete.
+    let namespaces: Api<Namespace> = Api::all(s.client.clone());
+    let ns_name = format!("{}-extra", s.ns.name);
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns_name}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    assert_eq!(namespaces.get(&ns_name).await.unwrap().name_any(), ns_name);
+    let names: Vec<String> = namespaces
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    assert!(
+        names.contains(&ns_name) && names.contains(&"default".to_string()),
+        "{names:?}"
+    );
+    let labelled = json!({"metadata": {"labels": {"shapeblock.io/tunnel": "yes"}}});
+    let patched = namespaces
+        .patch(&ns_name, &PatchParams::default(), &Patch::Merge(&labelled))
+        .await
+        .unwrap();
+    assert_eq!(
+        patched
+            .labels()
+            .get("shapeblock.io/tunnel")
+            .map(String::as_str),
+        Some("yes")
+    );
+    namespaces
+        .delete(&ns_name, &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // ConfigMaps: watch, then create, patch (server-side apply) and delete through the tunnel.
+    let cms: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
+    cms.create(
+        &PostParams::default(),
+        &config_map("first", [("k".into(), "v".into())].into()),
+    )
+    .await
+    .unwrap();
+    expect_event(&mut events, "first").await;
+    let applied = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "first"}, "data": {"k": "v2"}});
+    let cm = cms
+        .patch(
+            "first",
+            &PatchParams::apply("tunnel-test").force(),
+            &Patch::Apply(&applied),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cm.data.unwrap()["k"], "v2");
+    let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &s.ns.name);
+    assert_eq!(
+        direct.get("first").await.unwrap().data.unwrap()["k"],
+        "v2",
+        "the write reached the apiserver"
+    );
+    cms.delete("first", &DeleteParams::default()).await.unwrap();
+    let deleted = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(event)) = events.next().await {
+            if let watcher::Event::Delete(cm) = event {
+                return cm.name_any() == "first";
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(deleted, Ok(true), "delete event not delivered");
+
+    // API errors come back as API errors with the apiserver's message.
+    match cms.get("does-not-exist").await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),
+        other => panic!("expected 404, got {other:?}"),
+    }
+
+    // Per-cluster metrics.
+    let metrics = reqwest_get(&s.hub, "/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "shapeblock_tunnel_connected{{cluster=\"{}\"}} 1",
+            s.cluster
+        )),
+        "{metrics}"
+    );
+    drop(s.agent);
+    let _ = &s.dir;
+}
+
+/// GET on the hub's own HTTPS API with the test CA.
+async fn reqwest_get(hub: &TestHub, path: &str) -> String {
+    use http_body_util::BodyExt;
+    let ca = std::fs::read(hub.ca_file.as_ref().unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_list_of_5000_configmaps_arrives_intact() {
+    let s = setup("biglist").await;
+    let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &s.ns.name);
+    futures::stream::iter(0..5000)
+        .map(|i| {
+            let direct = direct.clone();
+            async move {
+                let data = [
+                    ("index".to_string(), i.to_string()),
+                    ("payload".to_string(), format!("{i:0>200}")),
+                ];
+                direct
+                    .create(
+                        &PostParams::default(),
+                        &config_map(&format!("cm-{i:05}"), data.into()),
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("create 5000 ConfigMaps");
+
+    // One unpaginated LIST through the tunnel: several MB in one response.
+    let tunnelled: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.ns.name);
+    let list = tunnelled
+        .list(&ListParams::default())
+        .await
+        .expect("LIST through the tunnel");
+    let mut seen: Vec<(String, String)> = list
+        .items
+        .iter()
+        .filter(|cm| cm.name_any().starts_with("cm-"))
+        .map(|cm| {
+            let data = cm.data.as_ref().unwrap();
+            assert_eq!(
+                data["payload"],
+                format!("{:0>200}", data["index"]),
+                "payload corrupted"
+            );
+            (cm.name_any(), data["index"].clone())
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen.len(), 5000, "objects missing from the LIST");
+    for (i, (name, index)) in seen.iter().enumerate() {
+        assert_eq!(name, &format!("cm-{i:05}"));
+        assert_eq!(index, &i.to_string());
+    }
+    // The same LIST direct and through the tunnel are byte-for-byte the same objects.
+    let direct_list = direct.list(&ListParams::default()).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&direct_list.items).unwrap(),
+        serde_json::to_value(&list.items).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn watches_survive_agent_and_hub_restarts() {
+    let dir = scratch_dir("restarts");
+    let ns = TestNamespace::new("restarts").await;
+    let identity = agent_identity(&dir, &ns.name, "agent", None).await;
+    let registry = Arc::new(Registry::new());
+    let hub = TestHub::start_tls(&dir, registry.clone(), None).await;
+    let (record, token) = registry.register("restarts");
+    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent-1");
+    hub.wait_connected(&record.id).await;
+    let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &ns.name);
+
+    let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
+    let mut events = watcher(tunnelled, watcher::Config::default()).boxed();
+    direct
+        .create(
+            &PostParams::default(),
+            &config_map("before-kill", BTreeMap::new()),
+        )
+        .await
+        .unwrap();
+    expect_event(&mut events, "before-kill").await;
+
+    // The agent dies (SIGKILL); a change happens while the cluster is disconnected.
+    agent.kill().await;
+    hub.wait_disconnected(&record.id).await;
+    direct
+        .create(
+            &PostParams::default(),
+            &config_map("while-down", BTreeMap::new()),
+        )
+        .await
+        .unwrap();
+    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent-2");
+    hub.wait_connected(&record.id).await;
+    // The same watch stream, through the same client, delivers what happened meanwhile and after.
+    expect_event(&mut events, "while-down").await;
+    direct
+        .create(
+            &PostParams::default(),
+            &config_map("after-agent-restart", BTreeMap::new()),
+        )
+        .await
+        .unwrap();
+    expect_event(&mut events, "after-agent-restart").await;
+
+    // The hub restarts on the same address with the same registry; the agent comes back on
+    // its own, and a watch through the new hub delivers.
+    let addr = hub.addr;
+    hub.stop().await;
+    drop(events);
+    let hub = TestHub::start_tls(&dir, registry.clone(), Some(addr)).await;
+    hub.wait_connected(&record.id).await;
+    let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
+    let mut events = watcher(tunnelled, watcher::Config::default()).boxed();
+    direct
+        .create(
+            &PostParams::default(),
+            &config_map("after-hub-restart", BTreeMap::new()),
+        )
+        .await
+        .unwrap();
+    expect_event(&mut events, "after-hub-restart").await;
+    assert!(
+        agent.log_text().contains("reconnecting"),
+        "{}",
+        agent.log_text()
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_watch_consumer_does_not_stall_other_requests() {
+    use http_body_util::BodyExt;
+    let s = setup("slowwatch").await;
+    // A watch whose body nobody reads: its HTTP/2 stream window fills and only it stops.
+    let watch = http::Request::get(format!(
+        "/api/v1/namespaces/{}/configmaps?watch=true",
+        s.ns.name
+    ))
+    .body(Vec::new())
+    .unwrap();
+    let stalled = s
+        .client
+        .send(watch.map(kube::client::Body::from))
+        .await
+        .expect("open watch");
+    assert!(stalled.status().is_success());
+
+    // 40 events of 64 KiB each: 2.5 MiB, ten times the stream window and more than the
+    // connection window, all queued behind the unread watch.
+    let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &s.ns.name);
+    let big = "x".repeat(64 * 1024);
+    for i in 0..40 {
+        let data = [("blob".to_string(), big.clone())].into();
+        direct
+            .create(
+                &PostParams::default(),
+                &config_map(&format!("big-{i:02}"), data),
+            )
+            .await
+            .unwrap();
+    }
+
+    // Meanwhile other requests on the same tunnel keep flowing.
+    let tunnelled: Api<ConfigMap> = Api::namespaced(s.client.clone(), &s.ns.name);
+    for i in 0..20 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            tunnelled.get(&format!("big-{:02}", i % 40)),
+        )
+        .await
+        .expect("a GET stalled behind the unread watch")
+        .unwrap();
+        assert_eq!(got.data.unwrap()["blob"].len(), big.len());
+    }
+    let listed = tokio::time::timeout(
+        Duration::from_secs(30),
+        tunnelled.list(&ListParams::default()),
+    )
+    .await
+    .expect("a LIST stalled behind the unread watch")
+    .unwrap();
+    assert_eq!(
+        listed
+            .items
+            .iter()
+            .filter(|cm| cm.name_any().starts_with("big-"))
+            .count(),
+        40
+    );
+
+    // Nothing was lost on the stalled stream: reading it now yields all 40 events.
+    let mut body = stalled.into_body();
+    let mut buffer = Vec::new();
+    let mut added = 0;
+    let read_all = tokio::time::timeout(Duration::from_secs(60), async {
+        while added < 40 {
+            let frame = body
+                .frame()
+                .await
+                .expect("watch ended early")
+                .expect("watch body error");
+            if let Ok(data) = frame.into_data() {
+                buffer.extend_from_slice(&data);
+                while let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=pos).collect();
+                    let event: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                    if event["type"] == "ADDED" {
+                        added += 1;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        read_all.is_ok(),
+        "only {added} of 40 events arrived on the resumed watch"
+    );
+}
+
+#[tokio::test]
+async fn clusters_are_isolated_and_agents_use_only_their_own_credentials() {
+    let dir = scratch_dir("isolation");
+    let home = TestNamespace::new("iso-home").await;
+    let ns_a = TestNamespace::new("iso-a").await;
+    let ns_b = TestNamespace::new("iso-b").await;
+    let id_a = agent_identity(&dir, &home.name, "agent-a", Some(&ns_a.name)).await;
+    let id_b = agent_identity(&dir, &home.name, "agent-b", Some(&ns_b.name)).await;
+    let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
+    let (a, token_a) = hub.registry.register("a");
+    let (b, token_b) = hub.registry.register("b");
+    let _agent_a = AgentProcess::spawn(&dir, &hub, token_a.expose(), &id_a.kubeconfig, "agent-a");
+    let _agent_b = AgentProcess::spawn(&dir, &hub, token_b.expose(), &id_b.kubeconfig, "agent-b");
+    hub.wait_connected(&a.id).await;
+    hub.wait_connected(&b.id).await;
+    let (client_a, client_b) = (hub.gateway.client(&a.id), hub.gateway.client(&b.id));
+
+    // Who the apiserver sees behind each tunnel: that cluster's agent, nobody else.
+    for (client, expected) in [(&client_a, &id_a.username), (&client_b, &id_b.username)] {
+        assert_eq!(&whoami(client, None).await, expected);
+    }
+    // A credential added by the hub side never reaches the apiserver: the agent strips it.
+    assert_eq!(
+        whoami(&client_a, Some(&format!("Bearer {}", token_b.expose()))).await,
+        id_a.username
+    );
+
+    // Each cluster reaches only what its agent may: A writes in A's namespace, not in B's.
+    let cm = config_map("mine", BTreeMap::new());
+    Api::<ConfigMap>::namespaced(client_a.clone(), &ns_a.name)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    Api::<ConfigMap>::namespaced(client_b.clone(), &ns_b.name)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    for (client, other) in [(&client_a, &ns_b.name), (&client_b, &ns_a.name)] {
+        match Api::<ConfigMap>::namespaced(client.clone(), other)
+            .get("mine")
+            .await
+        {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+            other => panic!("cross-cluster read was not refused: {other:?}"),
+        }
+    }
+}
+
+/// The user the apiserver authenticated, via SelfSubjectReview through `client`.
+async fn whoami(client: &Client, authorization: Option<&str>) -> String {
+    let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"});
+    let mut request = http::Request::post("/apis/authentication.k8s.io/v1/selfsubjectreviews")
+        .header("content-type", "application/json");
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let review: serde_json::Value = client
+        .request(request.body(serde_json::to_vec(&body).unwrap()).unwrap())
+        .await
+        .unwrap();
+    review["status"]["userInfo"]["username"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn wrong_unknown_or_revoked_tokens_get_no_tunnel() {
+    let dir = scratch_dir("tokens");
+    let ns = TestNamespace::new("tokens").await;
+    let identity = agent_identity(&dir, &ns.name, "agent", None).await;
+    let hub = TestHub::start_plain(Arc::new(Registry::new())).await;
+    let (record, token) = hub.registry.register("tokens");
+    let wrong_secret = format!("sbt_{}_{}", record.id, "0".repeat(64));
+    let unknown = format!("sbt_c0000000000000000_{}", "1".repeat(64));
+    let revoked = token.expose().to_string();
+    let current = hub.registry.rotate_token(&record.id).unwrap();
+
+    for (case, presented) in [
+        ("no token", None),
+        ("wrong secret", Some(wrong_secret.as_str())),
+        ("unknown cluster", Some(unknown.as_str())),
+        ("rotated-out token", Some(revoked.as_str())),
+        ("not a bearer token", Some("Basic YWRtaW46YWRtaW4=")),
+    ] {
+        let status = handshake_status(&hub, presented).await;
+        assert_eq!(status, 401, "{case}: expected 401");
+    }
+    assert_eq!(
+        handshake_status(&hub, Some(&format!("Bearer {}", current.expose()))).await,
+        101
+    );
+
+    // A real agent with a revoked token stays out and says why.
+    let agent = AgentProcess::spawn(&dir, &hub, &revoked, &identity.kubeconfig, "revoked");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!hub.gateway.status(&record.id).connected);
+    let log = agent.log_text();
+    assert!(log.contains("HTTP 401") && log.contains("revoked"), "{log}");
+    assert!(!log.contains(&revoked), "the agent logged its token");
+}
+
+/// Status of a websocket handshake on the hub with the given Authorization header.
+async fn handshake_status(hub: &TestHub, authorization: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://127.0.0.1:{}/agent/v1/connect", hub.addr.port())
+        .into_client_request()
+        .unwrap();
+    if let Some(value) = authorization {
+        let value = if value.starts_with("Bearer ") || value.starts_with("Basic ") {
+            value.to_string()
+        } else {
+            format!("Bearer {value}")
+        };
+        request
+            .headers_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    match tokio_tungstenite::client_async(request, tcp).await {
+        Ok((_ws, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("handshake failed unexpectedly: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn exec_attach_portforward_and_proxy_are_refused() {
+    let s = setup("refused").await;
+    for path in [
+        format!(
+            "/api/v1/namespaces/{}/pods/web-0/exec?command=sh&stdin=true",
+            s.ns.name
+        ),
+        format!("/api/v1/namespaces/{}/pods/web-0/attach", s.ns.name),
+        format!("/api/v1/namespaces/{}/pods/web-0/portforward", s.ns.name),
+        format!("/api/v1/namespaces/{}/services/web:80/proxy/", s.ns.name),
+        "/api/v1/nodes/node-1/proxy/configz".to_string(),
+    ] {
+        let request = http::Request::post(path.as_str()).body(Vec::new()).unwrap();
+        match s.client.request::<serde_json::Value>(request).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 403, "{path}: {status:?}");
+                assert!(
+                    status.message.contains("ShapeBlock agent refuses"),
+                    "{path}: {}",
+                    status.message
+                );
+            }
+            other => panic!("{path} was not refused: {other:?}"),
+        }
+    }
+    // Logs, which the hub needs, pass through (and reach the apiserver, which has no such pod).
+    let logs = http::Request::get(format!("/api/v1/namespaces/{}/pods/web-0/log", s.ns.name))
+        .body(Vec::new())
+        .unwrap();
+    match s.client.request_text(logs).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404, "{status:?}"),
+        other => panic!("expected the apiserver's 404, got {other:?}"),
+    }
+    let _ = (&s.token, &s.dir);
+}

@@ -1,0 +1,240 @@
+//! Tunnel benchmark: prints figures, asserts nothing about speed.
+//!
+//! `cargo bench --bench tunnel` — starts the test control plane, a hub in this process and
+//! release-built `shapeblock-agent` processes, then measures direct vs tunnelled latency and
+//! throughput, agent RSS idle and under load, and hub memory per idle tunnel.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::watcher;
+use shapeblock::hub::Registry;
+use support::TestNamespace;
+use support::hub::{AgentProcess, TestHub, agent_identity, scratch_dir};
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn config_map(name: &str, payload: usize) -> ConfigMap {
+    ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "payload".to_string(),
+            "x".repeat(payload),
+        )])),
+        ..Default::default()
+    }
+}
+
+async fn time_gets(api: &Api<ConfigMap>, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        api.get("small").await.unwrap();
+        samples.push(start.elapsed());
+    }
+    samples
+}
+
+async fn time_lists(api: &Api<ConfigMap>, n: usize) -> (Vec<Duration>, usize) {
+    let mut samples = Vec::with_capacity(n);
+    let mut bytes = 0;
+    for _ in 0..n {
+        let start = Instant::now();
+        let list = api.list(&ListParams::default()).await.unwrap();
+        samples.push(start.elapsed());
+        bytes = serde_json::to_vec(&list).unwrap().len();
+    }
+    (samples, bytes)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let dir = scratch_dir("bench");
+    let ns = TestNamespace::new("bench").await;
+    let identity = agent_identity(&dir, &ns.name, "agent", None).await;
+    let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
+    let (record, token) = hub.registry.register("bench");
+    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
+    hub.wait_connected(&record.id).await;
+    let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &ns.name);
+    let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
+
+    println!("== tunnel benchmark (loopback; TLS on both the apiserver and the hub) ==");
+    direct
+        .create(&PostParams::default(), &config_map("small", 16))
+        .await
+        .unwrap();
+    // Warm both paths.
+    time_gets(&direct, 200).await;
+    time_gets(&tunnelled, 200).await;
+    let mut d = time_gets(&direct, 2000).await;
+    let mut t = time_gets(&tunnelled, 2000).await;
+    let (dp50, dp99, tp50, tp99) = (
+        percentile(&mut d, 0.5),
+        percentile(&mut d, 0.99),
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 0.99),
+    );
+    println!(
+        "small GET (2000 sequential)   direct p50 {} p99 {} | tunnel p50 {} p99 {} | added p50 {}",
+        ms(dp50),
+        ms(dp99),
+        ms(tp50),
+        ms(tp99),
+        ms(tp50.saturating_sub(dp50))
+    );
+
+    futures::stream::iter(0..5000)
+        .map(|i| {
+            let direct = direct.clone();
+            async move {
+                direct
+                    .create(
+                        &PostParams::default(),
+                        &config_map(&format!("cm-{i:05}"), 200),
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    time_lists(&direct, 2).await;
+    time_lists(&tunnelled, 2).await;
+    let (mut d, bytes) = time_lists(&direct, 20).await;
+    let (mut t, _) = time_lists(&tunnelled, 20).await;
+    let (dp50, dp99, tp50, tp99) = (
+        percentile(&mut d, 0.5),
+        percentile(&mut d, 0.99),
+        percentile(&mut t, 0.5),
+        percentile(&mut t, 0.99),
+    );
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    let (dthr, tthr) = (mib / dp50.as_secs_f64(), mib / tp50.as_secs_f64());
+    println!(
+        "LIST 5001 objects ({mib:.1} MiB, 20 runs) direct p50 {} p99 {} | tunnel p50 {} p99 {}",
+        ms(dp50),
+        ms(dp99),
+        ms(tp50),
+        ms(tp99)
+    );
+    println!(
+        "LIST throughput (p50)         direct {dthr:.1} MiB/s | tunnel {tthr:.1} MiB/s | tunnel/direct {:.0} %",
+        100.0 * tthr / dthr
+    );
+
+    let pid = agent.pid().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = rss_kib(pid);
+    // 10 open watches and 100 requests/s for 15 s.
+    let mut watches = Vec::new();
+    for _ in 0..10 {
+        let mut stream = watcher(
+            tunnelled.clone(),
+            watcher::Config::default().labels("bench=watch"),
+        )
+        .boxed();
+        watches.push(tokio::spawn(async move {
+            while stream.next().await.is_some() {}
+        }));
+    }
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let mut peak = 0;
+    let load_start = Instant::now();
+    let mut sent = 0u32;
+    while load_start.elapsed() < Duration::from_secs(15) {
+        ticker.tick().await;
+        tunnelled.get("small").await.unwrap();
+        sent += 1;
+        if sent.is_multiple_of(100) {
+            peak = peak.max(rss_kib(pid));
+        }
+    }
+    let rate = sent as f64 / load_start.elapsed().as_secs_f64();
+    let loaded = rss_kib(pid);
+    println!(
+        "agent RSS                     idle {:.1} MiB | {rate:.0} req/s + 10 watches: {:.1} MiB (peak {:.1} MiB)",
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0,
+        peak.max(loaded) as f64 / 1024.0
+    );
+    for w in watches {
+        w.abort();
+    }
+    drop(agent);
+
+    // Hub memory per idle tunnel: RSS of this process (which runs the hub) before and after
+    // 100 agents connect and settle. The agents are separate processes.
+    let hub_pid = std::process::id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_kib(hub_pid);
+    let mut agents = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let (record, token) = hub.registry.register(&format!("idle-{i}"));
+        agents.push(AgentProcess::spawn(
+            &dir,
+            &hub,
+            token.expose(),
+            &identity.kubeconfig,
+            &format!("idle-{i}"),
+        ));
+        ids.push(record.id);
+    }
+    for id in &ids {
+        hub.wait_connected(id).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = rss_kib(hub_pid);
+    let per_tunnel = after.saturating_sub(before) as f64 / 100.0;
+    println!(
+        "hub RSS                       before {:.1} MiB | 100 idle tunnels {:.1} MiB | {per_tunnel:.0} KiB per idle tunnel",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0
+    );
+    let agent_rss: Vec<u64> = agents.iter().filter_map(|a| a.pid()).map(rss_kib).collect();
+    println!(
+        "idle agent RSS (100 agents)   mean {:.1} MiB",
+        agent_rss.iter().sum::<u64>() as f64 / agent_rss.len().max(1) as f64 / 1024.0
+    );
+    drop(agents);
+    hub.stop().await;
+}

@@ -90,7 +90,7 @@ async fn run() {
     let ns = TestNamespace::new("bench").await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
     let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
-    let (record, token) = hub.registry.register("bench");
+    let (record, token) = hub.registry.register("bench", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
     let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &ns.name);
@@ -209,7 +209,10 @@ async fn run() {
     let mut agents = Vec::new();
     let mut ids = Vec::new();
     for i in 0..100 {
-        let (record, token) = hub.registry.register(&format!("idle-{i}"));
+        let (record, token) = hub
+            .registry
+            .register(&format!("idle-{i}"), Default::default())
+            .unwrap();
         agents.push(AgentProcess::spawn(
             &dir,
             &hub,

@@ -3,17 +3,21 @@
 //!
 //! Layout (each module's own doc says what it may depend on):
 //! - [`crd`]: the ShapeBlock custom resource types; the CRD YAML is generated from them.
-//! - [`hub`]: the hub process: HTTP API and, later, the gateway, registry and cluster sessions.
+//! - [`hub`]: the hub process: agent gateway, cluster registry, HTTP API.
 //! - [`tunnel`]: the wire shared by hub and agent: HTTP/2 over a websocket byte stream.
 //! - [`agent`]: the tunnel agent that runs in each managed cluster.
-//! - [`secret`]: strings that never print (tokens).
+//! - [`render`]: pure builders of the Kubernetes objects the hub produces.
+//! - [`secret`]: strings that never print (tokens), and token hashing.
+//! - [`config`]: what the two binaries' configurations share.
 //! - [`telemetry`]: logging set-up shared by both binaries.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these modules.
 
 pub mod agent;
+pub mod config;
 pub mod crd;
 pub mod hub;
+pub mod render;
 pub mod secret;
 pub mod telemetry;
 pub mod tunnel;

@@ -1,4 +1,5 @@
-//! A string that must never be printed: tokens and keys in configuration.
+//! A string that must never be printed (tokens and keys in configuration), and how tokens
+//! are hashed for storage.
 
 use std::fmt;
 
@@ -41,6 +42,20 @@ impl From<String> for Secret {
     fn from(value: String) -> Self {
         Self(value)
     }
+}
+
+/// `sha256:<hex>` of a token: how tokens are stored and compared. Tokens are high-entropy
+/// random strings, so a fast hash is enough (there is nothing to brute-force).
+pub fn hash_token(token: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 #[cfg(test)]

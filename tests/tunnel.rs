@@ -72,7 +72,7 @@ async fn setup(name: &str) -> Setup {
     let ns = TestNamespace::new(name).await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
     let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
-    let (record, token) = hub.registry.register(name);
+    let (record, token) = hub.registry.register(name, Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
     let client = hub.gateway.client(&record.id);
@@ -194,7 +194,7 @@ async fn kube_requests_through_the_tunnel() {
     }
 
     // Per-cluster metrics.
-    let metrics = reqwest_get(&s.hub, "/metrics").await;
+    let metrics = s.hub.api_raw(None, "GET", "/metrics", None).await.text();
     assert!(
         metrics.contains(&format!(
             "shapeblock_tunnel_connected{{cluster=\"{}\"}} 1",
@@ -204,51 +204,6 @@ async fn kube_requests_through_the_tunnel() {
     );
     drop(s.agent);
     let _ = &s.dir;
-}
-
-/// GET on the hub's own HTTPS API with the test CA.
-async fn reqwest_get(hub: &TestHub, path: &str) -> String {
-    use http_body_util::BodyExt;
-    let ca = std::fs::read(hub.ca_file.as_ref().unwrap()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]
@@ -317,7 +272,7 @@ async fn watches_survive_agent_and_hub_restarts() {
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
     let registry = Arc::new(Registry::new());
     let hub = TestHub::start_tls(&dir, registry.clone(), None).await;
-    let (record, token) = registry.register("restarts");
+    let (record, token) = registry.register("restarts", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent-1");
     hub.wait_connected(&record.id).await;
     let direct: Api<ConfigMap> = Api::namespaced(support::client().await, &ns.name);
@@ -481,8 +436,8 @@ async fn clusters_are_isolated_and_agents_use_only_their_own_credentials() {
     let id_a = agent_identity(&dir, &home.name, "agent-a", Some(&ns_a.name)).await;
     let id_b = agent_identity(&dir, &home.name, "agent-b", Some(&ns_b.name)).await;
     let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
-    let (a, token_a) = hub.registry.register("a");
-    let (b, token_b) = hub.registry.register("b");
+    let (a, token_a) = hub.registry.register("a", Default::default()).unwrap();
+    let (b, token_b) = hub.registry.register("b", Default::default()).unwrap();
     let _agent_a = AgentProcess::spawn(&dir, &hub, token_a.expose(), &id_a.kubeconfig, "agent-a");
     let _agent_b = AgentProcess::spawn(&dir, &hub, token_b.expose(), &id_b.kubeconfig, "agent-b");
     hub.wait_connected(&a.id).await;
@@ -544,11 +499,11 @@ async fn wrong_unknown_or_revoked_tokens_get_no_tunnel() {
     let ns = TestNamespace::new("tokens").await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
     let hub = TestHub::start_plain(Arc::new(Registry::new())).await;
-    let (record, token) = hub.registry.register("tokens");
+    let (record, token) = hub.registry.register("tokens", Default::default()).unwrap();
     let wrong_secret = format!("sbt_{}_{}", record.id, "0".repeat(64));
     let unknown = format!("sbt_c0000000000000000_{}", "1".repeat(64));
     let revoked = token.expose().to_string();
-    let current = hub.registry.rotate_token(&record.id).unwrap();
+    let current = hub.registry.rotate_token(&record.id).unwrap().unwrap();
 
     for (case, presented) in [
         ("no token", None),

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::config::ConfigError;
+use crate::config::read_yaml;
 use crate::secret::Secret;
 use crate::telemetry::LogFormat;
 
@@ -119,37 +121,10 @@ pub const REFUSED_SUBRESOURCES: [&str; 4] = ["exec", "attach", "portforward", "p
 /// Default cap on forwarded request bodies: the apiserver's own limit for most requests.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
 
-/// A configuration that cannot be used, with what to change.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 impl AgentConfig {
     /// Merges file, environment and flags (flags win) and validates the result.
     pub fn load(args: AgentArgs) -> Result<Self, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                serde_saphyr::from_str::<AgentFile>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?
-            }
-            None => AgentFile::default(),
-        };
+        let file: AgentFile = read_yaml(args.config.as_deref())?;
         let hub_url = args.hub_url.or(file.hub_url).ok_or_else(|| {
             ConfigError::Invalid(
                 "hub_url is required (--hub-url or SHAPEBLOCK_AGENT_HUB_URL)".into(),

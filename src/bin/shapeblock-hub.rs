@@ -1,12 +1,12 @@
-//! `shapeblock-hub`: runs the hub (the default), or prints the ShapeBlock CRDs.
+//! `shapeblock-hub`: runs the hub (the default), or prints the CRDs or the OpenAPI document.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use shapeblock::hub::{Hub, HubConfig, TlsFiles};
-use shapeblock::telemetry::{self, LogFormat};
+use shapeblock::hub::{Hub, HubArgs, HubConfig, Registry};
+use shapeblock::telemetry;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -18,68 +18,28 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Address the HTTP API listens on.
-    #[arg(
-        long,
-        env = "SHAPEBLOCK_HUB_LISTEN",
-        default_value = "127.0.0.1:8080",
-        global = true
-    )]
-    listen: SocketAddr,
-    /// PEM certificate chain to serve TLS with (plain HTTP when absent, e.g. behind an ingress).
-    #[arg(
-        long,
-        env = "SHAPEBLOCK_HUB_TLS_CERT_FILE",
-        requires = "tls_key_file",
-        global = true
-    )]
-    tls_cert_file: Option<PathBuf>,
-    /// PEM private key of the TLS certificate.
-    #[arg(
-        long,
-        env = "SHAPEBLOCK_HUB_TLS_KEY_FILE",
-        requires = "tls_cert_file",
-        global = true
-    )]
-    tls_key_file: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, env = "SHAPEBLOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    serve: HubArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the hub (the default when no command is given).
-    Serve,
     /// Print the ShapeBlock CRDs as YAML, or write one file per CRD into a directory.
     Crds {
         /// Directory to write `<crd-name>.yaml` files into; prints to stdout when absent.
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print the OpenAPI document of the hub API.
+    Openapi,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Crds { out } => print_crds(out),
-        Command::Serve => {
-            let tls = match (cli.tls_cert_file, cli.tls_key_file) {
-                (Some(cert_file), Some(key_file)) => Some(TlsFiles {
-                    cert_file,
-                    key_file,
-                }),
-                _ => None,
-            };
-            serve(
-                HubConfig {
-                    listen: cli.listen,
-                    tls,
-                    ..HubConfig::default()
-                },
-                cli.log_format,
-            )
-        }
+    let result = match cli.command {
+        Some(Command::Crds { out }) => print_crds(out),
+        Some(Command::Openapi) => print_openapi(),
+        None => serve(cli.serve),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,13 +70,28 @@ fn print_crds(out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn serve(config: HubConfig, log_format: LogFormat) -> Result<(), Box<dyn std::error::Error>> {
-    telemetry::init(log_format);
+fn print_openapi() -> Result<(), Box<dyn std::error::Error>> {
+    println!("{}", shapeblock::hub::api::openapi().to_pretty_json()?);
+    Ok(())
+}
+
+fn serve(args: HubArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = HubConfig::load(args)?;
+    telemetry::init(config.log_format);
+    let registry = Arc::new(Registry::open(&config.data_dir)?);
+    if config.admin_tokens.is_empty() {
+        config
+            .admin_tokens
+            .push(shapeblock::hub::config::bootstrap_admin_token(
+                &config.data_dir,
+            )?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let hub = Hub::bind(&config).await?;
+        let hub = Hub::bind(&config, registry.clone()).await?;
+        registry.spawn_flusher(std::time::Duration::from_secs(10));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {

@@ -387,6 +387,11 @@ impl Gateway {
             state.connects += 1;
         }
         slot.publish(probe.clone());
+        self.registry.note_connected(
+            &id,
+            slot.state().agent_version.clone(),
+            Some(kubernetes_version.clone()),
+        );
         self.metrics.connected.get_or_create(&label).set(1);
         self.metrics.connected_since.get_or_create(&label).set(
             now.duration_since(SystemTime::UNIX_EPOCH)

@@ -4,7 +4,8 @@
 //! The hub starts with an embedded default configuration and no external services. This
 //! module builds on [`crate::tunnel`] and [`crate::crd`]; nothing depends on it.
 
-mod api;
+pub mod api;
+pub mod config;
 pub mod gateway;
 pub mod metrics;
 pub mod registry;
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+pub use config::{HubArgs, HubConfig};
 pub use gateway::{ConnectionState, Gateway, GatewayConfig, TunnelError};
 pub use registry::{ClusterId, ClusterRecord, Registry};
 
@@ -46,26 +48,6 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
 }
 
-/// Hub settings. Defaults give a working hub with no configuration at all.
-#[derive(Clone, Debug)]
-pub struct HubConfig {
-    /// Address the API and the agent gateway listen on.
-    pub listen: SocketAddr,
-    /// Serve TLS from these files; plain HTTP (for a TLS-terminating ingress) when absent.
-    pub tls: Option<TlsFiles>,
-    pub gateway: GatewayConfig,
-}
-
-impl Default for HubConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            tls: None,
-            gateway: GatewayConfig::default(),
-        }
-    }
-}
-
 /// Time a client has to send its request headers (or finish TLS) before it is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,20 +58,13 @@ pub struct Hub {
     tls: Option<tokio_rustls::TlsAcceptor>,
     pub registry: Arc<Registry>,
     pub gateway: Arc<Gateway>,
-    metrics: Arc<prometheus_client::registry::Registry>,
+    api: Arc<api::ApiState>,
+    max_body: usize,
 }
 
 impl Hub {
-    /// Binds the listener and builds the hub's state with a fresh registry.
-    pub async fn bind(config: &HubConfig) -> Result<Self, HubError> {
-        Self::bind_with_registry(config, Arc::new(Registry::new())).await
-    }
-
-    /// Binds the listener with an existing registry (its clusters and tokens).
-    pub async fn bind_with_registry(
-        config: &HubConfig,
-        registry: Arc<Registry>,
-    ) -> Result<Self, HubError> {
+    /// Binds the listener and builds the hub's state around `registry`.
+    pub async fn bind(config: &HubConfig, registry: Arc<Registry>) -> Result<Self, HubError> {
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -101,12 +76,23 @@ impl Hub {
         let mut prometheus = prometheus_client::registry::Registry::default();
         tunnel_metrics.register(&mut prometheus);
         let gateway = Gateway::new(registry.clone(), tunnel_metrics, config.gateway.clone());
+        let api = Arc::new(api::ApiState {
+            registry: registry.clone(),
+            gateway: gateway.clone(),
+            admin_tokens: config.admin_tokens.clone(),
+            viewer_tokens: config.viewer_tokens.clone(),
+            public_url: config.public_url.clone(),
+            agent_image: config.agent_image.clone(),
+            tls: tls.is_some(),
+            metrics: Arc::new(prometheus),
+        });
         Ok(Self {
             listener,
             tls,
             registry,
             gateway,
-            metrics: Arc::new(prometheus),
+            api,
+            max_body: config.max_request_body_bytes,
         })
     }
 
@@ -117,7 +103,7 @@ impl Hub {
 
     /// Serves until `shutdown` is cancelled, then closes every tunnel and drains requests.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let router = api::router(self.metrics.clone()).merge(self.gateway.routes());
+        let router = api::router(self.api.clone(), self.max_body).merge(self.gateway.routes());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = ?self.listener.local_addr().ok(), tls = self.tls.is_some(), "hub listening");
         loop {
@@ -176,6 +162,15 @@ impl Hub {
             });
         }
         self.gateway.shutdown();
+        if let Err(err) = tokio::task::spawn_blocking({
+            let registry = self.registry.clone();
+            move || registry.flush()
+        })
+        .await
+        .unwrap_or(Ok(()))
+        {
+            tracing::warn!(error = %err, "writing connection details at shutdown failed");
+        }
         if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
             .await
             .is_err()

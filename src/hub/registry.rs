@@ -1,16 +1,25 @@
-//! Clusters the hub knows and their tokens. Tokens are stored only as SHA-256 hashes and
-//! compared in constant time.
+//! Clusters the hub knows and their tokens, kept in memory and (by default) persisted to a
+//! JSON file under the data directory.
 //!
-//! A token is `sbt_<cluster id>_<64 hex chars of randomness>`: the id lets the hub find the
-//! one hash to compare without scanning, and 256 random bits make a fast hash safe to store
-//! (there is nothing to brute-force, unlike a password). This registry is in memory; the
-//! persistent store builds on it.
+//! Tokens are stored only as SHA-256 hashes and compared in constant time. A token is
+//! `sbt_<cluster id>_<64 hex chars of randomness>`: the id lets the hub find the one hash to
+//! compare without scanning, and 256 random bits make a fast hash safe to store (there is
+//! nothing to brute-force, unlike a password).
+//!
+//! Every change is written to a temporary file, synced, and renamed over `clusters.json`
+//! (then the directory is synced) before it takes effect in memory and before the caller
+//! hears of it: after `kill -9` at any moment the file holds either the old or the new state,
+//! and every change that was acknowledged is on disk. Changes are serialised; reads (token
+//! checks on every handshake) never wait for disk.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::SystemTime;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use sha2::{Digest, Sha256};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::secret::Secret;
@@ -18,19 +27,60 @@ use crate::secret::Secret;
 /// Identifier of a registered cluster (`c` followed by 16 hex characters).
 pub type ClusterId = String;
 
+const STORE_FILE: &str = "clusters.json";
+const STORE_VERSION: u32 = 1;
+
 /// What the hub records about a cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterRecord {
     pub id: ClusterId,
     pub name: String,
-    pub created: SystemTime,
-    token_hash: [u8; 32],
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub created: Timestamp,
+    /// When the current token was issued.
+    pub token_issued: Timestamp,
+    /// When the cluster's agent last established a tunnel.
+    #[serde(default)]
+    pub last_connected: Option<Timestamp>,
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    #[serde(default)]
+    pub kubernetes_version: Option<String>,
+    /// `sha256:<hex>` of the current token.
+    token_hash: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    version: u32,
+    clusters: Vec<ClusterRecord>,
+}
+
+/// Why the registry could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cluster store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster store {path} is not valid: {message}")]
+    Corrupt { path: PathBuf, message: String },
 }
 
 /// The clusters the hub accepts tunnels from.
-#[derive(Default)]
 pub struct Registry {
     clusters: RwLock<HashMap<ClusterId, ClusterRecord>>,
+    /// Serialises changes so each one persists the state it produced.
+    writer: Mutex<()>,
+    /// Where the state is persisted; in memory only when None.
+    dir: Option<PathBuf>,
+    /// Connection details changed in memory but not yet written.
+    dirty: AtomicBool,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -39,49 +89,141 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-fn hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
+use crate::secret::hash_token as hash;
 
 fn new_token(id: &str) -> Secret {
     Secret::new(format!("sbt_{id}_{}", random_hex(32)))
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Self::in_memory()
+    }
+}
+
 impl Registry {
+    /// A registry that keeps nothing on disk (tests, or a throw-away hub).
+    pub fn in_memory() -> Self {
+        Self {
+            clusters: RwLock::new(HashMap::new()),
+            writer: Mutex::new(()),
+            dir: None,
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Kept for callers that want an in-memory registry.
     pub fn new() -> Self {
-        Self::default()
+        Self::in_memory()
+    }
+
+    /// Opens (or creates) the store in `dir`. Refuses to start on a store it cannot read,
+    /// rather than starting empty and losing every cluster.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // Temporary files of writes interrupted by a crash never took effect.
+        for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".clusters.json.tmp")
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let path = dir.join(STORE_FILE);
+        let clusters = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: StoreFile =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                if file.version != STORE_VERSION {
+                    return Err(StoreError::Corrupt {
+                        path,
+                        message: format!(
+                            "version {} is not supported (expected {STORE_VERSION})",
+                            file.version
+                        ),
+                    });
+                }
+                file.clusters
+                    .into_iter()
+                    .map(|c| (c.id.clone(), c))
+                    .collect()
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(source) => return Err(StoreError::Io { path, source }),
+        };
+        Ok(Self {
+            clusters: RwLock::new(clusters),
+            writer: Mutex::new(()),
+            dir: Some(dir.to_path_buf()),
+            dirty: AtomicBool::new(false),
+        })
     }
 
     /// Registers a cluster and returns its record and its token (shown once, never stored).
-    pub fn register(&self, name: &str) -> (ClusterRecord, Secret) {
+    pub fn register(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(ClusterRecord, Secret), StoreError> {
         let id = format!("c{}", random_hex(8));
         let token = new_token(&id);
+        let now = Timestamp::now();
         let record = ClusterRecord {
             id: id.clone(),
             name: name.to_string(),
-            created: SystemTime::now(),
+            labels,
+            created: now,
+            token_issued: now,
+            last_connected: None,
+            agent_version: None,
+            kubernetes_version: None,
             token_hash: hash(token.expose()),
         };
-        self.write().insert(id, record.clone());
-        (record, token)
+        let stored = record.clone();
+        self.change(move |clusters| {
+            clusters.insert(id, stored);
+        })?;
+        Ok((record, token))
     }
 
     /// Replaces a cluster's token; the old one stops working at once.
-    pub fn rotate_token(&self, id: &str) -> Option<Secret> {
-        let mut clusters = self.write();
-        let record = clusters.get_mut(id)?;
+    pub fn rotate_token(&self, id: &str) -> Result<Option<Secret>, StoreError> {
         let token = new_token(id);
-        record.token_hash = hash(token.expose());
-        Some(token)
+        let token_hash = hash(token.expose());
+        let found = self.change(|clusters| match clusters.get_mut(id) {
+            Some(record) => {
+                record.token_hash = token_hash;
+                record.token_issued = Timestamp::now();
+                true
+            }
+            None => false,
+        })?;
+        Ok(found.then_some(token))
     }
 
     /// Forgets a cluster; its token stops working at once.
-    pub fn remove(&self, id: &str) -> bool {
-        self.write().remove(id).is_some()
+    pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        self.change(|clusters| clusters.remove(id).is_some())
     }
 
     pub fn get(&self, id: &str) -> Option<ClusterRecord> {
         self.read().get(id).cloned()
+    }
+
+    /// Every cluster, ordered by name then id.
+    pub fn list(&self) -> Vec<ClusterRecord> {
+        let mut all: Vec<ClusterRecord> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        all
     }
 
     /// The cluster a token belongs to, if it is current. Takes the same time whether the
@@ -94,12 +236,75 @@ impl Registry {
         let presented = hash(token);
         let clusters = self.read();
         let record = id.and_then(|id| clusters.get(id));
-        let expected = record.map_or([0u8; 32], |r| r.token_hash);
-        let equal: bool = presented.ct_eq(&expected).into();
+        let expected = record.map_or("", |r| r.token_hash.as_str());
+        let equal: bool = presented.as_bytes().ct_eq(expected.as_bytes()).into();
         match record {
             Some(r) if equal => Some(r.id.clone()),
             _ => None,
         }
+    }
+
+    /// Records a new tunnel's versions in memory; [`Registry::flush`] writes them later, so a
+    /// reconnect storm does not become a storm of disk writes.
+    pub fn note_connected(
+        &self,
+        id: &str,
+        agent_version: Option<String>,
+        kubernetes_version: Option<String>,
+    ) {
+        let mut clusters = self.clusters.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(record) = clusters.get_mut(id) {
+            record.last_connected = Some(Timestamp::now());
+            record.agent_version = agent_version;
+            record.kubernetes_version = kubernetes_version;
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Writes connection details noted since the last write.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        if self.dirty.swap(false, Ordering::SeqCst)
+            && let Err(err) = self.change(|_| ())
+        {
+            self.dirty.store(true, Ordering::SeqCst);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Flushes noted connection details every `interval` until the registry is dropped.
+    pub fn spawn_flusher(self: &Arc<Self>, interval: std::time::Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(err) = tokio::task::spawn_blocking(move || registry.flush())
+                    .await
+                    .unwrap_or(Ok(()))
+                {
+                    tracing::warn!(error = %err, "writing connection details failed; will retry");
+                }
+            }
+        });
+    }
+
+    /// Applies `edit` to a copy of the state, persists the copy, then makes it current.
+    fn change<T>(
+        &self,
+        edit: impl FnOnce(&mut HashMap<ClusterId, ClusterRecord>) -> T,
+    ) -> Result<T, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.read().clone();
+        let result = edit(&mut next);
+        if let Some(dir) = &self.dir {
+            persist(dir, &next)?;
+        }
+        *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(result)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ClusterId, ClusterRecord>> {
@@ -107,12 +312,35 @@ impl Registry {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ClusterId, ClusterRecord>> {
-        self.clusters
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+/// Atomically replaces the store file: temp file, fsync, rename, fsync of the directory.
+fn persist(dir: &Path, clusters: &HashMap<ClusterId, ClusterRecord>) -> Result<(), StoreError> {
+    let mut list: Vec<ClusterRecord> = clusters.values().cloned().collect();
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    let body = serde_json::to_vec_pretty(&StoreFile {
+        version: STORE_VERSION,
+        clusters: list,
+    })
+    .map_err(|e| StoreError::Corrupt {
+        path: dir.join(STORE_FILE),
+        message: e.to_string(),
+    })?;
+    let tmp = dir.join(format!(".clusters.json.tmp-{}", std::process::id()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(&body).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    let target = dir.join(STORE_FILE);
+    std::fs::rename(&tmp, &target).map_err(io(&target))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -121,9 +349,9 @@ mod tests {
 
     #[test]
     fn tokens_authenticate_their_cluster_only_until_rotated_or_removed() {
-        let registry = Registry::new();
-        let (a, token_a) = registry.register("a");
-        let (b, token_b) = registry.register("b");
+        let registry = Registry::in_memory();
+        let (a, token_a) = registry.register("a", BTreeMap::new()).unwrap();
+        let (b, token_b) = registry.register("b", BTreeMap::new()).unwrap();
         assert_eq!(registry.authenticate(token_a.expose()), Some(a.id.clone()));
         assert_eq!(registry.authenticate(token_b.expose()), Some(b.id.clone()));
         // A token with another cluster's id but this cluster's secret is refused.
@@ -131,14 +359,14 @@ mod tests {
         assert_eq!(registry.authenticate(&forged), None);
         assert_eq!(registry.authenticate("sbt_cunknown_00"), None);
         assert_eq!(registry.authenticate(""), None);
-        let new_a = registry.rotate_token(&a.id).unwrap();
+        let new_a = registry.rotate_token(&a.id).unwrap().unwrap();
         assert_eq!(
             registry.authenticate(token_a.expose()),
             None,
             "old token still works"
         );
         assert_eq!(registry.authenticate(new_a.expose()), Some(a.id.clone()));
-        assert!(registry.remove(&b.id));
+        assert!(registry.remove(&b.id).unwrap());
         assert_eq!(
             registry.authenticate(token_b.expose()),
             None,
@@ -147,9 +375,62 @@ mod tests {
     }
 
     #[test]
-    fn only_the_hash_is_kept() {
-        let registry = Registry::new();
-        let (record, token) = registry.register("a");
+    fn only_the_hash_is_stored() {
+        let dir = std::env::temp_dir().join(format!("sb-registry-hash-{}", std::process::id()));
+        let registry = Registry::open(&dir).unwrap();
+        let (record, token) = registry.register("a", BTreeMap::new()).unwrap();
         assert!(!format!("{record:?}").contains(token.expose()));
+        let file = std::fs::read_to_string(dir.join(STORE_FILE)).unwrap();
+        assert!(!file.contains(token.expose()));
+        assert!(file.contains("sha256:"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn state_survives_reopening() {
+        let dir = std::env::temp_dir().join(format!("sb-registry-reopen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (kept, token) = {
+            let registry = Registry::open(&dir).unwrap();
+            let (kept, _) = registry
+                .register("kept", BTreeMap::from([("env".into(), "prod".into())]))
+                .unwrap();
+            let (gone, _) = registry.register("gone", BTreeMap::new()).unwrap();
+            registry.remove(&gone.id).unwrap();
+            let token = registry.rotate_token(&kept.id).unwrap().unwrap();
+            registry.note_connected(&kept.id, Some("0.1.0".into()), Some("v1.36.3".into()));
+            registry.flush().unwrap();
+            (kept, token)
+        };
+        let registry = Registry::open(&dir).unwrap();
+        let all = registry.list();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].labels["env"], "prod");
+        assert_eq!(all[0].kubernetes_version.as_deref(), Some("v1.36.3"));
+        assert_eq!(registry.authenticate(token.expose()), Some(kept.id));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_corrupt_store_is_refused_not_replaced() {
+        let dir = std::env::temp_dir().join(format!("sb-registry-corrupt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(STORE_FILE),
+            b"{\"version\":1,\"clusters\":[{\"id\":",
+        )
+        .unwrap();
+        let err = Registry::open(&dir)
+            .err()
+            .expect("corrupt store accepted")
+            .to_string();
+        assert!(err.contains("not valid"), "{err}");
+        assert!(
+            std::fs::read(dir.join(STORE_FILE))
+                .unwrap()
+                .starts_with(b"{\"version\""),
+            "store overwritten"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -11,6 +11,7 @@ use base64::Engine;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use shapeblock::hub::config::{TokenHash, hash_token};
 use shapeblock::hub::{GatewayConfig, Hub, HubConfig, Registry, TlsFiles};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,11 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
+
+/// Admin API token of test hubs.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Read-only API token of test hubs.
+pub const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
 
 /// A hub serving in this process.
 pub struct TestHub {
@@ -96,8 +102,13 @@ impl TestHub {
             listen: addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             tls,
             gateway: test_gateway_config(),
+            admin_tokens: vec![TokenHash(hash_token(ADMIN_TOKEN))],
+            viewer_tokens: vec![TokenHash(hash_token(VIEWER_TOKEN))],
+            agent_image: "shapeblock-agent:test".into(),
+            max_request_body_bytes: 64 * 1024,
+            ..HubConfig::default()
         };
-        let hub = Hub::bind_with_registry(&config, registry.clone())
+        let hub = Hub::bind(&config, registry.clone())
             .await
             .expect("bind hub");
         let addr = hub.local_addr().unwrap();
@@ -346,5 +357,156 @@ impl AgentProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A response from the hub's HTTP API.
+#[derive(Debug)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl ApiResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request to a hub at `addr` (over TLS when `ca_file` is given).
+pub async fn http_request(
+    addr: SocketAddr,
+    ca_file: Option<&std::path::Path>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> ApiResponse {
+    try_http_request(addr, ca_file, method, path, token, body)
+        .await
+        .expect("hub request")
+}
+
+/// Like [`http_request`], but a connection failure is an error, not a panic.
+pub async fn try_http_request(
+    addr: SocketAddr,
+    ca_file: Option<&std::path::Path>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<ApiResponse, Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let io: Box<dyn IoStream> = match ca_file {
+        Some(ca) => {
+            let pem = std::fs::read(ca).unwrap();
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            Box::new(
+                tokio_rustls::TlsConnector::from(Arc::new(tls))
+                    .connect(name, tcp)
+                    .await?,
+            )
+        }
+        None => Box::new(tcp),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request.body(http_body_util::Full::new(bytes::Bytes::from(
+        body.unwrap_or_default(),
+    )))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok(ApiResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}
+
+impl TestHub {
+    /// Calls the hub's API with the admin token.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> ApiResponse {
+        self.api_as(ADMIN_TOKEN, method, path, body).await
+    }
+
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> ApiResponse {
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        http_request(
+            self.addr,
+            self.ca_file.as_deref(),
+            method,
+            path,
+            Some(token),
+            body,
+        )
+        .await
+    }
+
+    /// Calls the API with raw bytes (and no token when `token` is None).
+    pub async fn api_raw(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> ApiResponse {
+        http_request(
+            self.addr,
+            self.ca_file.as_deref(),
+            method,
+            path,
+            token,
+            body,
+        )
+        .await
     }
 }

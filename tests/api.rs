@@ -1,0 +1,732 @@
+//! The hub's REST API end to end: register a cluster, install its agent from the manifest the
+//! API returns (applied to the real test apiserver, the agent running as the manifest's own
+//! ServiceAccount), manage ShapeBlock resources through the tunnel, rotate the token; bad
+//! requests change nothing; the registry survives restarts and `kill -9` during writes.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use serde_json::{Value, json};
+use shapeblock::crd::Project;
+use shapeblock::hub::Registry;
+use support::TestNamespace;
+use support::hub::{ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, http_request, scratch_dir};
+
+/// Applies every object of a multi-document YAML manifest with server-side apply.
+async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
+    let mut applied = Vec::new();
+    for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
+        let object: Value = serde_saphyr::from_str(doc).expect("manifest document is YAML");
+        let (group, version) = match object["apiVersion"].as_str().unwrap().split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (
+                String::new(),
+                object["apiVersion"].as_str().unwrap().to_string(),
+            ),
+        };
+        let gvk = GroupVersionKind::gvk(&group, &version, object["kind"].as_str().unwrap());
+        let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+            Some(ns) if caps.scope == kube::discovery::Scope::Namespaced => {
+                Api::namespaced_with(client.clone(), ns, &resource)
+            }
+            _ => Api::all_with(client.clone(), &resource),
+        };
+        let dynamic: DynamicObject = serde_json::from_value(object.clone()).unwrap();
+        api.patch(
+            &name,
+            &PatchParams::apply("install-test").force(),
+            &Patch::Apply(&dynamic),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply {} {name}: {e}", gvk.kind));
+        applied.push(object);
+    }
+    applied
+}
+
+/// A token for the manifest's agent ServiceAccount, as its pod would get.
+async fn service_account_kubeconfig(
+    dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> std::path::PathBuf {
+    let config = support::config().await;
+    let client = kube::Client::try_from(config.clone()).unwrap();
+    let request = http::Request::post(format!(
+        "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+    ))
+    .header("content-type", "application/json")
+    .body(
+        serde_json::to_vec(
+            &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let response: Value = client.request(request).await.unwrap();
+    let token = response["status"]["token"].as_str().unwrap();
+    let ca = config.root_cert.as_ref().unwrap()[0].clone();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        b64.encode(&ca)
+    );
+    let path = dir.join("agent-sa.kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n\
+             users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n",
+            config.cluster_url,
+            b64.encode(pem)
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn register_install_connect_create_rotate() {
+    let dir = scratch_dir("api-e2e");
+    let admin = support::client().await;
+    shapeblock::crd::install(admin.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let registry = Arc::new(Registry::open(&dir.join("data")).unwrap());
+    let hub = TestHub::start_tls(&dir, registry, None).await;
+
+    let registered = hub
+        .api(
+            "POST",
+            "/api/v1/clusters",
+            Some(json!({"name": "edge-1", "labels": {"env": "test"}})),
+        )
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let body = registered.json();
+    let cluster = body["cluster"]["id"].as_str().unwrap().to_string();
+    let token = body["token"].as_str().unwrap().to_string();
+    assert_eq!(body["cluster"]["status"]["connected"], false);
+    let manifest = body["manifest"].as_str().unwrap();
+    assert!(
+        manifest.contains(&format!("wss://localhost:{}", hub.addr.port()))
+            || manifest.contains("wss://"),
+        "{manifest}"
+    );
+
+    // Install: the manifest's objects go into the cluster as they are.
+    let objects = apply_manifest(&admin, manifest).await;
+    assert_eq!(objects.len(), 7);
+    let secret = Api::<Secret>::namespaced(admin.clone(), "shapeblock-agent")
+        .get("shapeblock-agent-token")
+        .await
+        .unwrap();
+    let stored_token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    assert_eq!(stored_token, token, "the Secret carries the cluster token");
+
+    // The agent runs as the manifest's ServiceAccount with the token from the Secret.
+    let kubeconfig = service_account_kubeconfig(&dir, "shapeblock-agent", "shapeblock-agent").await;
+    let agent = AgentProcess::spawn(&dir, &hub, &stored_token, &kubeconfig, "agent");
+    wait_for("cluster connected", Duration::from_secs(30), async || {
+        hub.api("GET", &format!("/api/v1/clusters/{cluster}/status"), None)
+            .await
+            .json()["connected"]
+            == true
+    })
+    .await;
+    let status = hub
+        .api("GET", &format!("/api/v1/clusters/{cluster}"), None)
+        .await
+        .json();
+    assert!(
+        status["status"]["kubernetesVersion"]
+            .as_str()
+            .unwrap()
+            .starts_with("v1."),
+        "{status}"
+    );
+    assert!(status["status"]["connectedSince"].is_number(), "{status}");
+
+    // A Project created through the API exists in the cluster: the least-privilege role
+    // was enough.
+    let project_name = format!("api-{}", support::random_suffix());
+    let created = hub
+        .api(
+            "POST",
+            &format!("/api/v1/clusters/{cluster}/projects"),
+            Some(json!({"metadata": {"name": project_name}, "spec": {"displayName": "From the API"}})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let in_cluster = Api::<Project>::all(admin.clone())
+        .get(&project_name)
+        .await
+        .expect("Project in the cluster");
+    assert_eq!(
+        in_cluster.spec.display_name.as_deref(),
+        Some("From the API")
+    );
+    // Update with server-side apply, read back, list.
+    let applied = hub
+        .api(
+            "PUT",
+            &format!("/api/v1/clusters/{cluster}/projects/{project_name}"),
+            Some(json!({"metadata": {"name": project_name}, "spec": {"displayName": "Renamed"}})),
+        )
+        .await;
+    assert_eq!(applied.status, 200, "{}", applied.text());
+    assert_eq!(
+        Api::<Project>::all(admin.clone())
+            .get(&project_name)
+            .await
+            .unwrap()
+            .spec
+            .display_name
+            .as_deref(),
+        Some("Renamed")
+    );
+    let got = hub
+        .api(
+            "GET",
+            &format!("/api/v1/clusters/{cluster}/projects/{project_name}"),
+            None,
+        )
+        .await;
+    assert_eq!(got.json()["spec"]["displayName"], "Renamed");
+    let list = hub
+        .api("GET", &format!("/api/v1/clusters/{cluster}/projects"), None)
+        .await;
+    assert!(
+        list.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["metadata"]["name"] == project_name.as_str())
+    );
+
+    // Namespaced kinds through the same API, with the apiserver's validation messages.
+    let ns = TestNamespace::new("api-apps").await;
+    let app_path = format!("/api/v1/clusters/{cluster}/namespaces/{}/apps", ns.name);
+    let app = json!({"metadata": {"name": "web"}, "spec": {"displayName": "Web",
+        "registry": {}, "build": {"type": "image", "image": "nginx:1.27"}}});
+    assert_eq!(hub.api("POST", &app_path, Some(app)).await.status, 201);
+    let invalid = hub
+        .api("POST", &app_path, Some(json!({"metadata": {"name": "bad"}, "spec": {"displayName": "Bad", "registry": {}, "build": {"type": "image"}}})))
+        .await;
+    assert_eq!(invalid.status, 422, "{}", invalid.text());
+    assert!(
+        invalid.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.build.image is required"),
+        "{}",
+        invalid.text()
+    );
+    let deleted = hub.api("DELETE", &format!("{app_path}/web"), None).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert_eq!(
+        hub.api("GET", &format!("{app_path}/web"), None)
+            .await
+            .status,
+        404
+    );
+
+    // Rotate: the tunnel drops within a second and the old token is refused from then on.
+    let rotated = hub
+        .api("POST", &format!("/api/v1/clusters/{cluster}/token"), None)
+        .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    let rotated_at = Instant::now();
+    hub.wait_disconnected(&cluster).await;
+    let drop_time = rotated_at.elapsed();
+    assert!(
+        drop_time < Duration::from_secs(1),
+        "tunnel closed {drop_time:?} after rotation"
+    );
+    wait_for(
+        "the agent to be refused",
+        Duration::from_secs(20),
+        async || agent.log_text().contains("HTTP 401"),
+    )
+    .await;
+    assert!(!hub.gateway.status(&cluster).connected);
+    let new_token = rotated.json()["token"].as_str().unwrap().to_string();
+    assert_ne!(new_token, token);
+    let _ = std::fs::write(dir.join("agent.token"), &new_token);
+    // With the new token (re-read from its file on reconnect) the same agent comes back.
+    hub.wait_connected(&cluster).await;
+
+    let _ = Api::<Project>::all(admin)
+        .delete(&project_name, &Default::default())
+        .await;
+}
+
+/// case, token, method, path, body, expected status, expected message fragment.
+type BadRequest<'a> = (
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    Option<Vec<u8>>,
+    u16,
+    &'a str,
+);
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let dir = scratch_dir("api-bad");
+    let registry = Arc::new(Registry::open(&dir.join("data")).unwrap());
+    let hub = TestHub::start_tls(&dir, registry, None).await;
+    let store = dir.join("data/clusters.json");
+    let registered = hub
+        .api(
+            "POST",
+            "/api/v1/clusters",
+            Some(json!({"name": "existing"})),
+        )
+        .await;
+    assert_eq!(registered.status, 201);
+    let cluster = registered.json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = std::fs::read(&store).unwrap();
+
+    let widgets = format!("/api/v1/clusters/{cluster}/namespaces/x/widgets");
+    let bad_name = format!("/api/v1/clusters/{cluster}/projects/Not_A_Name");
+    let projects = format!("/api/v1/clusters/{cluster}/projects");
+    let cases: Vec<BadRequest> = vec![
+        (
+            "no token",
+            None,
+            "GET",
+            "/api/v1/clusters",
+            None,
+            401,
+            "an API token is required",
+        ),
+        (
+            "wrong token",
+            Some("not-the-admin-token-at-all"),
+            "GET",
+            "/api/v1/clusters",
+            None,
+            401,
+            "not valid",
+        ),
+        (
+            "viewer writes",
+            Some(VIEWER_TOKEN),
+            "POST",
+            "/api/v1/clusters",
+            Some(br#"{"name":"x"}"#.to_vec()),
+            403,
+            "may only read",
+        ),
+        (
+            "viewer deletes",
+            Some(VIEWER_TOKEN),
+            "DELETE",
+            "/api/v1/clusters/c0",
+            None,
+            403,
+            "may only read",
+        ),
+        (
+            "malformed JSON",
+            Some(ADMIN_TOKEN),
+            "POST",
+            "/api/v1/clusters",
+            Some(br#"{"name": "x""#.to_vec()),
+            400,
+            "",
+        ),
+        (
+            "unknown field",
+            Some(ADMIN_TOKEN),
+            "POST",
+            "/api/v1/clusters",
+            Some(br#"{"name":"x","colour":"red"}"#.to_vec()),
+            422,
+            "unknown field `colour`",
+        ),
+        (
+            "missing field",
+            Some(ADMIN_TOKEN),
+            "POST",
+            "/api/v1/clusters",
+            Some(br#"{"labels":{}}"#.to_vec()),
+            422,
+            "missing field `name`",
+        ),
+        (
+            "empty name",
+            Some(ADMIN_TOKEN),
+            "POST",
+            "/api/v1/clusters",
+            Some(br#"{"name":" "}"#.to_vec()),
+            422,
+            "name must be",
+        ),
+        (
+            "oversized body",
+            Some(ADMIN_TOKEN),
+            "POST",
+            "/api/v1/clusters",
+            Some(
+                format!(
+                    r#"{{"name":"x","labels":{{"a":"{}"}}}}"#,
+                    "y".repeat(100 * 1024)
+                )
+                .into_bytes(),
+            ),
+            413,
+            "",
+        ),
+        (
+            "unknown cluster",
+            Some(ADMIN_TOKEN),
+            "DELETE",
+            "/api/v1/clusters/cdoesnotexist",
+            None,
+            404,
+            "not found",
+        ),
+        (
+            "unknown resource type",
+            Some(ADMIN_TOKEN),
+            "GET",
+            &widgets,
+            None,
+            404,
+            "widgets",
+        ),
+        (
+            "bad resource name",
+            Some(ADMIN_TOKEN),
+            "GET",
+            &bad_name,
+            None,
+            400,
+            "not a valid Kubernetes name",
+        ),
+        (
+            "resource kind mismatch",
+            Some(ADMIN_TOKEN),
+            "POST",
+            &projects,
+            Some(br#"{"kind":"App","metadata":{"name":"p"}}"#.to_vec()),
+            400,
+            "does not match Project",
+        ),
+        (
+            "status through the API",
+            Some(ADMIN_TOKEN),
+            "POST",
+            &projects,
+            Some(br#"{"metadata":{"name":"p"},"status":{"phase":"Active"}}"#.to_vec()),
+            400,
+            "status is written by the hub",
+        ),
+    ];
+    for (case, token, method, path, body, status, message) in cases {
+        let response = hub.api_raw(token, method, path, body).await;
+        assert_eq!(response.status, status, "{case}: {}", response.text());
+        let json = response.json();
+        assert_eq!(json["code"], status, "{case}: error body {json}");
+        assert!(
+            json["message"].as_str().unwrap().contains(message),
+            "{case}: {json}"
+        );
+        if status == 401 {
+            assert!(
+                response.headers.contains_key("www-authenticate"),
+                "{case}: no WWW-Authenticate"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        before,
+        "a rejected request changed the store"
+    );
+    let list = hub
+        .api_as(VIEWER_TOKEN, "GET", "/api/v1/clusters", None)
+        .await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.json().as_array().unwrap().len(), 1);
+
+    // An offline cluster: a clear 503, and nothing is attempted.
+    let offline = hub
+        .api("GET", &format!("/api/v1/clusters/{cluster}/projects"), None)
+        .await;
+    assert_eq!(offline.status, 503, "{}", offline.text());
+    assert_eq!(offline.json()["reason"], "ClusterNotConnected");
+    assert!(
+        offline.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("offline"),
+        "{}",
+        offline.text()
+    );
+    assert!(offline.headers.contains_key("retry-after"));
+
+    // The OpenAPI document is served and matches the committed one.
+    let served = hub
+        .api_raw(None, "GET", "/api/v1/openapi.json", None)
+        .await
+        .json();
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        served, committed,
+        "openapi.json is stale: run `cargo run -- openapi > openapi.json`"
+    );
+}
+
+/// Through the resource API against a connected cluster: unknown fields and malformed bodies
+/// are refused by the apiserver's strict validation, and nothing is created.
+#[tokio::test]
+async fn resource_bodies_are_validated_strictly() {
+    let dir = scratch_dir("api-strict");
+    let admin = support::client().await;
+    shapeblock::crd::install(admin.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ns = TestNamespace::new("api-strict").await;
+    let identity = support::hub::agent_identity(&dir, &ns.name, "agent", None).await;
+    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let (record, token) = hub.registry.register("strict", Default::default()).unwrap();
+    let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
+    hub.wait_connected(&record.id).await;
+    let path = format!(
+        "/api/v1/clusters/{}/namespaces/{}/services",
+        record.id, ns.name
+    );
+    let unknown = hub
+        .api("POST", &path, Some(json!({"metadata": {"name": "db"}, "spec": {"chart": {"name": "postgresql", "repoURL": "oci://r/c", "colour": "red"}}})))
+        .await;
+    assert_eq!(unknown.status, 400, "{}", unknown.text());
+    assert!(
+        unknown.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field"),
+        "{}",
+        unknown.text()
+    );
+    let not_json = hub
+        .api_raw(
+            Some(ADMIN_TOKEN),
+            "PUT",
+            &format!("{path}/db"),
+            Some(b"chart: postgresql".to_vec()),
+        )
+        .await;
+    assert_eq!(not_json.status, 400, "{}", not_json.text());
+    let mismatch = hub
+        .api(
+            "PUT",
+            &format!("{path}/db"),
+            Some(json!({"metadata": {"name": "other"}, "spec": {}})),
+        )
+        .await;
+    assert_eq!(mismatch.status, 400, "{}", mismatch.text());
+    let listed = hub.api("GET", &path, None).await;
+    assert_eq!(
+        listed.json()["items"].as_array().unwrap().len(),
+        0,
+        "a refused request created something"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct HubProcess {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubProcess {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--admin-tokens")
+        .arg(ADMIN_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "hub process did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    HubProcess { child, addr }
+}
+
+async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {
+    let response = http_request(
+        addr,
+        None,
+        "GET",
+        "/api/v1/clusters",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    response
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_registry_survives_restarts_and_kill_9_during_writes() {
+    let dir = scratch_dir("api-kill");
+    let data = dir.join("data");
+    let port = free_port();
+    let mut acknowledged: Vec<(String, String)> = Vec::new();
+    for round in 0..3 {
+        let hub = start_hub_process(&data, port).await;
+        // The hub came back with every cluster it ever acknowledged, tokens included.
+        let ids = list_ids(hub.addr).await;
+        for (id, _) in &acknowledged {
+            assert!(
+                ids.contains(id),
+                "round {round}: acknowledged cluster {id} lost"
+            );
+        }
+        // Tokens authenticate: the 50 most recent (the writes closest to the kill), within the
+        // hub's per-address handshake burst.
+        for (id, token) in acknowledged.iter().rev().take(50) {
+            assert_eq!(
+                tunnel_handshake(hub.addr, token).await,
+                101,
+                "round {round}: token of {id} lost"
+            );
+        }
+        // Eight writers register clusters as fast as they can; kill -9 lands mid-write.
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let addr = hub.addr;
+                tokio::spawn(async move {
+                    let mut done = Vec::new();
+                    for i in 0.. {
+                        let body =
+                            serde_json::to_vec(&json!({"name": format!("r{round}-w{w}-{i}")}))
+                                .unwrap();
+                        let Ok(response) = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            try_request(addr, "POST", "/api/v1/clusters", Some(body)),
+                        )
+                        .await
+                        else {
+                            break;
+                        };
+                        match response {
+                            Some((201, json)) => done.push((
+                                json["cluster"]["id"].as_str().unwrap().to_string(),
+                                json["token"].as_str().unwrap().to_string(),
+                            )),
+                            _ => break,
+                        }
+                    }
+                    done
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300 + 150 * round)).await;
+        let mut hub = hub;
+        hub.child.start_kill().unwrap(); // SIGKILL
+        let _ = hub.child.wait().await;
+        for writer in writers {
+            acknowledged.extend(writer.await.unwrap());
+        }
+        assert!(
+            !acknowledged.is_empty(),
+            "no registration completed before the kill"
+        );
+    }
+    // A graceful stop keeps everything too.
+    let hub = start_hub_process(&data, port).await;
+    let ids = list_ids(hub.addr).await;
+    assert!(acknowledged.iter().all(|(id, _)| ids.contains(id)));
+    eprintln!(
+        "{} acknowledged registrations survived 3 kill -9 restarts",
+        acknowledged.len()
+    );
+    let pid = hub.child.id().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let mut hub = hub;
+    let _ = hub.child.wait().await;
+    let hub = start_hub_process(&data, port).await;
+    assert_eq!(list_ids(hub.addr).await.len(), ids.len());
+}
+
+/// A request that may fail because the hub was killed: None instead of a panic.
+async fn try_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Option<(u16, Value)> {
+    let response =
+        support::hub::try_http_request(addr, None, method, path, Some(ADMIN_TOKEN), body)
+            .await
+            .ok()?;
+    let json = serde_json::from_slice(&response.body).ok()?;
+    Some((response.status, json))
+}
+
+async fn tunnel_handshake(addr: std::net::SocketAddr, token: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/agent/v1/connect")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(request, tcp).await {
+        Ok((_ws, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("handshake failed: {other}"),
+    }
+}

@@ -1,8 +1,13 @@
 //! Tunnel benchmark: prints figures, asserts nothing about speed.
 //!
-//! `cargo bench --bench tunnel` — starts the test control plane, a hub in this process and
-//! release-built `shapeblock-agent` processes, then measures direct vs tunnelled latency and
-//! throughput, agent RSS idle and under load, and hub memory per idle tunnel.
+//! ```sh
+//! cargo build --profile agent --bin shapeblock-agent
+//! SHAPEBLOCK_AGENT_BIN=target/agent/shapeblock-agent cargo bench --bench tunnel
+//! ```
+//! starts the test control plane, a hub in this process and `shapeblock-agent` processes
+//! (the size-optimised build the images ship, or the release build without the variable),
+//! then measures direct vs tunnelled latency and throughput, agent RSS idle and under load,
+//! and hub memory per idle tunnel.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -97,6 +102,10 @@ async fn run() {
     let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
 
     println!("== tunnel benchmark (loopback; TLS on both the apiserver and the hub) ==");
+    println!(
+        "agent binary: {}",
+        std::env::var("SHAPEBLOCK_AGENT_BIN").unwrap_or_else(|_| "release build".into())
+    );
     direct
         .create(&PostParams::default(), &config_map("small", 16))
         .await
@@ -161,10 +170,27 @@ async fn run() {
         100.0 * tthr / dthr
     );
 
+    // The agent that served the LISTs above: allocator high-water mark after 3 MiB responses.
+    let after_lists = rss_kib(agent.pid().unwrap());
+    drop(agent);
+
+    // A fresh agent: idle, then 100 requests/s with 10 open watches for 15 s.
+    let (record, token) = hub
+        .registry
+        .register("bench-rss", Default::default())
+        .unwrap();
+    let agent = AgentProcess::spawn(
+        &dir,
+        &hub,
+        token.expose(),
+        &identity.kubeconfig,
+        "agent-rss",
+    );
+    hub.wait_connected(&record.id).await;
+    let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
     let pid = agent.pid().unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let idle = rss_kib(pid);
-    // 10 open watches and 100 requests/s for 15 s.
     let mut watches = Vec::new();
     for _ in 0..10 {
         let mut stream = watcher(
@@ -191,53 +217,107 @@ async fn run() {
     let rate = sent as f64 / load_start.elapsed().as_secs_f64();
     let loaded = rss_kib(pid);
     println!(
-        "agent RSS                     idle {:.1} MiB | {rate:.0} req/s + 10 watches: {:.1} MiB (peak {:.1} MiB)",
+        "agent RSS                     idle {:.1} MiB | {rate:.0} req/s + 10 watches: {:.1} MiB (peak {:.1} MiB) | after serving the LISTs {:.1} MiB",
         idle as f64 / 1024.0,
         loaded as f64 / 1024.0,
-        peak.max(loaded) as f64 / 1024.0
+        peak.max(loaded) as f64 / 1024.0,
+        after_lists as f64 / 1024.0
     );
     for w in watches {
         w.abort();
     }
     drop(agent);
+    hub.stop().await;
 
-    // Hub memory per idle tunnel: RSS of this process (which runs the hub) before and after
-    // 100 agents connect and settle. The agents are separate processes.
-    let hub_pid = std::process::id();
+    // Hub memory per idle tunnel, measured on the real hub process (plain HTTP, as behind the
+    // chart's TLS-terminating ingress): RSS with no tunnels, then with 100 idle agents.
+    let data = dir.join("hub-data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut hub_process = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--admin-tokens",
+            support::hub::ADMIN_TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hub_pid = hub_process.id().unwrap();
+    let mut clusters = Vec::new();
+    for i in 0..100 {
+        let body = serde_json::to_vec(&serde_json::json!({"name": format!("idle-{i}")})).unwrap();
+        let response = support::hub::http_request(
+            addr,
+            None,
+            "POST",
+            "/api/v1/clusters",
+            Some(support::hub::ADMIN_TOKEN),
+            Some(body),
+        )
+        .await;
+        let json = response.json();
+        clusters.push((
+            json["cluster"]["id"].as_str().unwrap().to_string(),
+            json["token"].as_str().unwrap().to_string(),
+        ));
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = rss_kib(hub_pid);
-    let mut agents = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..100 {
-        let (record, token) = hub
-            .registry
-            .register(&format!("idle-{i}"), Default::default())
-            .unwrap();
-        agents.push(AgentProcess::spawn(
-            &dir,
-            &hub,
-            token.expose(),
-            &identity.kubeconfig,
-            &format!("idle-{i}"),
-        ));
-        ids.push(record.id);
-    }
-    for id in &ids {
-        hub.wait_connected(id).await;
+    let url = format!("ws://{addr}");
+    let agents: Vec<AgentProcess> = clusters
+        .iter()
+        .enumerate()
+        .map(|(i, (_, token))| {
+            AgentProcess::spawn_to(
+                &dir,
+                &url,
+                None,
+                token,
+                &identity.kubeconfig,
+                &format!("idle-{i}"),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = support::hub::http_request(addr, None, "GET", "/readyz", None, None).await;
+        if response.json()["connected"].as_u64() == Some(100) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "100 agents did not connect: {}",
+            response.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = rss_kib(hub_pid);
     let per_tunnel = after.saturating_sub(before) as f64 / 100.0;
     println!(
-        "hub RSS                       before {:.1} MiB | 100 idle tunnels {:.1} MiB | {per_tunnel:.0} KiB per idle tunnel",
+        "hub process RSS               no tunnels {:.1} MiB | 100 idle tunnels {:.1} MiB | {per_tunnel:.0} KiB per idle tunnel",
         before as f64 / 1024.0,
         after as f64 / 1024.0
     );
     let agent_rss: Vec<u64> = agents.iter().filter_map(|a| a.pid()).map(rss_kib).collect();
     println!(
-        "idle agent RSS (100 agents)   mean {:.1} MiB",
-        agent_rss.iter().sum::<u64>() as f64 / agent_rss.len().max(1) as f64 / 1024.0
+        "idle agent RSS (100 agents)   mean {:.1} MiB, max {:.1} MiB",
+        agent_rss.iter().sum::<u64>() as f64 / agent_rss.len().max(1) as f64 / 1024.0,
+        agent_rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0
     );
     drop(agents);
-    hub.stop().await;
+    let _ = hub_process.start_kill();
 }

@@ -589,3 +589,54 @@ async fn exec_attach_portforward_and_proxy_are_refused() {
     }
     let _ = (&s.token, &s.dir);
 }
+
+#[tokio::test]
+async fn a_newer_tunnel_replaces_the_older() {
+    let s = setup("replace").await;
+    assert_eq!(s.hub.gateway.status(&s.cluster).connects, 1);
+    let identity = agent_identity(&s.dir, &s.ns.name, "agent-2", None).await;
+    // A second agent with the same token (a rollout overlap, or a stale pod).
+    let second = AgentProcess::spawn(&s.dir, &s.hub, &s.token, &identity.kubeconfig, "agent-2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.hub.gateway.status(&s.cluster).connects < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second tunnel never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still exactly one live tunnel, and requests flow through it.
+    assert!(s.hub.gateway.status(&s.cluster).connected);
+    assert_eq!(s.hub.gateway.connected_count(), 1);
+    Api::<Namespace>::all(s.client.clone())
+        .get("default")
+        .await
+        .expect("request after replacement");
+    second.kill().await;
+    drop(s.agent);
+}
+
+#[tokio::test]
+async fn handshakes_are_rate_limited_before_authentication() {
+    let hub = TestHub::start_plain(Arc::new(Registry::new())).await;
+    // The per-address burst is five seconds' worth of the per-address rate (20/s): 100.
+    let mut statuses = BTreeMap::new();
+    for _ in 0..150 {
+        *statuses
+            .entry(handshake_status(&hub, Some("sbt_cx_wrong")).await)
+            .or_insert(0) += 1;
+    }
+    assert!(
+        statuses.get(&401).copied().unwrap_or(0) >= 90,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) >= 30,
+        "no rate limiting: {statuses:?}"
+    );
+    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    assert!(
+        metrics.contains("shapeblock_tunnel_handshakes_rejected_total{reason=\"rate_limited\"}"),
+        "{metrics}"
+    );
+}

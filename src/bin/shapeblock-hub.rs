@@ -32,6 +32,12 @@ enum Command {
     },
     /// Print the OpenAPI document of the hub API.
     Openapi,
+    /// Write the agent Helm chart's template (generated from the install manifest renderer).
+    AgentChart {
+        /// Chart directory; the template goes to `<out>/templates/agent.yaml`.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Crds { out }) => print_crds(out),
         Some(Command::Openapi) => print_openapi(),
+        Some(Command::AgentChart { out }) => write_agent_chart(out),
         None => serve(cli.serve),
     };
     match result {
@@ -72,6 +79,17 @@ fn print_crds(out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
 
 fn print_openapi() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}", shapeblock::hub::api::openapi().to_pretty_json()?);
+    Ok(())
+}
+
+fn write_agent_chart(out: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = out.join("templates");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("agent.yaml"),
+        shapeblock::render::agent::helm_template()?,
+    )?;
+    eprintln!("wrote {}", dir.join("agent.yaml").display());
     Ok(())
 }
 

@@ -10,8 +10,10 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
 CACHE_ROOT=${SHAPEBLOCK_TEST_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shapeblock-test-bins}
 BIN="$CACHE_ROOT/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
+HELM_BIN="$CACHE_ROOT/helm-$HELM_VERSION"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
 log() { printf '[control-plane] %s\n' "$*" >&2; }
@@ -99,8 +101,26 @@ build_kwok() {
   reports "$BIN/kwok" "$KWOK_VERSION" || die "kwok does not report $KWOK_VERSION"
 }
 
+build_helm() {
+  mkdir -p "$HELM_BIN"
+  helm_ok() { [ -x "$HELM_BIN/helm" ] && "$HELM_BIN/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; }
+  helm_ok && { log "helm $HELM_VERSION cached"; return; }
+  log "building helm $HELM_VERSION (for the chart checks)"
+  local w="$work/helm"
+  mkdir -p "$w" && cd "$w"
+  go mod init example.invalid/shapeblock-test-helm >/dev/null 2>&1
+  go get "helm.sh/helm/v3@$HELM_VERSION" >&2
+  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    -o "$HELM_BIN/helm.tmp" helm.sh/helm/v3/cmd/helm >&2
+  mv "$HELM_BIN/helm.tmp" "$HELM_BIN/helm"
+  helm_ok || die "helm does not report $HELM_VERSION"
+}
+
 build_etcd
 build_kwok
 build_kubernetes
+build_helm
+# The chart checks find helm here.
+ln -sf "$HELM_BIN/helm" "$BIN/helm"
 log "binaries in $BIN"
 echo "$BIN"

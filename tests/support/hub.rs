@@ -312,6 +312,25 @@ impl AgentProcess {
         kubeconfig: &std::path::Path,
         tag: &str,
     ) -> Self {
+        Self::spawn_to(
+            dir,
+            &hub.url(),
+            hub.ca_file.as_deref(),
+            token,
+            kubeconfig,
+            tag,
+        )
+    }
+
+    /// Starts an agent for the hub at `url` (trusting `ca_file`, or over plain `ws://`).
+    pub fn spawn_to(
+        dir: &std::path::Path,
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        token: &str,
+        kubeconfig: &std::path::Path,
+        tag: &str,
+    ) -> Self {
         let token_file = dir.join(format!("{tag}.token"));
         std::fs::write(&token_file, token).unwrap();
         let log = dir.join(format!("{tag}.log"));
@@ -321,9 +340,13 @@ impl AgentProcess {
             .open(&log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shapeblock-agent"));
+        // SHAPEBLOCK_AGENT_BIN runs another build of the agent (the benchmark uses the
+        // size-optimised `agent` profile that the images ship).
+        let binary = std::env::var("SHAPEBLOCK_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_shapeblock-agent").into());
+        let mut cmd = Command::new(binary);
         cmd.arg("--hub-url")
-            .arg(hub.url())
+            .arg(url)
             .arg("--token-file")
             .arg(&token_file)
             .arg("--kubeconfig")
@@ -334,7 +357,7 @@ impl AgentProcess {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
-        match &hub.ca_file {
+        match ca_file {
             Some(ca) => {
                 cmd.arg("--hub-ca-file").arg(ca);
             }

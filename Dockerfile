@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# Static (musl) binaries in minimal non-root images.
+#   docker build --target hub   -t shapeblock-hub   .
+#   docker build --target agent -t shapeblock-agent .
+# .ci/run builds the same binaries with the same commands (no Docker engine there).
+
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/* \
+ && rustup target add x86_64-unknown-linux-musl
+WORKDIR /src
+COPY . .
+ENV CC_x86_64_unknown_linux_musl=musl-gcc
+RUN cargo build --locked --release --target x86_64-unknown-linux-musl --bin shapeblock-hub \
+ && cargo build --locked --profile agent --target x86_64-unknown-linux-musl --bin shapeblock-agent \
+ && mkdir -p /out/data \
+ && cp target/x86_64-unknown-linux-musl/release/shapeblock-hub target/x86_64-unknown-linux-musl/agent/shapeblock-agent /out/
+
+# The hub: a static binary, CA roots for outbound TLS, a writable data directory.
+FROM scratch AS hub
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY --from=build /out/shapeblock-hub /shapeblock-hub
+COPY --from=build --chown=65532:65532 /out/data /var/lib/shapeblock-hub
+USER 65532:65532
+ENV SHAPEBLOCK_HUB_LISTEN=0.0.0.0:8080 SHAPEBLOCK_HUB_DATA_DIR=/var/lib/shapeblock-hub
+EXPOSE 8080
+ENTRYPOINT ["/shapeblock-hub"]
+
+# The agent: a static binary and nothing else (it trusts the public roots compiled in, or
+# the hub CA it is given).
+FROM scratch AS agent
+COPY --from=build /out/shapeblock-agent /shapeblock-agent
+USER 65532:65532
+ENTRYPOINT ["/shapeblock-agent"]

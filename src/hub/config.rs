@@ -103,18 +103,7 @@ impl TokenHash {
     }
 }
 
-/// `sha256:<hex>` of a token.
-pub fn hash_token(token: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(token.as_bytes());
-    format!(
-        "sha256:{}",
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
-}
+pub use crate::secret::hash_token;
 
 /// The validated hub configuration.
 #[derive(Clone, Debug)]

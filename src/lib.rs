@@ -7,6 +7,7 @@
 //! - [`tunnel`]: the wire shared by hub and agent: HTTP/2 over a websocket byte stream.
 //! - [`agent`]: the tunnel agent that runs in each managed cluster.
 //! - [`render`]: pure builders of the Kubernetes objects the hub produces.
+//! - [`controllers`]: reconcilers of the ShapeBlock kinds, one set per connected cluster.
 //! - [`secret`]: strings that never print (tokens), and token hashing.
 //! - [`config`]: what the two binaries' configurations share.
 //! - [`telemetry`]: logging set-up shared by both binaries.
@@ -15,6 +16,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod controllers;
 pub mod crd;
 pub mod hub;
 pub mod render;

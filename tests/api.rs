@@ -8,7 +8,6 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -16,7 +15,10 @@ use serde_json::{Value, json};
 use shapeblock::crd::Project;
 use shapeblock::hub::Registry;
 use support::TestNamespace;
-use support::hub::{ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, http_request, scratch_dir};
+use support::hub::{
+    ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, http_request, scratch_dir,
+    service_account_kubeconfig,
+};
 
 /// Applies every object of a multi-document YAML manifest with server-side apply.
 async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
@@ -50,47 +52,6 @@ async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
         applied.push(object);
     }
     applied
-}
-
-/// A token for the manifest's agent ServiceAccount, as its pod would get.
-async fn service_account_kubeconfig(
-    dir: &std::path::Path,
-    namespace: &str,
-    name: &str,
-) -> std::path::PathBuf {
-    let config = support::config().await;
-    let client = kube::Client::try_from(config.clone()).unwrap();
-    let request = http::Request::post(format!(
-        "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
-    ))
-    .header("content-type", "application/json")
-    .body(
-        serde_json::to_vec(
-            &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let response: Value = client.request(request).await.unwrap();
-    let token = response["status"]["token"].as_str().unwrap();
-    let ca = config.root_cert.as_ref().unwrap()[0].clone();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        b64.encode(&ca)
-    );
-    let path = dir.join("agent-sa.kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n\
-             users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n",
-            config.cluster_url,
-            b64.encode(pem)
-        ),
-    )
-    .unwrap();
-    path
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {

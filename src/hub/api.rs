@@ -30,6 +30,8 @@ use crate::render::agent::{AgentManifestParams, agent_manifest, to_yaml};
 /// What the API handlers share.
 pub struct ApiState {
     pub registry: Arc<Registry>,
+    /// The per-cluster controllers, when the hub runs them.
+    pub runtimes: Option<Arc<super::runtime::Runtimes>>,
     pub gateway: Arc<Gateway>,
     pub admin_tokens: Vec<TokenHash>,
     pub viewer_tokens: Vec<TokenHash>,
@@ -440,6 +442,9 @@ async fn delete_cluster(
     let id = cluster.clone();
     if !blocking(move || registry.remove(&id)).await? {
         return Err(ApiError::not_found(format!("cluster {cluster}")));
+    }
+    if let Some(runtimes) = &state.runtimes {
+        runtimes.stop(&cluster);
     }
     state.gateway.forget(&cluster);
     tracing::info!(%cluster, "cluster deleted");

@@ -78,6 +78,11 @@ struct HubFile {
     handshakes_per_second_per_ip: Option<u32>,
     ping_interval_seconds: Option<u64>,
     ping_timeout_seconds: Option<u64>,
+    api_qps_per_cluster: Option<u32>,
+    controllers: Option<bool>,
+    max_concurrent_initial_syncs: Option<usize>,
+    registry_source_namespace: Option<String>,
+    default_registry_secret: Option<String>,
 }
 
 /// An API token as configured: the hub keeps only its hash.
@@ -118,6 +123,9 @@ pub struct HubConfig {
     pub log_format: LogFormat,
     pub max_request_body_bytes: usize,
     pub gateway: GatewayConfig,
+    /// Run the controllers for connected clusters (off only for tunnel-only set-ups and tests).
+    pub controllers: bool,
+    pub runtime: super::runtime::RuntimeConfig,
 }
 
 /// Default agent image: the one released with this hub.
@@ -141,6 +149,8 @@ impl Default for HubConfig {
             log_format: LogFormat::default(),
             max_request_body_bytes: 1024 * 1024,
             gateway: GatewayConfig::default(),
+            controllers: true,
+            runtime: super::runtime::RuntimeConfig::default(),
         }
     }
 }
@@ -217,15 +227,38 @@ impl HubConfig {
                 defaults.ping_interval.as_secs(),
                 "ping_interval_seconds",
             )?,
+            api_qps: file.api_qps_per_cluster.unwrap_or(defaults.api_qps),
             ping_timeout: seconds(
                 file.ping_timeout_seconds,
                 defaults.ping_timeout.as_secs(),
                 "ping_timeout_seconds",
             )?,
         };
-        if gateway.handshakes_per_second == 0 || gateway.handshakes_per_second_per_ip == 0 {
+        if gateway.handshakes_per_second == 0
+            || gateway.handshakes_per_second_per_ip == 0
+            || gateway.api_qps == 0
+        {
             return Err(ConfigError::Invalid(
-                "handshake rates must be positive".into(),
+                "handshake and API rates must be positive".into(),
+            ));
+        }
+        let runtime_defaults = super::runtime::RuntimeConfig::default();
+        let runtime = super::runtime::RuntimeConfig {
+            max_concurrent_initial_syncs: file
+                .max_concurrent_initial_syncs
+                .unwrap_or(runtime_defaults.max_concurrent_initial_syncs),
+            controllers: crate::controllers::ControllerConfig {
+                registry_source_namespace: file
+                    .registry_source_namespace
+                    .unwrap_or(runtime_defaults.controllers.registry_source_namespace),
+                default_registry_secret: file
+                    .default_registry_secret
+                    .unwrap_or(runtime_defaults.controllers.default_registry_secret),
+            },
+        };
+        if runtime.max_concurrent_initial_syncs == 0 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_initial_syncs must be positive".into(),
             ));
         }
         let max_request_body_bytes = file.max_request_body_bytes.unwrap_or(1024 * 1024);
@@ -254,6 +287,8 @@ impl HubConfig {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             max_request_body_bytes,
             gateway,
+            controllers: file.controllers.unwrap_or(true),
+            runtime,
         })
     }
 }

@@ -47,6 +47,8 @@ pub struct GatewayConfig {
     pub ping_interval: Duration,
     /// A ping unanswered for this long ends the tunnel.
     pub ping_timeout: Duration,
+    /// Kubernetes API requests per second the hub sends to one cluster (burst: twice that).
+    pub api_qps: u32,
 }
 
 impl Default for GatewayConfig {
@@ -57,6 +59,7 @@ impl Default for GatewayConfig {
             handshakes_per_second_per_ip: 20,
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
+            api_qps: 50,
         }
     }
 }
@@ -209,9 +212,11 @@ pub struct Gateway {
     slots: DashMap<ClusterId, Arc<ClusterSlot>>,
     global_limiter: DefaultDirectRateLimiter,
     ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    api_limiter: Arc<DefaultKeyedRateLimiter<ClusterId>>,
     metrics: Arc<TunnelMetrics>,
     config: GatewayConfig,
     shutdown: CancellationToken,
+    connects: tokio::sync::broadcast::Sender<ClusterId>,
 }
 
 impl Gateway {
@@ -226,14 +231,18 @@ impl Gateway {
         let per_ip = Quota::per_second(per_sec(config.handshakes_per_second_per_ip)).allow_burst(
             per_sec(config.handshakes_per_second_per_ip.saturating_mul(5)),
         );
+        let api = Quota::per_second(per_sec(config.api_qps))
+            .allow_burst(per_sec(config.api_qps.saturating_mul(2)));
         Arc::new(Self {
             registry,
             slots: DashMap::new(),
             global_limiter: RateLimiter::direct(global),
             ip_limiter: RateLimiter::keyed(per_ip),
+            api_limiter: Arc::new(RateLimiter::keyed(api)),
             metrics,
             config,
             shutdown: CancellationToken::new(),
+            connects: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -264,9 +273,16 @@ impl Gateway {
     /// Must be called within a Tokio runtime.
     pub fn client(&self, id: &str) -> kube::Client {
         let slot = self.slot(id);
+        let limiter = self.api_limiter.clone();
         let service = tower::service_fn(move |request| {
             let slot = slot.clone();
-            async move { slot.send(request).await }
+            let limiter = limiter.clone();
+            async move {
+                // Per-cluster request rate, so one busy cluster cannot flood its apiserver
+                // or the hub.
+                limiter.until_key_ready(&slot.id).await;
+                slot.send(request).await
+            }
         });
         kube::Client::new(service, "default")
     }
@@ -303,6 +319,20 @@ impl Gateway {
     /// Closes every tunnel; used when the hub stops.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Notifies each time a cluster's tunnel is established.
+    pub fn subscribe_connects(&self) -> tokio::sync::broadcast::Receiver<ClusterId> {
+        self.connects.subscribe()
+    }
+
+    /// Clusters with a live tunnel.
+    pub fn connected_clusters(&self) -> Vec<ClusterId> {
+        self.slots
+            .iter()
+            .filter(|s| s.current().is_some())
+            .map(|s| s.id.clone())
+            .collect()
     }
 
     /// Number of clusters with a live tunnel.
@@ -399,6 +429,7 @@ impl Gateway {
         );
         self.metrics.connects.get_or_create(&label).inc();
         tracing::info!(kubernetes = %kubernetes_version, "tunnel connected");
+        let _ = self.connects.send(id.clone());
 
         let mut ticker = tokio::time::interval(self.config.ping_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

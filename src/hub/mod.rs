@@ -9,6 +9,7 @@ pub mod config;
 pub mod gateway;
 pub mod metrics;
 pub mod registry;
+pub mod runtime;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +61,8 @@ pub struct Hub {
     pub gateway: Arc<Gateway>,
     api: Arc<api::ApiState>,
     max_body: usize,
+    /// Stops the per-cluster runtimes when the hub stops.
+    runtime_shutdown: CancellationToken,
 }
 
 impl Hub {
@@ -76,7 +79,16 @@ impl Hub {
         let mut prometheus = prometheus_client::registry::Registry::default();
         tunnel_metrics.register(&mut prometheus);
         let gateway = Gateway::new(registry.clone(), tunnel_metrics, config.gateway.clone());
+        let runtime_shutdown = CancellationToken::new();
+        let runtimes = config.controllers.then(|| {
+            runtime::Runtimes::start(
+                gateway.clone(),
+                config.runtime.clone(),
+                runtime_shutdown.clone(),
+            )
+        });
         let api = Arc::new(api::ApiState {
+            runtimes,
             registry: registry.clone(),
             gateway: gateway.clone(),
             admin_tokens: config.admin_tokens.clone(),
@@ -93,6 +105,7 @@ impl Hub {
             gateway,
             api,
             max_body: config.max_request_body_bytes,
+            runtime_shutdown,
         })
     }
 
@@ -161,6 +174,7 @@ impl Hub {
                 }
             });
         }
+        self.runtime_shutdown.cancel();
         self.gateway.shutdown();
         if let Err(err) = tokio::task::spawn_blocking({
             let registry = self.registry.clone();

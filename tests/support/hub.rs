@@ -63,6 +63,20 @@ impl TestHub {
         registry: Arc<Registry>,
         addr: Option<SocketAddr>,
     ) -> Self {
+        Self::start_tls_with(dir, registry, addr, false).await
+    }
+
+    /// Like [`TestHub::start_tls`], running the controllers for connected clusters.
+    pub async fn start_tls_controllers(dir: &std::path::Path, registry: Arc<Registry>) -> Self {
+        Self::start_tls_with(dir, registry, None, true).await
+    }
+
+    async fn start_tls_with(
+        dir: &std::path::Path,
+        registry: Arc<Registry>,
+        addr: Option<SocketAddr>,
+        controllers: bool,
+    ) -> Self {
         let (ca_file, cert_file, key_file) = (
             dir.join("hub-ca.crt"),
             dir.join("hub.crt"),
@@ -83,13 +97,14 @@ impl TestHub {
                 key_file,
             }),
             Some(ca_file),
+            controllers,
         )
         .await
     }
 
     /// Starts a plain-HTTP hub.
     pub async fn start_plain(registry: Arc<Registry>) -> Self {
-        Self::start(registry, None, None, None).await
+        Self::start(registry, None, None, None, false).await
     }
 
     async fn start(
@@ -97,6 +112,7 @@ impl TestHub {
         addr: Option<SocketAddr>,
         tls: Option<TlsFiles>,
         ca_file: Option<PathBuf>,
+        controllers: bool,
     ) -> Self {
         let config = HubConfig {
             listen: addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
@@ -106,6 +122,7 @@ impl TestHub {
             viewer_tokens: vec![TokenHash(hash_token(VIEWER_TOKEN))],
             agent_image: "shapeblock-agent:test".into(),
             max_request_body_bytes: 64 * 1024,
+            controllers,
             ..HubConfig::default()
         };
         let hub = Hub::bind(&config, registry.clone())
@@ -532,4 +549,43 @@ impl TestHub {
         )
         .await
     }
+}
+
+/// A kubeconfig with a TokenRequest token for an existing ServiceAccount, as its pod would get.
+pub async fn service_account_kubeconfig(
+    dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> PathBuf {
+    let config = super::config().await;
+    let client = kube::Client::try_from(config.clone()).unwrap();
+    let request = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}});
+    let token_request = http::Request::post(format!(
+        "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+    ))
+    .header("content-type", "application/json")
+    .body(serde_json::to_vec(&request).unwrap())
+    .unwrap();
+    let response: serde_json::Value = client.request(token_request).await.expect("TokenRequest");
+    let token = response["status"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let ca = config
+        .root_cert
+        .as_ref()
+        .and_then(|c| c.first())
+        .expect("test CA");
+    let ca_data = base64::engine::general_purpose::STANDARD.encode(pem(ca));
+    let path = dir.join(format!("{namespace}-{name}.kubeconfig"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {ca_data}\n\
+             users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n",
+            config.cluster_url
+        ),
+    )
+    .unwrap();
+    path
 }

@@ -1,0 +1,87 @@
+//! Controllers that reconcile ShapeBlock resources in a managed cluster, run by the hub
+//! through that cluster's tunnel client (one set per connected cluster; see
+//! [`crate::hub::runtime`]).
+//!
+//! Each reconcile reads, decides with pure functions, applies with server-side apply under
+//! the field manager [`crate::crd::FIELD_MANAGER`], and reports status. Errors carry a
+//! category that decides what happens next: an invalid spec waits for a change, anything
+//! else is retried with backoff. Depends on [`crate::crd`] and kube; nothing of the hub.
+
+pub mod project;
+
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+
+/// Settings shared by the controllers of every cluster.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Namespace in each managed cluster that holds the registry Secret projects copy.
+    pub registry_source_namespace: String,
+    /// Name of that Secret when a Project names none.
+    pub default_registry_secret: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            registry_source_namespace: "shapeblock".into(),
+            default_registry_secret: "registry-creds".into(),
+        }
+    }
+}
+
+/// What a reconcile needs.
+pub struct Context {
+    pub client: kube::Client,
+    pub cluster: String,
+    pub config: ControllerConfig,
+}
+
+/// Why a reconcile did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The apiserver (through the tunnel) refused or failed; retried with backoff.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Something the resource needs does not exist yet (e.g. the registry Secret); retried,
+    /// and reconciled again as soon as it appears.
+    #[error("{0}")]
+    Missing(String),
+    /// The resource cannot be reconciled as specified; waits for a change.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ReconcileError {
+    /// Label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ReconcileError::Kube(_) => "transient",
+            ReconcileError::Missing(_) => "missing_dependency",
+            ReconcileError::Invalid(_) => "invalid_spec",
+        }
+    }
+
+    /// Short machine-readable reason for status conditions.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Kube(_) => "ApiError",
+            ReconcileError::Missing(_) => "DependencyMissing",
+            ReconcileError::Invalid(_) => "InvalidSpec",
+        }
+    }
+}
+
+/// Requeue policy by error category. Watches bring changes in immediately; these delays only
+/// bound how long a failure waits for a retry when nothing changes.
+pub fn retry_after(error: &ReconcileError) -> Action {
+    match error {
+        ReconcileError::Invalid(_) => Action::await_change(),
+        ReconcileError::Missing(_) => Action::requeue(Duration::from_secs(60)),
+        ReconcileError::Kube(_) => Action::requeue(Duration::from_secs(10)),
+    }
+}
+
+/// Labels every object the hub creates carries.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "shapeblock-hub");

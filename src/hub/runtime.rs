@@ -1,0 +1,140 @@
+//! Per-cluster runtime: when a cluster first connects, install (or upgrade) its CRDs with
+//! server-side apply and start its controllers over the cluster's tunnel client; stop them
+//! when the cluster is deleted or the hub stops. A global bound on concurrent initial syncs
+//! keeps a reconnect storm after a hub restart from flattening the hub or the clusters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::gateway::Gateway;
+use super::registry::ClusterId;
+use crate::controllers::{self, Context, ControllerConfig};
+
+/// Runtime settings.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Clusters installing CRDs and starting controllers at the same time.
+    pub max_concurrent_initial_syncs: usize,
+    pub controllers: ControllerConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_initial_syncs: 10,
+            controllers: ControllerConfig::default(),
+        }
+    }
+}
+
+/// The controllers running for each cluster.
+pub struct Runtimes {
+    gateway: Arc<Gateway>,
+    running: DashMap<ClusterId, CancellationToken>,
+    initial_syncs: Arc<Semaphore>,
+    config: RuntimeConfig,
+    shutdown: CancellationToken,
+}
+
+impl Runtimes {
+    /// Starts a runtime for every cluster as it connects, until `shutdown`.
+    pub fn start(
+        gateway: Arc<Gateway>,
+        config: RuntimeConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let runtimes = Arc::new(Self {
+            initial_syncs: Arc::new(Semaphore::new(config.max_concurrent_initial_syncs.max(1))),
+            gateway: gateway.clone(),
+            running: DashMap::new(),
+            config,
+            shutdown: shutdown.clone(),
+        });
+        let mut connects = gateway.subscribe_connects();
+        let this = runtimes.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = connects.recv() => match event {
+                        Ok(cluster) => this.ensure(&cluster),
+                        // Missed notifications: make sure every connected cluster runs.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            for cluster in this.gateway.connected_clusters() {
+                                this.ensure(&cluster);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+        runtimes
+    }
+
+    /// Starts the cluster's runtime unless it runs already.
+    pub fn ensure(&self, cluster: &str) {
+        if self.running.contains_key(cluster) {
+            return;
+        }
+        let cancel = self.shutdown.child_token();
+        self.running.insert(cluster.to_string(), cancel.clone());
+        let ctx = Arc::new(Context {
+            client: self.gateway.client(cluster),
+            cluster: cluster.to_string(),
+            config: self.config.controllers.clone(),
+        });
+        let permits = self.initial_syncs.clone();
+        let span = tracing::info_span!("cluster", cluster = %cluster);
+        tokio::spawn(run_cluster(ctx, permits, cancel).instrument(span));
+    }
+
+    /// Stops the cluster's controllers (the cluster was deleted).
+    pub fn stop(&self, cluster: &str) {
+        if let Some((_, cancel)) = self.running.remove(cluster) {
+            cancel.cancel();
+        }
+    }
+
+    /// Number of clusters with running controllers.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+}
+
+async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: CancellationToken) {
+    {
+        let Ok(_permit) = (tokio::select! {
+            permit = permits.acquire_owned() => permit,
+            _ = cancel.cancelled() => return,
+        }) else {
+            return;
+        };
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let install = crate::crd::install(ctx.client.clone(), Duration::from_secs(60));
+            tokio::select! {
+                result = install => match result {
+                    Ok(()) => break,
+                    Err(err) => tracing::warn!(error = %err, retry_in = ?delay, "installing CRDs failed"),
+                },
+                _ = cancel.cancelled() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+        tracing::info!("CRDs installed; starting controllers");
+    }
+    tokio::select! {
+        _ = controllers::project::run(ctx.clone()) => tracing::warn!("project controller stopped"),
+        _ = cancel.cancelled() => tracing::info!("controllers stopped"),
+    }
+}

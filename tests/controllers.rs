@@ -338,3 +338,227 @@ async fn a_namespace_that_is_not_the_projects_is_never_taken_over() {
         "a namespace the project did not own was deleted"
     );
 }
+
+async fn app_status(
+    apps: &Api<shapeblock::crd::App>,
+    name: &str,
+) -> Option<shapeblock::crd::AppStatus> {
+    apps.get_opt(name).await.ok()??.status
+}
+
+#[tokio::test]
+async fn apps_get_pinned_host_keys_a_stable_deploy_key_and_clear_failures() {
+    use shapeblock::crd::{App, AppPhase};
+    support::jobs().await; // garbage collection of the App's children
+    let admin = support::client().await;
+    let dir = scratch_dir("ctl-app");
+    let hub = TestHub::start_tls_controllers(&dir, Arc::new(Registry::in_memory())).await;
+    let (record, token) = hub.registry.register("apps", Default::default()).unwrap();
+    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let shapeblock: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
+    let _ = namespaces.create(&PostParams::default(), &shapeblock).await;
+    let sources: Api<Secret> = Api::namespaced(admin.clone(), "shapeblock");
+    let _ = sources
+        .create(
+            &PostParams::default(),
+            &registry_secret("registry-creds", "dXNlcjpvbmU="),
+        )
+        .await;
+    let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
+    hub.wait_connected(&record.id).await;
+    let projects: Api<Project> = Api::all(admin.clone());
+    wait_for(
+        "CRDs installed by the hub",
+        Duration::from_secs(60),
+        async || projects.list(&Default::default()).await.ok(),
+    )
+    .await;
+    let ns = format!("apps-{}", support::random_suffix());
+    let project: Project = serde_json::from_value(json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project", "metadata": {"name": ns}, "spec": {}
+    }))
+    .unwrap();
+    projects
+        .create(&PostParams::default(), &project)
+        .await
+        .unwrap();
+    wait_for("Project Active", Duration::from_secs(60), async || {
+        phase(&projects, &ns)
+            .await
+            .filter(|(p, _)| *p == ProjectPhase::Active)
+    })
+    .await;
+
+    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
+    let app = |name: &str, spec: serde_json::Value| -> App {
+        serde_json::from_value(json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": name}, "spec": spec}))
+            .unwrap()
+    };
+    let registry = json!({"url": "registry.example.com"});
+    let cases = [
+        app(
+            "private-ssh",
+            json!({"displayName": "Private", "git": {"url": "git@github.com:org/private.git", "isPrivate": true},
+            "registry": registry, "build": {"type": "dockerfile"}}),
+        ),
+        app(
+            "public-https",
+            json!({"displayName": "Public", "git": {"url": "https://github.com/org/public.git"},
+            "registry": registry, "build": {"type": "dockerfile"}}),
+        ),
+        app(
+            "unknown-host",
+            json!({"displayName": "Self-hosted", "git": {"url": "ssh://git@git.example.com:2222/team/app.git"},
+            "registry": registry, "build": {"type": "dockerfile"}}),
+        ),
+        app(
+            "no-registry-secret",
+            json!({"displayName": "Image", "registry": {"secretName": "team-pull"},
+            "build": {"type": "image", "image": "nginx:1.27"}}),
+        ),
+        app(
+            "private-https",
+            json!({"displayName": "Private https", "git": {"url": "https://gitlab.com/org/app.git", "isPrivate": true},
+            "registry": registry, "build": {"type": "dockerfile"}}),
+        ),
+    ];
+    for app in &cases {
+        apps.create(&PostParams::default(), app).await.unwrap();
+    }
+
+    // A private SSH repository with no secret: a generated ed25519 deploy key, public half in status.
+    let status = wait_for("private-ssh Ready", Duration::from_secs(60), async || {
+        app_status(&apps, "private-ssh")
+            .await
+            .filter(|s| s.phase == Some(AppPhase::Ready))
+    })
+    .await;
+    let deploy_key = status.deploy_key.expect("deploy key in status");
+    assert!(deploy_key.starts_with("ssh-ed25519 "), "{deploy_key}");
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    let key_secret = secrets.get("private-ssh-deploy-key").await.unwrap();
+    assert_eq!(key_secret.type_.as_deref(), Some("kubernetes.io/ssh-auth"));
+    let private = String::from_utf8(
+        key_secret.data.as_ref().unwrap()["ssh-privatekey"]
+            .0
+            .clone(),
+    )
+    .unwrap();
+    assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+    assert_eq!(key_secret.owner_references()[0].name, "private-ssh");
+    let known_hosts = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), &ns)
+        .get("private-ssh-git-known-hosts")
+        .await
+        .unwrap();
+    assert!(known_hosts.data.unwrap()["known_hosts"].contains("github.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"));
+    // The key is stable: a spec change re-reconciles without replacing it.
+    apps.patch(
+        "private-ssh",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"description": "changed"}})),
+    )
+    .await
+    .unwrap();
+    wait_for("re-reconciled", Duration::from_secs(60), async || {
+        let app = apps.get("private-ssh").await.ok()?;
+        (app.status?.observed_generation == app.metadata.generation).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app_status(&apps, "private-ssh")
+            .await
+            .unwrap()
+            .deploy_key
+            .as_deref(),
+        Some(deploy_key.as_str())
+    );
+    assert_eq!(
+        secrets.get("private-ssh-deploy-key").await.unwrap().data,
+        key_secret.data,
+        "deploy key replaced"
+    );
+
+    // A public https repository needs nothing.
+    let status = wait_for("public-https Ready", Duration::from_secs(60), async || {
+        app_status(&apps, "public-https")
+            .await
+            .filter(|s| s.phase == Some(AppPhase::Ready))
+    })
+    .await;
+    assert!(status.deploy_key.is_none());
+
+    // Failures say what to do.
+    for (name, expected) in [
+        (
+            "unknown-host",
+            "no known host key for git.example.com; add its key to spec.git.knownHosts",
+        ),
+        (
+            "no-registry-secret",
+            &format!("registry secret {ns}/team-pull not found"),
+        ),
+        (
+            "private-https",
+            "a private https repository needs spec.git.secretName",
+        ),
+    ] {
+        let status = wait_for(
+            &format!("{name} Failed"),
+            Duration::from_secs(60),
+            async || {
+                app_status(&apps, name)
+                    .await
+                    .filter(|s| s.phase == Some(AppPhase::Failed))
+            },
+        )
+        .await;
+        assert!(
+            status
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains(expected),
+            "{name}: {status:?}"
+        );
+    }
+    // Adding the host key fixes the App without any other change.
+    apps.patch(
+        "unknown-host",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"git": {"knownHosts": "[git.example.com]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIazEu89wgQZ4bqs3d63QSMzYVa0MuJ2e2gKTKqu+UUO"}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("unknown-host Ready", Duration::from_secs(60), async || {
+        app_status(&apps, "unknown-host")
+            .await
+            .filter(|s| s.phase == Some(AppPhase::Ready))
+    })
+    .await;
+
+    // Deleting an App leaves nothing behind.
+    apps.delete("private-ssh", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "deploy key and known_hosts garbage-collected",
+        Duration::from_secs(60),
+        async || {
+            let key_gone = secrets
+                .get_opt("private-ssh-deploy-key")
+                .await
+                .ok()?
+                .is_none();
+            let hosts_gone =
+                Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), &ns)
+                    .get_opt("private-ssh-git-known-hosts")
+                    .await
+                    .ok()?
+                    .is_none();
+            (key_gone && hosts_gone).then_some(())
+        },
+    )
+    .await;
+}

@@ -7,6 +7,7 @@
 //! category that decides what happens next: an invalid spec waits for a change, anything
 //! else is retried with backoff. Depends on [`crate::crd`] and kube; nothing of the hub.
 
+pub mod app;
 pub mod project;
 
 use std::time::Duration;

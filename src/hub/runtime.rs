@@ -135,6 +135,7 @@ async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: Cancell
     }
     tokio::select! {
         _ = controllers::project::run(ctx.clone()) => tracing::warn!("project controller stopped"),
+        _ = controllers::app::run(ctx.clone()) => tracing::warn!("app controller stopped"),
         _ = cancel.cancelled() => tracing::info!("controllers stopped"),
     }
 }

@@ -52,7 +52,7 @@ pub fn agent_rules() -> Value {
                        "appbuilds", "appbuilds/status", "appbuilds/finalizers",
                        "services", "services/status", "services/finalizers"],
          "verbs": rw},
-        {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts"], "verbs": rw},
+        {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts", "configmaps"], "verbs": rw},
         {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

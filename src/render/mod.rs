@@ -2,3 +2,5 @@
 //! the hub produces is tested without a cluster.
 
 pub mod agent;
+pub mod build;
+pub mod image;

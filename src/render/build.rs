@@ -1,0 +1,196 @@
+//! Pure pieces of an AppBuild's Jobs: child names, image destinations, build arguments,
+//! buildpack platform env files and the Helm values of the deploy. User strings only ever
+//! become argv elements or file contents, never shell text.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use sha2::Digest;
+
+use super::image::{ImageRef, ImageRefError};
+use crate::crd::BuildVar;
+
+/// A child name `<base>-<suffix>` that is a valid DNS label (≤ 63 characters) and stable:
+/// when too long, the base is shortened and a hash of the full name keeps it unique.
+pub fn child_name(base: &str, suffix: &str) -> String {
+    let full = format!("{base}-{suffix}");
+    if full.len() <= 63 {
+        return full;
+    }
+    let hash = sha2::Sha256::digest(full.as_bytes());
+    let short: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let keep = 63 - suffix.len() - short.len() - 2;
+    format!("{}-{short}-{suffix}", base[..keep].trim_end_matches('-'))
+}
+
+/// Where a build pushes: `<registry>/<namespace>/<app>:<tag>`, and its layer cache
+/// `<registry>/<namespace>/<app>-cache` (namespaced, so equal app names in two projects never
+/// share a cache).
+pub fn destinations(
+    registry: &str,
+    namespace: &str,
+    app: &str,
+    tag: &str,
+) -> Result<(ImageRef, ImageRef), ImageRefError> {
+    let image = ImageRef::parse(&format!("{registry}/{namespace}/{app}:{tag}"))?;
+    let cache = ImageRef::parse(&format!("{registry}/{namespace}/{app}-cache"))?;
+    Ok((image, cache))
+}
+
+/// kaniko `--build-arg` arguments: one argv element per flag and per `KEY=value`, so values
+/// with spaces, quotes, newlines or `$(…)` reach the build verbatim.
+pub fn build_args(vars: &[BuildVar]) -> Vec<String> {
+    vars.iter()
+        .flat_map(|v| ["--build-arg".to_string(), format!("{}={}", v.key, v.value)])
+        .collect()
+}
+
+/// Buildpack platform env files (`<platform>/env/<KEY>` holds the value, byte for byte), as
+/// the data of a Secret mounted at `/platform/env`.
+pub fn platform_env(vars: &[BuildVar]) -> BTreeMap<String, String> {
+    vars.iter()
+        .map(|v| (v.key.clone(), v.value.clone()))
+        .collect()
+}
+
+/// Deep merge: objects merge key by key, anything else in `overlay` replaces `base`.
+pub fn deep_merge(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(key) {
+                    Some(existing) => deep_merge(existing, value),
+                    None => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay.clone(),
+    }
+}
+
+/// Values for the nxs-universal-chart deploy: the built image and the pull secret, with the
+/// AppBuild's `helmValues` deep-merged on top (so a user can still override them).
+pub fn helm_values(
+    image: &ImageRef,
+    pull_secret: &str,
+    overrides: Option<&BTreeMap<String, Value>>,
+) -> Value {
+    // The chart joins `defaultImage:defaultImageTag`; a digest rides on the tag, which
+    // yields `repo:tag@digest`, a valid reference in which the digest decides.
+    let tag = image.tag.clone().unwrap_or_else(|| "latest".to_string());
+    let tag = match &image.digest {
+        Some(digest) => format!("{tag}@{digest}"),
+        None => tag,
+    };
+    let mut values = json!({
+        "defaultImage": image.repository(),
+        "defaultImageTag": tag,
+        "generic": {"extraImagePullSecrets": [{"name": pull_secret}]},
+    });
+    if let Some(overrides) = overrides {
+        deep_merge(
+            &mut values,
+            &Value::Object(overrides.clone().into_iter().collect()),
+        );
+    }
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(key: &str, value: &str) -> BuildVar {
+        BuildVar {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn child_names_are_stable_dns_labels() {
+        assert_eq!(child_name("web-42", "build"), "web-42-build");
+        let long = "a".repeat(60);
+        let name = child_name(&long, "build");
+        assert!(name.len() <= 63 && name.ends_with("-build"), "{name}");
+        assert_eq!(name, child_name(&long, "build"), "not deterministic");
+        assert_ne!(name, child_name(&format!("{long}b"), "build"), "collision");
+    }
+
+    #[test]
+    fn destinations_keep_ports_and_namespace_the_cache() {
+        let (image, cache) =
+            destinations("registry.example.com:5000", "shop", "web", "abc1234").unwrap();
+        assert_eq!(
+            image.to_string(),
+            "registry.example.com:5000/shop/web:abc1234"
+        );
+        assert_eq!(image.repository(), "registry.example.com:5000/shop/web");
+        assert_eq!(
+            cache.to_string(),
+            "registry.example.com:5000/shop/web-cache"
+        );
+        assert!(destinations("registry.example.com", "shop", "web", "-bad").is_err());
+    }
+
+    #[test]
+    fn hostile_build_vars_stay_data() {
+        let vars = [
+            var("A", "x y"),
+            var("B", "$(reboot); rm -rf / `id`\nsecond line"),
+            var("C", "--build-arg=EVIL=1"),
+        ];
+        assert_eq!(
+            build_args(&vars),
+            [
+                "--build-arg",
+                "A=x y",
+                "--build-arg",
+                "B=$(reboot); rm -rf / `id`\nsecond line",
+                "--build-arg",
+                "C=--build-arg=EVIL=1"
+            ]
+        );
+        assert_eq!(
+            platform_env(&vars)["B"],
+            "$(reboot); rm -rf / `id`\nsecond line"
+        );
+    }
+
+    #[test]
+    fn helm_values_merge_user_values_over_the_image() {
+        let image = ImageRef::parse("registry.example.com:5000/shop/web:v2").unwrap();
+        let overrides: BTreeMap<String, Value> = serde_json::from_value(json!({
+            "replicaCount": 2,
+            "generic": {"labels": {"team": "a"}},
+            "envs": {"NODE_ENV": "production"}
+        }))
+        .unwrap();
+        let values = helm_values(&image, "registry-creds", Some(&overrides));
+        assert_eq!(values["defaultImage"], "registry.example.com:5000/shop/web");
+        assert_eq!(values["defaultImageTag"], "v2");
+        assert_eq!(
+            values["generic"]["extraImagePullSecrets"][0]["name"],
+            "registry-creds"
+        );
+        assert_eq!(
+            values["generic"]["labels"]["team"], "a",
+            "nested maps merge"
+        );
+        assert_eq!(values["replicaCount"], 2);
+        // A user value wins, as in the first ShapeBlock operator.
+        let pinned: BTreeMap<String, Value> =
+            serde_json::from_value(json!({"defaultImageTag": "pinned"})).unwrap();
+        assert_eq!(
+            helm_values(&image, "registry-creds", Some(&pinned))["defaultImageTag"],
+            "pinned"
+        );
+        let by_digest = ImageRef::parse(&format!("nginx@sha256:{}", "b".repeat(64))).unwrap();
+        assert_eq!(
+            helm_values(&by_digest, "r", None)["defaultImageTag"],
+            format!("latest@sha256:{}", "b".repeat(64))
+        );
+    }
+}

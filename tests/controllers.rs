@@ -100,36 +100,34 @@ async fn phase(projects: &Api<Project>, name: &str) -> Option<(ProjectPhase, Str
     Some((status.phase?, status.message.unwrap_or_default()))
 }
 
-#[tokio::test]
-async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_with_it() {
-    support::jobs().await;
-    let admin = support::client().await;
-    let dir = scratch_dir("ctl-project");
-    let hub = TestHub::start_tls_controllers(&dir, Arc::new(Registry::in_memory())).await;
-    let (record, token) = hub.registry.register("ctl", Default::default()).unwrap();
-    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
+/// A hub running controllers (kept alive by this value), and one cluster connected to it whose agent runs as the
+/// install manifest's ServiceAccount; the `shapeblock/registry-creds` Secret exists and the
+/// hub has installed the CRDs.
+struct ConnectedCluster {
+    admin: Client,
+    _hub: TestHub,
+    _agent: AgentProcess,
+}
 
-    // The registry secret every project copies, in the `shapeblock` namespace.
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
+async fn connected_cluster(name: &str) -> ConnectedCluster {
+    let admin = support::client().await;
+    let dir = scratch_dir(name);
+    let hub = TestHub::start_tls_controllers(&dir, Arc::new(Registry::in_memory())).await;
+    let (record, token) = hub.registry.register(name, Default::default()).unwrap();
+    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
     let shapeblock: Namespace =
         serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
-    let _ = namespaces.create(&PostParams::default(), &shapeblock).await;
-    let sources: Api<Secret> = Api::namespaced(admin.clone(), "shapeblock");
-    let _ = sources
-        .delete("registry-creds", &DeleteParams::default())
+    let _ = Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &shapeblock)
         .await;
-    sources
+    let _ = Api::<Secret>::namespaced(admin.clone(), "shapeblock")
         .create(
             &PostParams::default(),
             &registry_secret("registry-creds", "dXNlcjpvbmU="),
         )
-        .await
-        .unwrap();
-
-    let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
+        .await;
+    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
-
-    // The hub installs the CRDs itself through the tunnel, then reconciles.
     let projects: Api<Project> = Api::all(admin.clone());
     wait_for(
         "CRDs installed by the hub",
@@ -137,6 +135,21 @@ async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_w
         async || projects.list(&Default::default()).await.ok(),
     )
     .await;
+    ConnectedCluster {
+        admin,
+        _hub: hub,
+        _agent: agent,
+    }
+}
+
+#[tokio::test]
+async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_with_it() {
+    support::jobs().await; // namespace deletion needs kube-controller-manager
+    let cluster = connected_cluster("ctl-project").await;
+    let admin = cluster.admin.clone();
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let sources: Api<Secret> = Api::namespaced(admin.clone(), "shapeblock");
+    let projects: Api<Project> = Api::all(admin.clone());
     let name = format!("proj-{}", support::random_suffix());
     let project: Project = serde_json::from_value(json!({
         "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project",
@@ -270,24 +283,9 @@ async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_w
 
 #[tokio::test]
 async fn a_namespace_that_is_not_the_projects_is_never_taken_over() {
-    let admin = support::client().await;
-    let dir = scratch_dir("ctl-takeover");
-    let hub = TestHub::start_tls_controllers(&dir, Arc::new(Registry::in_memory())).await;
-    let (record, token) = hub
-        .registry
-        .register("takeover", Default::default())
-        .unwrap();
-    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
-    let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
-    hub.wait_connected(&record.id).await;
+    let cluster = connected_cluster("ctl-takeover").await;
+    let admin = cluster.admin.clone();
     let projects: Api<Project> = Api::all(admin.clone());
-    wait_for(
-        "CRDs installed by the hub",
-        Duration::from_secs(60),
-        async || projects.list(&Default::default()).await.ok(),
-    )
-    .await;
-
     let existing = support::TestNamespace::new("someone-elses").await;
     let project: Project = serde_json::from_value(json!({
         "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project", "metadata": {"name": existing.name}, "spec": {}
@@ -350,31 +348,9 @@ async fn app_status(
 async fn apps_get_pinned_host_keys_a_stable_deploy_key_and_clear_failures() {
     use shapeblock::crd::{App, AppPhase};
     support::jobs().await; // garbage collection of the App's children
-    let admin = support::client().await;
-    let dir = scratch_dir("ctl-app");
-    let hub = TestHub::start_tls_controllers(&dir, Arc::new(Registry::in_memory())).await;
-    let (record, token) = hub.registry.register("apps", Default::default()).unwrap();
-    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let shapeblock: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
-    let _ = namespaces.create(&PostParams::default(), &shapeblock).await;
-    let sources: Api<Secret> = Api::namespaced(admin.clone(), "shapeblock");
-    let _ = sources
-        .create(
-            &PostParams::default(),
-            &registry_secret("registry-creds", "dXNlcjpvbmU="),
-        )
-        .await;
-    let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
-    hub.wait_connected(&record.id).await;
+    let cluster = connected_cluster("ctl-app").await;
+    let admin = cluster.admin.clone();
     let projects: Api<Project> = Api::all(admin.clone());
-    wait_for(
-        "CRDs installed by the hub",
-        Duration::from_secs(60),
-        async || projects.list(&Default::default()).await.ok(),
-    )
-    .await;
     let ns = format!("apps-{}", support::random_suffix());
     let project: Project = serde_json::from_value(json!({
         "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project", "metadata": {"name": ns}, "spec": {}

@@ -257,45 +257,7 @@ pub async fn agent_identity(
                 .unwrap();
         }
     }
-    // A bound token from the TokenRequest API, as a projected ServiceAccount token would be.
-    let request = serde_json::json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"expirationSeconds": 3600}
-    });
-    let token_request = http::Request::post(format!(
-        "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
-    ))
-    .header("content-type", "application/json")
-    .body(serde_json::to_vec(&request).unwrap())
-    .unwrap();
-    let response: serde_json::Value = client.request(token_request).await.expect("TokenRequest");
-    let token = response["status"]["token"]
-        .as_str()
-        .expect("token in TokenRequest status")
-        .to_string();
-
-    let ca_data = config
-        .root_cert
-        .as_ref()
-        .and_then(|certs| certs.first())
-        .map(|der| base64::engine::general_purpose::STANDARD.encode(pem(der)));
-    let cluster = match ca_data {
-        Some(data) => format!(
-            "    server: {}\n    certificate-authority-data: {data}\n",
-            config.cluster_url
-        ),
-        None => format!("    server: {}\n", config.cluster_url),
-    };
-    let kubeconfig = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n{cluster}\
-             users:\n- name: u\n  user:\n    token: {token}\n\
-             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = service_account_kubeconfig(dir, namespace, name).await;
     AgentIdentity {
         kubeconfig,
         username: format!("system:serviceaccount:{namespace}:{name}"),
@@ -559,7 +521,8 @@ pub async fn service_account_kubeconfig(
 ) -> PathBuf {
     let config = super::config().await;
     let client = kube::Client::try_from(config.clone()).unwrap();
-    let request = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}});
+    // A bound token from the TokenRequest API, as a projected ServiceAccount token would be.
+    let request = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
     let token_request = http::Request::post(format!(
         "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
     ))
@@ -569,21 +532,23 @@ pub async fn service_account_kubeconfig(
     let response: serde_json::Value = client.request(token_request).await.expect("TokenRequest");
     let token = response["status"]["token"]
         .as_str()
-        .expect("token")
+        .expect("token in TokenRequest status")
         .to_string();
-    let ca = config
-        .root_cert
-        .as_ref()
-        .and_then(|c| c.first())
-        .expect("test CA");
-    let ca_data = base64::engine::general_purpose::STANDARD.encode(pem(ca));
+    let cluster = match config.root_cert.as_ref().and_then(|certs| certs.first()) {
+        Some(der) => format!(
+            "    server: {}\n    certificate-authority-data: {}\n",
+            config.cluster_url,
+            base64::engine::general_purpose::STANDARD.encode(pem(der))
+        ),
+        None => format!("    server: {}\n", config.cluster_url),
+    };
     let path = dir.join(format!("{namespace}-{name}.kubeconfig"));
     std::fs::write(
         &path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {ca_data}\n\
-             users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n",
-            config.cluster_url
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n{cluster}\
+             users:\n- name: u\n  user:\n    token: {token}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
         ),
     )
     .unwrap();

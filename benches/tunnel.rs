@@ -94,7 +94,7 @@ async fn run() {
     let dir = scratch_dir("bench");
     let ns = TestNamespace::new("bench").await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::new()), None).await;
+    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
     let (record, token) = hub.registry.register("bench", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::GroupVersionKind;
+use kube::api::Api;
 use serde_json::{Value, json};
 use shapeblock::crd::Project;
 use shapeblock::hub::Registry;
@@ -25,30 +24,7 @@ async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
     let mut applied = Vec::new();
     for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
         let object: Value = serde_saphyr::from_str(doc).expect("manifest document is YAML");
-        let (group, version) = match object["apiVersion"].as_str().unwrap().split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (
-                String::new(),
-                object["apiVersion"].as_str().unwrap().to_string(),
-            ),
-        };
-        let gvk = GroupVersionKind::gvk(&group, &version, object["kind"].as_str().unwrap());
-        let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
-        let name = object["metadata"]["name"].as_str().unwrap().to_string();
-        let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
-            Some(ns) if caps.scope == kube::discovery::Scope::Namespaced => {
-                Api::namespaced_with(client.clone(), ns, &resource)
-            }
-            _ => Api::all_with(client.clone(), &resource),
-        };
-        let dynamic: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-        api.patch(
-            &name,
-            &PatchParams::apply("install-test").force(),
-            &Patch::Apply(&dynamic),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("apply {} {name}: {e}", gvk.kind));
+        support::apply_object(client, &object, "default", false).await;
         applied.push(object);
     }
     applied

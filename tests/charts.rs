@@ -7,8 +7,6 @@ mod support;
 use std::path::PathBuf;
 use std::process::Command;
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 use shapeblock::render::agent::{AgentManifestParams, agent_manifest, helm_template};
 use support::TestNamespace;
@@ -67,31 +65,6 @@ fn documents(yaml: &str) -> Vec<Value> {
             (!value.is_null()).then_some(value)
         })
         .collect()
-}
-
-async fn apply(client: &kube::Client, object: &Value, namespace: &str, dry_run: bool) {
-    let api_version = object["apiVersion"].as_str().unwrap();
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let gvk = GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap());
-    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
-    let name = object["metadata"]["name"].as_str().unwrap();
-    let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
-        Api::namespaced_with(
-            client.clone(),
-            object["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or(namespace),
-            &resource,
-        )
-    } else {
-        Api::all_with(client.clone(), &resource)
-    };
-    let mut params = PatchParams::apply("chart-test").force().validation_strict();
-    params.dry_run = dry_run;
-    let dynamic: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-    api.patch(name, &params, &Patch::Apply(&dynamic))
-        .await
-        .unwrap_or_else(|e| panic!("{} {name} rejected by the apiserver: {e}", gvk.kind));
 }
 
 #[test]
@@ -162,7 +135,7 @@ async fn the_agent_chart_renders_the_install_manifest_and_installs() {
 
     let client = support::client().await;
     for object in &install_order {
-        apply(&client, object, "default", false).await;
+        support::apply_object(&client, object, "default", false).await;
     }
 }
 
@@ -208,7 +181,7 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
         assert_eq!(kinds.contains(&"PersistentVolumeClaim"), i == 0);
         assert_eq!(kinds.contains(&"Secret"), i == 1);
         for object in &objects {
-            apply(&client, object, &ns.name, true).await;
+            support::apply_object(&client, object, &ns.name, true).await;
         }
         // The rendered configuration file is one the hub accepts (unknown keys would fail).
         let config_map = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();

@@ -52,28 +52,7 @@ async fn install_agent_rbac(
         token: "unused".into(),
     });
     for object in objects.iter().filter(|o| o["kind"] != "Deployment") {
-        let (group, version) = object["apiVersion"]
-            .as_str()
-            .unwrap()
-            .split_once('/')
-            .unwrap_or(("", "v1"));
-        let gvk =
-            kube::core::GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap());
-        let (resource, caps) = kube::discovery::pinned_kind(admin, &gvk).await.unwrap();
-        let api: Api<kube::api::DynamicObject> = match object["metadata"]["namespace"].as_str() {
-            Some(ns) if caps.scope == kube::discovery::Scope::Namespaced => {
-                Api::namespaced_with(admin.clone(), ns, &resource)
-            }
-            _ => Api::all_with(admin.clone(), &resource),
-        };
-        let dynamic: kube::api::DynamicObject = serde_json::from_value(object.clone()).unwrap();
-        api.patch(
-            object["metadata"]["name"].as_str().unwrap(),
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&dynamic),
-        )
-        .await
-        .unwrap();
+        support::apply_object(admin, object, "default", false).await;
     }
     service_account_kubeconfig(dir, "shapeblock-agent", "shapeblock-agent").await
 }

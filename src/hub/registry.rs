@@ -112,11 +112,6 @@ impl Registry {
         }
     }
 
-    /// Kept for callers that want an in-memory registry.
-    pub fn new() -> Self {
-        Self::in_memory()
-    }
-
     /// Opens (or creates) the store in `dir`. Refuses to start on a store it cannot read,
     /// rather than starting empty and losing every cluster.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {

@@ -179,6 +179,41 @@ pub fn keep_logs(test: &str) {
     }
 }
 
+/// Server-side applies one object given as JSON (any kind the apiserver serves), with strict
+/// field validation; namespaced objects without a namespace go to `default_namespace`.
+pub async fn apply_object(
+    client: &Client,
+    object: &serde_json::Value,
+    default_namespace: &str,
+    dry_run: bool,
+) {
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    let api_version = object["apiVersion"].as_str().expect("apiVersion");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, object["kind"].as_str().expect("kind"));
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .expect("discovery");
+    let name = object["metadata"]["name"].as_str().expect("metadata.name");
+    let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(default_namespace);
+        Api::namespaced_with(client.clone(), namespace, &resource)
+    } else {
+        Api::all_with(client.clone(), &resource)
+    };
+    let mut params = PatchParams::apply("shapeblock-tests")
+        .force()
+        .validation_strict();
+    params.dry_run = dry_run;
+    let dynamic: DynamicObject = serde_json::from_value(object.clone()).expect("object");
+    api.patch(name, &params, &Patch::Apply(&dynamic))
+        .await
+        .unwrap_or_else(|e| panic!("{} {name} rejected by the apiserver: {e}", gvk.kind));
+}
+
 pub fn random_suffix() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -11,12 +11,14 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
+use super::service::FINALIZER;
 use super::{Context, MANAGED_BY, ReconcileError, retry_after};
 use crate::crd::{App, AppPhase, FIELD_MANAGER, GitSource};
 
@@ -278,9 +280,82 @@ async fn ensure_deploy_key(app: &App, secrets: &Api<Secret>) -> Result<String, R
     }
 }
 
+/// Uninstalls the App's Helm release before the App goes (its AppBuilds, Jobs and Secrets
+/// follow through owner references).
+async fn delete(app: &App, ctx: &Context) -> Result<Action, ReconcileError> {
+    use super::jobs::{self, Uninstall};
+    let ns = app.namespace().unwrap_or_default();
+    let name = app.name_any();
+    let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
+    if !app.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let deployed = app
+        .status
+        .as_ref()
+        .is_some_and(|s| s.current_image.is_some())
+        || jobs::release_exists(&ctx.client, &ns, &name).await?;
+    if !deployed || jobs::namespace_terminating(&ctx.client, &ns).await? {
+        jobs::remove_finalizer(&apps, app, FINALIZER).await?;
+        return Ok(Action::await_change());
+    }
+    let job_name = uninstall_job_name(&name);
+    let owner = app
+        .controller_owner_ref(&())
+        .and_then(|o| serde_json::to_value(o).ok());
+    let job = crate::render::jobs::helm_job(
+        &crate::render::jobs::HelmJob {
+            name: &job_name,
+            namespace: &ns,
+            release: &name,
+            action: crate::render::jobs::HelmAction::Uninstall,
+            labels: vec![
+                (crate::render::jobs::APP_LABEL, &name),
+                (crate::render::jobs::STEP_LABEL, "uninstall"),
+            ],
+            owner,
+            service_account: super::project::DEPLOYER,
+        },
+        &ctx.config.jobs,
+    );
+    let message = match jobs::uninstall(&ctx.client, &job, &job_name, &ns).await? {
+        Uninstall::Done => {
+            jobs::remove_finalizer(&apps, app, FINALIZER).await?;
+            return Ok(Action::await_change());
+        }
+        Uninstall::Running => format!("uninstalling release {name}"),
+        Uninstall::Failed(output) => format!("helm uninstall failed; retrying\n{output}"),
+    };
+    let retry = message.starts_with("helm uninstall failed");
+    if app.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
+        let patch = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
+            "status": {"phase": AppPhase::Initializing, "message": message,
+                "lastUpdated": Time(jiff::Timestamp::now())}});
+        apps.patch_status(&name, &apply_params(), &Patch::Apply(&patch))
+            .await?;
+    }
+    Ok(if retry {
+        Action::requeue(std::time::Duration::from_secs(30))
+    } else {
+        Action::await_change()
+    })
+}
+
+/// Name of the Job that uninstalls the App's release.
+pub fn uninstall_job_name(app: &str) -> String {
+    crate::render::build::child_name(app, "uninstall")
+}
+
 async fn reconcile(app: Arc<App>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    if app.metadata.deletion_timestamp.is_some() {
+        return delete(&app, &ctx).await;
+    }
     let ns = app.namespace().unwrap_or_default();
     let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
+    if !app.finalizers().iter().any(|f| f == FINALIZER) {
+        super::jobs::add_finalizer(&apps, &app, FINALIZER).await?;
+        return Ok(Action::await_change());
+    }
     let result = check(&app, &ctx).await;
     let (phase, message, deploy_key) = match &result {
         Ok(checked) => (
@@ -321,23 +396,39 @@ fn error_policy(app: Arc<App>, error: &ReconcileError, ctx: Arc<Context>) -> Act
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let controller = Controller::new(Api::<App>::all(client.clone()), watcher::Config::default());
-    let store = controller.store();
-    controller
-        .owns(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default().labels(&managed),
+    let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()));
+    Controller::for_stream(stream, store.clone())
+        // Children (deploy key, known_hosts, the uninstall Job), metadata only.
+        .owns_stream(
+            watcher(
+                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+                watcher::Config::default().labels(&managed),
+            )
+            .touched_objects(),
         )
-        .owns(
-            Api::<ConfigMap>::all(client.clone()),
-            watcher::Config::default().labels(&managed),
+        .owns_stream(
+            watcher(
+                Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+                watcher::Config::default().labels(&managed),
+            )
+            .touched_objects(),
+        )
+        .owns_stream(
+            watcher(
+                Api::<PartialObjectMeta<k8s_openapi::api::batch::v1::Job>>::all(client.clone()),
+                watcher::Config::default().labels(&managed),
+            )
+            .touched_objects(),
         )
         // Registry copies made by the Project controller: a new or changed one re-checks the
         // Apps of its namespace.
-        .watches(
-            Api::<Secret>::all(client),
-            watcher::Config::default().labels(crate::controllers::project::PROJECT_LABEL),
-            move |secret: Secret| {
+        .watches_stream(
+            watcher(
+                Api::<PartialObjectMeta<Secret>>::all(client),
+                watcher::Config::default().labels(crate::controllers::project::PROJECT_LABEL),
+            )
+            .touched_objects(),
+            move |secret| {
                 let ns = secret.namespace();
                 store
                     .state()

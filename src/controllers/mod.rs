@@ -8,7 +8,10 @@
 //! else is retried with backoff. Depends on [`crate::crd`] and kube; nothing of the hub.
 
 pub mod app;
+pub mod appbuild;
+pub mod jobs;
 pub mod project;
+pub mod service;
 
 use std::time::Duration;
 
@@ -21,6 +24,8 @@ pub struct ControllerConfig {
     pub registry_source_namespace: String,
     /// Name of that Secret when a Project names none.
     pub default_registry_secret: String,
+    /// Images, chart and limits of build and Helm Jobs.
+    pub jobs: crate::render::jobs::JobSettings,
 }
 
 impl Default for ControllerConfig {
@@ -28,6 +33,7 @@ impl Default for ControllerConfig {
         Self {
             registry_source_namespace: "shapeblock".into(),
             default_registry_secret: "registry-creds".into(),
+            jobs: Default::default(),
         }
     }
 }
@@ -85,4 +91,34 @@ pub fn retry_after(error: &ReconcileError) -> Action {
 }
 
 /// Labels every object the hub creates carries.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "shapeblock-hub");
+pub const MANAGED_BY: (&str, &str) = (crate::crd::MANAGED_BY_LABEL, crate::crd::MANAGED_BY_VALUE);
+
+/// A reflector for a controller's main resource whose cache drops `managedFields` (often
+/// half of an object's size, and never read by a reconcile).
+pub fn trimmed_reflector<K>(
+    api: kube::Api<K>,
+) -> (
+    kube::runtime::reflector::Store<K>,
+    impl futures_util::Stream<Item = Result<K, kube::runtime::watcher::Error>> + Send + 'static,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::ResourceExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (store, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(|object| {
+            object.managed_fields_mut().clear();
+        }),
+    )
+    .applied_objects();
+    (store, stream)
+}

@@ -10,9 +10,10 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -236,21 +237,21 @@ fn error_policy(project: Arc<Project>, error: &ReconcileError, ctx: Arc<Context>
 /// Runs the Project controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
-    let projects: Api<Project> = Api::all(client.clone());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let sources: Api<Secret> =
+    let namespaces: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let sources: Api<PartialObjectMeta<Secret>> =
         Api::namespaced(client.clone(), &ctx.config.registry_source_namespace);
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let controller = Controller::new(projects, watcher::Config::default());
-    let store = controller.store();
+    let (store, stream) = super::trimmed_reflector(Api::<Project>::all(client));
     let default_source = ctx.config.default_registry_secret.clone();
-    controller
-        .owns(namespaces, watcher::Config::default().labels(&managed))
-        // A change to a registry source Secret re-syncs every project that copies it.
-        .watches(
-            sources,
-            watcher::Config::default(),
-            move |secret: Secret| {
+    Controller::for_stream(stream, store.clone())
+        .owns_stream(
+            watcher(namespaces, watcher::Config::default().labels(&managed)).touched_objects(),
+        )
+        // A change to a registry source Secret re-syncs every project that copies it (metadata
+        // only: a data change still moves the resourceVersion, which is an event).
+        .watches_stream(
+            watcher(sources, watcher::Config::default()).touched_objects(),
+            move |secret| {
                 let changed = secret.name_any();
                 store
                     .state()

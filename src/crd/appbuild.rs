@@ -40,14 +40,18 @@ pub struct AppBuildSpec {
     #[x_kube(validation = Rule::new(concat!("self.matches('", dns_label_re!(), "')"))
         .message("spec.appName must be the name of an App: lowercase letters, digits and '-'"))]
     pub app_name: String,
-    /// Git branch, tag or commit SHA to build. When empty, the App's branch is built; when both
-    /// `gitRef` and `imageTag` are empty, the latest successful image is redeployed.
+    /// Git branch, tag or commit to build; a commit is given as its full SHA (40 or 64 hex
+    /// digits) and checked out exactly, a branch or tag is cloned shallowly. When empty, the
+    /// App's branch is built; when both `gitRef` and `imageTag` are empty, the App's current
+    /// image is redeployed. A Completed build of the same commit with the same inputs is reused
+    /// instead of rebuilt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new(concat!("self.matches('", git_ref_re!(), "') && !self.contains('..') && !self.endsWith('.lock') && !self.endsWith('/')"))
         .message("spec.gitRef must be a git branch, tag or commit: letters, digits and ._/+-, not starting with '-' or containing '..'"))]
     pub git_ref: Option<String>,
-    /// Tag given to the built image. Defaults to the short commit SHA.
+    /// Tag given to the built image. Defaults to the commit's first 12 hex digits when
+    /// `gitRef` is a commit SHA, else to the AppBuild's name (unique in the namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     #[x_kube(validation = Rule::new(concat!("self.matches('", image_tag_re!(), "')"))

@@ -31,6 +31,10 @@ pub const GROUP: &str = "apps.shapeblock.io";
 /// The API version of every ShapeBlock resource.
 pub const VERSION: &str = "v1alpha1";
 
+/// Label key and value on every object the hub creates in a managed cluster.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "shapeblock-hub";
+
 /// Every ShapeBlock CRD, in a stable order (the order of the files in `crds/`).
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![Project::crd(), App::crd(), AppBuild::crd(), Service::crd()]

@@ -83,6 +83,8 @@ struct HubFile {
     max_concurrent_initial_syncs: Option<usize>,
     registry_source_namespace: Option<String>,
     default_registry_secret: Option<String>,
+    jobs: Option<crate::render::jobs::JobSettings>,
+    shards: Option<usize>,
 }
 
 /// An API token as configured: the hub keeps only its hash.
@@ -254,8 +256,16 @@ impl HubConfig {
                 default_registry_secret: file
                     .default_registry_secret
                     .unwrap_or(runtime_defaults.controllers.default_registry_secret),
+                jobs: file.jobs.unwrap_or_default(),
             },
+            shards: file.shards.unwrap_or(runtime_defaults.shards),
         };
+        validate_jobs(&runtime.controllers.jobs)?;
+        if runtime.shards == 0 || runtime.shards > 256 {
+            return Err(ConfigError::Invalid(
+                "shards must be between 1 and 256".into(),
+            ));
+        }
         if runtime.max_concurrent_initial_syncs == 0 {
             return Err(ConfigError::Invalid(
                 "max_concurrent_initial_syncs must be positive".into(),
@@ -291,6 +301,34 @@ impl HubConfig {
             runtime,
         })
     }
+}
+
+/// Checks the `jobs:` section: images parse, the chart is a reference, durations are positive.
+fn validate_jobs(jobs: &crate::render::jobs::JobSettings) -> Result<(), ConfigError> {
+    use crate::render::image::ImageRef;
+    for (key, image) in [
+        ("jobs.git_image", &jobs.git_image),
+        ("jobs.kaniko_image", &jobs.kaniko_image),
+        ("jobs.builder_image", &jobs.builder_image),
+        ("jobs.helm_image", &jobs.helm_image),
+    ] {
+        ImageRef::parse(image).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+    }
+    if crate::render::jobs::Chart::parse(&jobs.app_chart).is_none() {
+        return Err(ConfigError::Invalid(format!(
+            "jobs.app_chart {:?} must be oci://… or <https repository URL>#<chart name>",
+            jobs.app_chart
+        )));
+    }
+    if jobs.build_deadline_seconds <= 0
+        || jobs.helm_timeout_seconds <= 0
+        || jobs.ttl_seconds_after_finished <= 0
+    {
+        return Err(ConfigError::Invalid(
+            "jobs.build_deadline_seconds, helm_timeout_seconds and ttl_seconds_after_finished must be positive".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// With no admin token configured, the hub uses the one in `<data_dir>/admin-token`, creating
@@ -352,6 +390,34 @@ mod tests {
             Some("wss://hub.example.com")
         );
         assert_eq!(settings.admin_tokens.len(), 1);
+        assert_eq!(settings.runtime.shards, 2);
+        assert_eq!(
+            settings.runtime.controllers.jobs,
+            crate::render::jobs::JobSettings::default(),
+            "the example lists the defaults"
+        );
+    }
+
+    #[test]
+    fn job_settings_are_checked() {
+        for (body, expected) in [
+            ("jobs: {kaniko_image: 'Bad Image'}\n", "jobs.kaniko_image"),
+            (
+                "jobs: {app_chart: 'https://x.example.com'}\n",
+                "jobs.app_chart",
+            ),
+            ("jobs: {build_deadline_seconds: 0}\n", "must be positive"),
+            ("jobs: {gitimage: x}\n", "gitimage"),
+            ("shards: 0\n", "shards"),
+        ] {
+            let err = HubConfig::load(HubArgs {
+                config: Some(write("jobs", body)),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(expected), "{body}: {err}");
+        }
     }
 
     #[test]

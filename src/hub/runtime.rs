@@ -2,6 +2,11 @@
 //! server-side apply and start its controllers over the cluster's tunnel client; stop them
 //! when the cluster is deleted or the hub stops. A global bound on concurrent initial syncs
 //! keeps a reconnect storm after a hub restart from flattening the hub or the clusters.
+//!
+//! Clusters are spread over shards: each shard is an OS thread with its own single-threaded
+//! Tokio runtime, and a cluster's controllers always run on the shard its id hashes to. A
+//! cluster whose reconciles burn CPU (thousands of objects, a burst of builds) then slows only
+//! the clusters of its shard, while the tunnels, the API and the other shards keep going.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +26,8 @@ pub struct RuntimeConfig {
     /// Clusters installing CRDs and starting controllers at the same time.
     pub max_concurrent_initial_syncs: usize,
     pub controllers: ControllerConfig,
+    /// Shards (threads) the clusters' controllers are spread over.
+    pub shards: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -28,6 +35,7 @@ impl Default for RuntimeConfig {
         Self {
             max_concurrent_initial_syncs: 10,
             controllers: ControllerConfig::default(),
+            shards: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -39,6 +47,33 @@ pub struct Runtimes {
     initial_syncs: Arc<Semaphore>,
     config: RuntimeConfig,
     shutdown: CancellationToken,
+    shards: Vec<tokio::runtime::Handle>,
+}
+
+/// Starts `count` shard threads, each running a current-thread runtime until `shutdown`.
+fn start_shards(count: usize, shutdown: &CancellationToken) -> Vec<tokio::runtime::Handle> {
+    (0..count.max(1))
+        .map(|index| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("building a shard runtime");
+            let handle = runtime.handle().clone();
+            let shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name(format!("shard-{index}"))
+                .spawn(move || runtime.block_on(shutdown.cancelled()))
+                .expect("starting a shard thread");
+            handle
+        })
+        .collect()
+}
+
+/// The shard a cluster runs on (pure, stable across restarts).
+pub fn shard_of(cluster: &str, shards: usize) -> usize {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(cluster.as_bytes());
+    (u64::from_be_bytes(digest[..8].try_into().unwrap_or_default()) % shards.max(1) as u64) as usize
 }
 
 impl Runtimes {
@@ -52,6 +87,7 @@ impl Runtimes {
             initial_syncs: Arc::new(Semaphore::new(config.max_concurrent_initial_syncs.max(1))),
             gateway: gateway.clone(),
             running: DashMap::new(),
+            shards: start_shards(config.shards, &shutdown),
             config,
             shutdown: shutdown.clone(),
         });
@@ -91,7 +127,8 @@ impl Runtimes {
         });
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);
-        tokio::spawn(run_cluster(ctx, permits, cancel).instrument(span));
+        let shard = &self.shards[shard_of(cluster, self.shards.len())];
+        shard.spawn(run_cluster(ctx, permits, cancel).instrument(span));
     }
 
     /// Stops the cluster's controllers (the cluster was deleted).
@@ -136,6 +173,8 @@ async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: Cancell
     tokio::select! {
         _ = controllers::project::run(ctx.clone()) => tracing::warn!("project controller stopped"),
         _ = controllers::app::run(ctx.clone()) => tracing::warn!("app controller stopped"),
+        _ = controllers::appbuild::run(ctx.clone()) => tracing::warn!("appbuild controller stopped"),
+        _ = controllers::service::run(ctx.clone()) => tracing::warn!("service controller stopped"),
         _ = cancel.cancelled() => tracing::info!("controllers stopped"),
     }
 }

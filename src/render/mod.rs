@@ -4,3 +4,4 @@
 pub mod agent;
 pub mod build;
 pub mod image;
+pub mod jobs;

@@ -4,122 +4,15 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock::crd::{Project, ProjectPhase};
-use shapeblock::hub::Registry;
-use shapeblock::render::agent::{AgentManifestParams, agent_manifest};
-use support::hub::{AgentProcess, TestHub, scratch_dir, service_account_kubeconfig};
-
-async fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Installs the agent's RBAC from the install manifest (everything but the Deployment, which
-/// the test replaces with a local agent process) and returns that agent's kubeconfig.
-async fn install_agent_rbac(
-    admin: &Client,
-    dir: &std::path::Path,
-    cluster: &str,
-    hub: &TestHub,
-) -> std::path::PathBuf {
-    let objects = agent_manifest(&AgentManifestParams {
-        cluster_id: cluster.into(),
-        hub_url: hub.url(),
-        image: "shapeblock-agent:test".into(),
-        token: "unused".into(),
-    });
-    for object in objects.iter().filter(|o| o["kind"] != "Deployment") {
-        support::apply_object(admin, object, "default", false).await;
-    }
-    service_account_kubeconfig(dir, "shapeblock-agent", "shapeblock-agent").await
-}
-
-fn registry_secret(name: &str, auth: &str) -> Secret {
-    let config = json!({"auths": {"registry.example.com": {"auth": auth}}}).to_string();
-    Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        data: Some(BTreeMap::from([(
-            ".dockerconfigjson".to_string(),
-            ByteString(config.into_bytes()),
-        )])),
-        ..Default::default()
-    }
-}
-
-async fn phase(projects: &Api<Project>, name: &str) -> Option<(ProjectPhase, String)> {
-    let project = projects.get_opt(name).await.ok()??;
-    let status = project.status?;
-    Some((status.phase?, status.message.unwrap_or_default()))
-}
-
-/// A hub running controllers (kept alive by this value), and one cluster connected to it whose agent runs as the
-/// install manifest's ServiceAccount; the `shapeblock/registry-creds` Secret exists and the
-/// hub has installed the CRDs.
-struct ConnectedCluster {
-    admin: Client,
-    _hub: TestHub,
-    _agent: AgentProcess,
-}
-
-async fn connected_cluster(name: &str) -> ConnectedCluster {
-    let admin = support::client().await;
-    let dir = scratch_dir(name);
-    let hub = TestHub::start_tls_controllers(&dir, Arc::new(Registry::in_memory())).await;
-    let (record, token) = hub.registry.register(name, Default::default()).unwrap();
-    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
-    let shapeblock: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
-    let _ = Api::<Namespace>::all(admin.clone())
-        .create(&PostParams::default(), &shapeblock)
-        .await;
-    let _ = Api::<Secret>::namespaced(admin.clone(), "shapeblock")
-        .create(
-            &PostParams::default(),
-            &registry_secret("registry-creds", "dXNlcjpvbmU="),
-        )
-        .await;
-    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
-    hub.wait_connected(&record.id).await;
-    let projects: Api<Project> = Api::all(admin.clone());
-    wait_for(
-        "CRDs installed by the hub",
-        Duration::from_secs(60),
-        async || projects.list(&Default::default()).await.ok(),
-    )
-    .await;
-    ConnectedCluster {
-        admin,
-        _hub: hub,
-        _agent: agent,
-    }
-}
+use support::cluster::{active_project, connected_cluster, phase, registry_secret, wait_for};
 
 #[tokio::test]
 async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_with_it() {
@@ -329,22 +222,7 @@ async fn apps_get_pinned_host_keys_a_stable_deploy_key_and_clear_failures() {
     support::jobs().await; // garbage collection of the App's children
     let cluster = connected_cluster("ctl-app").await;
     let admin = cluster.admin.clone();
-    let projects: Api<Project> = Api::all(admin.clone());
-    let ns = format!("apps-{}", support::random_suffix());
-    let project: Project = serde_json::from_value(json!({
-        "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project", "metadata": {"name": ns}, "spec": {}
-    }))
-    .unwrap();
-    projects
-        .create(&PostParams::default(), &project)
-        .await
-        .unwrap();
-    wait_for("Project Active", Duration::from_secs(60), async || {
-        phase(&projects, &ns)
-            .await
-            .filter(|(p, _)| *p == ProjectPhase::Active)
-    })
-    .await;
+    let ns = active_project(&admin, "apps").await;
 
     let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
     let app = |name: &str, spec: serde_json::Value| -> App {

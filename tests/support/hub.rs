@@ -71,6 +71,15 @@ impl TestHub {
         Self::start_tls_with(dir, registry, None, true).await
     }
 
+    /// Like [`TestHub::start_tls_controllers`], on a given address (a restart).
+    pub async fn start_tls_controllers_at(
+        dir: &std::path::Path,
+        registry: Arc<Registry>,
+        addr: Option<SocketAddr>,
+    ) -> Self {
+        Self::start_tls_with(dir, registry, addr, true).await
+    }
+
     async fn start_tls_with(
         dir: &std::path::Path,
         registry: Arc<Registry>,

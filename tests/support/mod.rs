@@ -582,13 +582,14 @@ async fn start_jobs(
             "--leader-elect=false".into(),
         ],
     )?;
+    let stages = hub_pods_wait_for_the_test(&bins.join("kwok-stages.yaml"), dir)?;
     let mut kwok = spawn(
         dir,
         &bins.join("kwok"),
         "kwok",
         &[
             format!("--kubeconfig={kc}"),
-            format!("--config={}", bins.join("kwok-stages.yaml").display()),
+            format!("--config={}", stages.display()),
             "--manage-all-nodes=false".into(),
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
             "--node-lease-duration-seconds=40".into(),
@@ -655,6 +656,116 @@ async fn start_jobs(
     Ok(())
 }
 
+/// kwok's stages with one change: pods of the hub's Jobs (label
+/// `app.kubernetes.io/managed-by=shapeblock-hub`) become Running but never finish on their
+/// own. A test finishes them with [`finish_job_pod`], playing the kubelet: it writes the exit
+/// codes and termination messages (commit SHA, image digest, git or helm output) that the real
+/// containers would, and kube-controller-manager's Job controller takes it from there.
+fn hub_pods_wait_for_the_test(stages: &Path, dir: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(stages).map_err(|e| format!("{}: {e}", stages.display()))?;
+    let anchor = "    - key: '.metadata.ownerReferences.[].kind'";
+    if text.matches(anchor).count() != 1 {
+        return Err(format!(
+            "kwok pod-complete stage not recognised in {}",
+            stages.display()
+        ));
+    }
+    let patched = text.replace(
+        anchor,
+        &format!(
+            "    - key: '.metadata.labels[\"app.kubernetes.io/managed-by\"]'\n      operator: 'DoesNotExist'\n{anchor}"
+        ),
+    );
+    let out = dir.join("kwok-stages.yaml");
+    std::fs::write(&out, patched).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// How a test ends a hub Job's pod (see [`hub_pods_wait_for_the_test`]).
+pub struct PodEnd<'a> {
+    /// Pod phase: `Succeeded` or `Failed`.
+    pub phase: &'a str,
+    /// Init containers: (name, exit code, termination message), in order.
+    pub init: Vec<(&'a str, i32, &'a str)>,
+    /// Containers: (name, exit code, reason, termination message).
+    pub containers: Vec<(&'a str, i32, &'a str, &'a str)>,
+}
+
+/// Waits for the pod of `job` to run, then writes its end as the kubelet would.
+pub async fn finish_job_pod(
+    client: &Client,
+    namespace: &str,
+    job: &str,
+    end: PodEnd<'_>,
+) -> String {
+    use kube::ResourceExt;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("batch.kubernetes.io/job-name={job}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pod = loop {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .expect("listing job pods");
+        if let Some(pod) = list
+            .items
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        {
+            break pod;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no running pod of Job {namespace}/{job} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let now = jiff::Timestamp::now().to_string();
+    let state = |code: i32, reason: &str, message: &str| {
+        serde_json::json!({"terminated": {"exitCode": code, "reason": reason, "message": message,
+            "startedAt": now, "finishedAt": now}})
+    };
+    let image = |name: &str| -> String {
+        let spec = pod.spec.as_ref().expect("pod spec");
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .find(|c| c.name == name)
+            .and_then(|c| c.image.clone())
+            .unwrap_or_else(|| panic!("pod of {job} has no container {name}"))
+    };
+    let init: Vec<_> = end
+        .init
+        .iter()
+        .map(|(name, code, message)| {
+            let reason = if *code == 0 { "Completed" } else { "Error" };
+            serde_json::json!({"name": name, "image": image(name), "imageID": "", "ready": false,
+                "restartCount": 0, "state": state(*code, reason, message)})
+        })
+        .collect();
+    let containers: Vec<_> = end
+        .containers
+        .iter()
+        .map(|(name, code, reason, message)| {
+            serde_json::json!({"name": name, "image": image(name), "imageID": "", "ready": false,
+                "restartCount": 0, "state": state(*code, reason, message)})
+        })
+        .collect();
+    let mut status = serde_json::json!({"phase": end.phase, "initContainerStatuses": init});
+    if !containers.is_empty() {
+        status["containerStatuses"] = containers.into();
+    }
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({"status": status})),
+    )
+    .await
+    .expect("writing the pod's end");
+    pod.name_any()
+}
+
 /// Plain HTTP/1.0 GET on loopback; true when the body contains `needle`.
 fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -669,5 +780,6 @@ fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     body.contains(needle)
 }
 
+pub mod cluster;
 pub mod hub;
 pub mod pki;

@@ -1,0 +1,834 @@
+//! AppBuilds and Services reconciled by the hub through the tunnel, against the real control
+//! plane with kube-controller-manager (Job controller, garbage collector), kube-scheduler and a
+//! kwok node. The hub's build and Helm pods run on the kwok node and stay Running until the
+//! test ends them as the kubelet would ([`support::finish_job_pod`]): exit codes and the
+//! termination messages the real containers write (the commit SHA from `git log --output`,
+//! kaniko's `--digest-file`, git's and helm's output through `FallbackToLogsOnError`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use shapeblock::crd::{
+    App, AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, Service, ServicePhase,
+};
+use support::cluster::{active_project, connected_cluster, wait_for};
+use support::{PodEnd, finish_job_pod};
+
+const SHA: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn digest() -> String {
+    format!("sha256:{}", "ab".repeat(32))
+}
+
+fn app(name: &str, spec: Value) -> App {
+    serde_json::from_value(
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+fn appbuild(name: &str, spec: Value) -> AppBuild {
+    serde_json::from_value(
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+async fn ready_app(admin: &Client, ns: &str, name: &str, spec: Value) -> Api<App> {
+    let apps: Api<App> = Api::namespaced(admin.clone(), ns);
+    apps.create(&PostParams::default(), &app(name, spec))
+        .await
+        .unwrap();
+    wait_for(&format!("App {name} Ready"), WAIT, async || {
+        let status = apps.get_opt(name).await.ok()??.status?;
+        (status.phase == Some(AppPhase::Ready)).then_some(())
+    })
+    .await;
+    apps
+}
+
+async fn wait_build(builds: &Api<AppBuild>, name: &str, phase: AppBuildPhase) -> AppBuildStatus {
+    wait_for(&format!("AppBuild {name} {phase:?}"), WAIT, async || {
+        let status = builds.get_opt(name).await.ok()??.status?;
+        if status.phase == Some(AppBuildPhase::Failed) && phase != AppBuildPhase::Failed {
+            panic!("AppBuild {name} failed: {status:?}");
+        }
+        (status.phase == Some(phase)).then_some(status)
+    })
+    .await
+}
+
+async fn wait_job(admin: &Client, ns: &str, name: &str) -> Job {
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
+    wait_for(&format!("Job {name}"), WAIT, async || {
+        jobs.get_opt(name).await.ok()?
+    })
+    .await
+}
+
+fn args_of(job: &Job, container: &str) -> Vec<String> {
+    let spec = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == container)
+        .unwrap_or_else(|| panic!("no container {container}"))
+        .args
+        .clone()
+        .unwrap_or_default()
+}
+
+/// A successful build pod: clone, the commit it resolved to, and the build's digest.
+fn built(commit: &str, digest: &str) -> PodEnd<'static> {
+    let commit: &'static str = Box::leak(format!("{commit}\n").into_boxed_str());
+    let digest: &'static str = Box::leak(digest.to_string().into_boxed_str());
+    PodEnd {
+        phase: "Succeeded",
+        init: vec![("clone", 0, ""), ("commit", 0, commit)],
+        containers: vec![("build", 0, "Completed", digest)],
+    }
+}
+
+fn helm_ok() -> PodEnd<'static> {
+    PodEnd {
+        phase: "Succeeded",
+        init: vec![],
+        containers: vec![("helm", 0, "Completed", "")],
+    }
+}
+
+async fn values_of(admin: &Client, ns: &str, secret: &str) -> Value {
+    let secret = Api::<Secret>::namespaced(admin.clone(), ns)
+        .get(secret)
+        .await
+        .unwrap();
+    let text = secret.data.unwrap()["values.yaml"].0.clone();
+    serde_json::from_slice(&text).unwrap()
+}
+
+#[tokio::test]
+async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reused() {
+    support::jobs().await;
+    let cluster = connected_cluster("builds-docker").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "docker").await;
+    let hostile_url = "https://github.com/org/web.git?$(touch${IFS}/tmp/pwned);`id`|x&&y";
+    let apps = ready_app(
+        &admin,
+        &ns,
+        "web",
+        json!({"displayName": "Web", "git": {"url": hostile_url, "branch": "main"},
+            "registry": {"url": "registry.example.com:5000"},
+            "build": {"type": "dockerfile", "contextDir": "svc", "dockerfilePath": "docker/web.Dockerfile"}}),
+    )
+    .await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    let hostile_vars = json!([
+        {"key": "GREETING", "value": "hello $(reboot); `id` && rm -rf / | tee"},
+        {"key": "MULTI", "value": "line one\nline two\n--build-arg=EVIL=1"},
+        {"key": "OPTION", "value": "--insecure"},
+    ]);
+    let created = Instant::now();
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild(
+                "web-1",
+                json!({"appName": "web", "gitRef": SHA, "buildVars": hostile_vars,
+                "helmValues": {"replicaCount": 2, "generic": {"labels": {"team": "a"}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let job = wait_job(&admin, &ns, "web-1-build").await;
+    eprintln!(
+        "AppBuild created -> build Job created: {:?}",
+        created.elapsed()
+    );
+
+    // Every user string is one argv element, verbatim; no container runs a shell.
+    let clone = args_of(&job, "clone");
+    assert_eq!(
+        clone,
+        [
+            "clone",
+            "--depth=1",
+            "--single-branch",
+            "--no-tags",
+            &format!("--revision={SHA}"),
+            "--",
+            hostile_url,
+            "/workspace/source"
+        ]
+    );
+    let kaniko = args_of(&job, "build");
+    for expected in [
+        "--context=dir:///workspace/source/svc",
+        "--dockerfile=/workspace/source/docker/web.Dockerfile",
+        &format!(
+            "--destination=registry.example.com:5000/{ns}/web:{}",
+            &SHA[..12]
+        ),
+        &format!("--cache-repo=registry.example.com:5000/{ns}/web-cache"),
+        "GREETING=hello $(reboot); `id` && rm -rf / | tee",
+        "MULTI=line one\nline two\n--build-arg=EVIL=1",
+        "OPTION=--insecure",
+    ] {
+        assert!(
+            kaniko.iter().any(|a| a == expected),
+            "{expected:?} not an argument of {kaniko:?}"
+        );
+    }
+    let pod_spec = job.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    for c in pod_spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod_spec.containers)
+    {
+        let command = c.command.clone().unwrap_or_default().join(" ");
+        assert!(
+            !command.ends_with("sh") && !command.contains("sh -c"),
+            "{} runs a shell: {command}",
+            c.name
+        );
+    }
+    assert_eq!(job.owner_references()[0].kind, "AppBuild");
+    assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+
+    // The pod runs: Building.
+    wait_build(&builds, "web-1", AppBuildPhase::Building).await;
+    let finished = Instant::now();
+    finish_job_pod(&admin, &ns, "web-1-build", built(SHA, &digest())).await;
+    let status = wait_build(&builds, "web-1", AppBuildPhase::Deploying).await;
+    eprintln!(
+        "build pod finished -> AppBuild Deploying: {:?}",
+        finished.elapsed()
+    );
+    assert_eq!(status.git_commit.as_deref(), Some(SHA));
+    let image = format!(
+        "registry.example.com:5000/{ns}/web:{}@{}",
+        &SHA[..12],
+        digest()
+    );
+    assert_eq!(status.image.as_deref(), Some(image.as_str()));
+
+    // The deploy: helm under the deployer ServiceAccount, values with the built image.
+    let deploy = wait_job(&admin, &ns, "web-1-deploy").await;
+    let deploy_spec = deploy.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    assert_eq!(
+        deploy_spec.service_account_name.as_deref(),
+        Some("deployer")
+    );
+    let helm = args_of(&deploy, "helm");
+    assert_eq!(&helm[..3], ["upgrade", "--install", "web"]);
+    let values = values_of(&admin, &ns, "web-1-values").await;
+    assert_eq!(
+        values["defaultImage"],
+        format!("registry.example.com:5000/{ns}/web")
+    );
+    assert_eq!(
+        values["defaultImageTag"],
+        format!("{}@{}", &SHA[..12], digest())
+    );
+    assert_eq!(values["replicaCount"], 2);
+    assert_eq!(values["generic"]["labels"]["team"], "a");
+    assert_eq!(
+        values["generic"]["extraImagePullSecrets"][0]["name"],
+        "registry-creds"
+    );
+    finish_job_pod(&admin, &ns, "web-1-deploy", helm_ok()).await;
+    let status = wait_build(&builds, "web-1", AppBuildPhase::Completed).await;
+    assert!(status.completion_time.is_some() && status.build_end_time.is_some());
+    let app_status = apps.get("web").await.unwrap().status.unwrap();
+    assert_eq!(app_status.current_image.as_deref(), Some(image.as_str()));
+    assert_eq!(app_status.latest_build.as_deref(), Some("web-1"));
+    assert_eq!(
+        app_status.phase,
+        Some(AppPhase::Ready),
+        "the App controller kept its fields"
+    );
+
+    // The same commit with the same inputs again: no build, the image is reused.
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild(
+                "web-2",
+                json!({"appName": "web", "gitRef": SHA, "buildVars": hostile_vars}),
+            ),
+        )
+        .await
+        .unwrap();
+    let status = wait_build(&builds, "web-2", AppBuildPhase::Deploying).await;
+    assert_eq!(status.image.as_deref(), Some(image.as_str()));
+    assert!(
+        status
+            .message
+            .unwrap()
+            .contains("reusing the image of build web-1"),
+        "reuse is said"
+    );
+    wait_job(&admin, &ns, "web-2-deploy").await;
+    assert!(
+        Api::<Job>::namespaced(admin.clone(), &ns)
+            .get_opt("web-2-build")
+            .await
+            .unwrap()
+            .is_none(),
+        "a reused image must not be rebuilt"
+    );
+    finish_job_pod(&admin, &ns, "web-2-deploy", helm_ok()).await;
+    wait_build(&builds, "web-2", AppBuildPhase::Completed).await;
+
+    // A branch build gets the App's name-based tag; a later build of another image moves
+    // the current image to previousImage.
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("web-3", json!({"appName": "web", "gitRef": "main"})),
+        )
+        .await
+        .unwrap();
+    let job = wait_job(&admin, &ns, "web-3-build").await;
+    assert!(args_of(&job, "clone").contains(&"--branch=main".to_string()));
+    let branch_head = "0123456789abcdef0123456789abcdef01234567";
+    finish_job_pod(&admin, &ns, "web-3-build", built(branch_head, "")).await;
+    let status = wait_build(&builds, "web-3", AppBuildPhase::Deploying).await;
+    assert_eq!(status.git_commit.as_deref(), Some(branch_head));
+    let third = format!("registry.example.com:5000/{ns}/web:web-3");
+    assert_eq!(
+        status.image.as_deref(),
+        Some(third.as_str()),
+        "no digest reported: by tag"
+    );
+    finish_job_pod(&admin, &ns, "web-3-deploy", helm_ok()).await;
+    wait_build(&builds, "web-3", AppBuildPhase::Completed).await;
+    let app_status = apps.get("web").await.unwrap().status.unwrap();
+    assert_eq!(app_status.current_image.as_deref(), Some(third.as_str()));
+    assert_eq!(app_status.previous_image.as_deref(), Some(image.as_str()));
+
+    // Deleting the App uninstalls its release, then the App, its AppBuilds, their Jobs and
+    // Secrets all go.
+    apps.delete("web", &DeleteParams::default()).await.unwrap();
+    let uninstall = wait_job(&admin, &ns, "web-uninstall").await;
+    assert_eq!(
+        &args_of(&uninstall, "helm")[..3],
+        ["uninstall", "web", "--ignore-not-found"]
+    );
+    finish_job_pod(&admin, &ns, "web-uninstall", helm_ok()).await;
+    wait_for(
+        "App, builds, Jobs and Secrets gone",
+        Duration::from_secs(90),
+        async || {
+            let app_gone = apps.get_opt("web").await.ok()?.is_none();
+            let builds_left = builds.list(&ListParams::default()).await.ok()?.items.len();
+            let jobs_left = Api::<Job>::namespaced(admin.clone(), &ns)
+                .list(&ListParams::default().labels("shapeblock.io/app=web"))
+                .await
+                .ok()?
+                .items
+                .len();
+            let secrets_left = Api::<Secret>::namespaced(admin.clone(), &ns)
+                .list(&ListParams::default().labels("shapeblock.io/app=web"))
+                .await
+                .ok()?
+                .items
+                .len();
+            (app_gone && builds_left == 0 && jobs_left == 0 && secrets_left == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn clone_build_and_deploy_failures_end_failed_with_a_reason() {
+    support::jobs().await;
+    let cluster = connected_cluster("builds-fail").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "fail").await;
+    ready_app(
+        &admin,
+        &ns,
+        "api",
+        json!({"displayName": "API", "git": {"url": "git@github.com:org/api.git", "isPrivate": true},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
+    )
+    .await;
+    ready_app(
+        &admin,
+        &ns,
+        "worker",
+        json!({"displayName": "Worker", "git": {"url": "https://github.com/org/worker.git"},
+            "registry": {"url": "registry.example.com"},
+            "build": {"type": "buildpack", "builderImage": "paketobuildpacks/builder-jammy-base:0.4.500"}}),
+    )
+    .await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    for (name, app, git_ref) in [
+        ("clone-fails", "api", "nope"),
+        ("build-fails", "api", "main"),
+        ("deploy-fails", "api", "main"),
+        ("detect-fails", "worker", "main"),
+    ] {
+        builds
+            .create(
+                &PostParams::default(),
+                &appbuild(
+                    name,
+                    json!({"appName": app, "gitRef": git_ref,
+                    "buildVars": [{"key": "BP_NODE_VERSION", "value": "22"}]}),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+
+    // The SSH clone uses the generated deploy key and the pinned host keys.
+    let job = wait_job(&admin, &ns, "clone-fails-build").await;
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    let clone = pod
+        .init_containers
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|c| c.name == "clone")
+        .unwrap();
+    let ssh = clone
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "GIT_SSH_COMMAND")
+        .unwrap();
+    assert!(
+        ssh.value
+            .as_deref()
+            .unwrap()
+            .contains("StrictHostKeyChecking=yes")
+    );
+    let key_volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "git-ssh")
+        .unwrap();
+    assert_eq!(
+        key_volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("api-deploy-key")
+    );
+    finish_job_pod(
+        &admin,
+        &ns,
+        "clone-fails-build",
+        PodEnd {
+            phase: "Failed",
+            init: vec![(
+                "clone",
+                128,
+                "Cloning into '/workspace/source'...\nwarning: Could not find remote branch nope to clone.\nfatal: Remote branch nope not found in upstream origin",
+            )],
+            containers: vec![],
+        },
+    )
+    .await;
+    let status = wait_build(&builds, "clone-fails", AppBuildPhase::Failed).await;
+    assert_eq!(status.reason.as_deref(), Some("GitCloneFailed"));
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("git ref 'nope' was not found"),
+        "{message}"
+    );
+    assert!(message.contains("fatal: Remote branch nope"), "{message}");
+    assert!(status.completion_time.is_some());
+
+    finish_job_pod(
+        &admin,
+        &ns,
+        "build-fails-build",
+        PodEnd {
+            phase: "Failed",
+            init: vec![("clone", 0, ""), ("commit", 0, SHA)],
+            containers: vec![(
+                "build",
+                1,
+                "Error",
+                "error building image: error building stage: failed to execute command: RUN npm ci: exit status 1",
+            )],
+        },
+    )
+    .await;
+    let status = wait_build(&builds, "build-fails", AppBuildPhase::Failed).await;
+    assert_eq!(status.reason.as_deref(), Some("BuildFailed"));
+    let message = status.message.unwrap();
+    assert!(
+        message.contains("exit code 1") && message.contains("RUN npm ci"),
+        "{message}"
+    );
+    assert_eq!(
+        status.git_commit.as_deref(),
+        Some(SHA),
+        "the commit is known even so"
+    );
+
+    finish_job_pod(&admin, &ns, "deploy-fails-build", built(SHA, &digest())).await;
+    wait_job(&admin, &ns, "deploy-fails-deploy").await;
+    finish_job_pod(
+        &admin,
+        &ns,
+        "deploy-fails-deploy",
+        PodEnd {
+            phase: "Failed",
+            init: vec![],
+            containers: vec![(
+                "helm",
+                1,
+                "Error",
+                "Error: UPGRADE FAILED: context deadline exceeded",
+            )],
+        },
+    )
+    .await;
+    let status = wait_build(&builds, "deploy-fails", AppBuildPhase::Failed).await;
+    assert_eq!(status.reason.as_deref(), Some("DeployFailed"));
+    assert!(
+        status
+            .message
+            .unwrap()
+            .contains("UPGRADE FAILED: context deadline exceeded"),
+        "helm's own words"
+    );
+    assert_eq!(
+        status.failed_helm_job_name.as_deref(),
+        Some("deploy-fails-deploy")
+    );
+
+    // Buildpacks: build vars become platform env files; exit code 20 is the detect band.
+    let job = wait_job(&admin, &ns, "detect-fails-build").await;
+    let creator = args_of(&job, "build");
+    assert!(
+        creator[0].starts_with("-app=/workspace/source"),
+        "{creator:?}"
+    );
+    let env = Api::<Secret>::namespaced(admin.clone(), &ns)
+        .get("detect-fails-env")
+        .await
+        .unwrap();
+    assert_eq!(env.data.unwrap()["BP_NODE_VERSION"].0, b"22");
+    finish_job_pod(
+        &admin,
+        &ns,
+        "detect-fails-build",
+        PodEnd {
+            phase: "Failed",
+            init: vec![("clone", 0, ""), ("commit", 0, SHA), ("prepare", 0, "")],
+            containers: vec![(
+                "build",
+                20,
+                "Error",
+                "ERROR: No buildpack groups passed detection.",
+            )],
+        },
+    )
+    .await;
+    let status = wait_build(&builds, "detect-fails", AppBuildPhase::Failed).await;
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("buildpacks: no buildpack detected the application"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_hub_restarted_mid_build_finds_its_job_and_finishes_the_build() {
+    support::jobs().await;
+    let mut cluster = connected_cluster("builds-restart").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "restart").await;
+    ready_app(
+        &admin,
+        &ns,
+        "shop",
+        json!({"displayName": "Shop", "git": {"url": "https://github.com/org/shop.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
+    )
+    .await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("shop-1", json!({"appName": "shop", "gitRef": "main"})),
+        )
+        .await
+        .unwrap();
+    let job = wait_job(&admin, &ns, "shop-1-build").await;
+    wait_build(&builds, "shop-1", AppBuildPhase::Building).await;
+
+    cluster.restart_hub().await;
+    // The build finishes while the new hub starts up and lists everything afresh.
+    finish_job_pod(&admin, &ns, "shop-1-build", built(SHA, &digest())).await;
+    wait_job(&admin, &ns, "shop-1-deploy").await;
+    finish_job_pod(&admin, &ns, "shop-1-deploy", helm_ok()).await;
+    let status = wait_build(&builds, "shop-1", AppBuildPhase::Completed).await;
+    assert_eq!(status.git_commit.as_deref(), Some(SHA));
+    let jobs = Api::<Job>::namespaced(admin.clone(), &ns)
+        .list(&ListParams::default().labels("shapeblock.io/build=shop-1"))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = jobs.items.iter().map(|j| j.name_any()).collect();
+    names.sort();
+    assert_eq!(names, ["shop-1-build", "shop-1-deploy"], "no duplicate Job");
+    let build_job = jobs
+        .items
+        .iter()
+        .find(|j| j.name_any() == "shop-1-build")
+        .unwrap();
+    assert_eq!(
+        build_job.metadata.uid, job.metadata.uid,
+        "the same Job, not a new one"
+    );
+}
+
+#[tokio::test]
+async fn prebuilt_images_and_redeploys_skip_the_build() {
+    support::jobs().await;
+    let cluster = connected_cluster("builds-image").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "image").await;
+    let apps = ready_app(
+        &admin,
+        &ns,
+        "proxy",
+        json!({"displayName": "Proxy", "registry": {},
+            "build": {"type": "image", "image": "registry.example.com:5000/team/nginx:1.27"}}),
+    )
+    .await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    let deploys = async |name: &str, spec: Value, image: &str| {
+        builds
+            .create(&PostParams::default(), &appbuild(name, spec))
+            .await
+            .unwrap();
+        let status = wait_build(&builds, name, AppBuildPhase::Deploying).await;
+        assert_eq!(status.image.as_deref(), Some(image), "{name}");
+        assert!(status.job_name.is_none(), "{name}: nothing to build");
+        finish_job_pod(&admin, &ns, &format!("{name}-deploy"), helm_ok()).await;
+        wait_build(&builds, name, AppBuildPhase::Completed).await;
+    };
+    // An image App deploys its image, with the tag an AppBuild names.
+    deploys(
+        "proxy-1",
+        json!({"appName": "proxy", "imageTag": "1.27.3"}),
+        "registry.example.com:5000/team/nginx:1.27.3",
+    )
+    .await;
+    let values = values_of(&admin, &ns, "proxy-1-values").await;
+    assert_eq!(
+        values["defaultImage"],
+        "registry.example.com:5000/team/nginx"
+    );
+    assert_eq!(values["defaultImageTag"], "1.27.3");
+    deploys(
+        "proxy-2",
+        json!({"appName": "proxy"}),
+        "registry.example.com:5000/team/nginx:1.27",
+    )
+    .await;
+    assert_eq!(
+        apps.get("proxy")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .latest_build
+            .as_deref(),
+        Some("proxy-2")
+    );
+
+    // A git App: neither gitRef nor imageTag redeploys its current image; before it has
+    // one, that fails with the reason.
+    ready_app(
+        &admin,
+        &ns,
+        "site",
+        json!({"displayName": "Site", "git": {"url": "https://github.com/org/site.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
+    )
+    .await;
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("site-0", json!({"appName": "site"})),
+        )
+        .await
+        .unwrap();
+    let status = wait_build(&builds, "site-0", AppBuildPhase::Failed).await;
+    assert_eq!(status.reason.as_deref(), Some("NothingToRedeploy"));
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("site-1", json!({"appName": "site", "gitRef": SHA})),
+        )
+        .await
+        .unwrap();
+    finish_job_pod(&admin, &ns, "site-1-build", built(SHA, &digest())).await;
+    wait_job(&admin, &ns, "site-1-deploy").await;
+    finish_job_pod(&admin, &ns, "site-1-deploy", helm_ok()).await;
+    let built_image = wait_build(&builds, "site-1", AppBuildPhase::Completed)
+        .await
+        .image
+        .unwrap();
+    deploys("site-2", json!({"appName": "site"}), &built_image).await;
+}
+
+#[tokio::test]
+async fn services_install_upgrade_on_change_and_uninstall_on_delete() {
+    support::jobs().await;
+    let cluster = connected_cluster("services").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "svc").await;
+    let services: Api<Service> = Api::namespaced(admin.clone(), &ns);
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Service", "metadata": {"name": "db"},
+        "spec": {"chart": {"name": "postgresql", "version": "15.5.2",
+            "repoURL": "oci://registry-1.docker.io/bitnamicharts"},
+            "helmValues": {"auth": {"database": "shop", "password": "$(not a command)"}}}
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), &ns);
+    let install_job = |jobs: Api<Job>| async move {
+        wait_for("an install Job", WAIT, async || {
+            let list = jobs
+                .list(
+                    &ListParams::default()
+                        .labels("shapeblock.io/service=db,shapeblock.io/step=install"),
+                )
+                .await
+                .ok()?;
+            list.items.into_iter().find(|j| {
+                j.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_none_or(|c| c.is_empty())
+            })
+        })
+        .await
+    };
+    let first = install_job(jobs.clone()).await;
+    let helm = args_of(&first, "helm");
+    assert_eq!(
+        &helm[..6],
+        [
+            "upgrade",
+            "--install",
+            "db",
+            "oci://registry-1.docker.io/bitnamicharts/postgresql",
+            "--version",
+            "15.5.2"
+        ]
+    );
+    let values_secret = first
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "values")
+        .unwrap()
+        .secret
+        .as_ref()
+        .unwrap()
+        .secret_name
+        .clone()
+        .unwrap();
+    assert_eq!(
+        values_of(&admin, &ns, &values_secret).await["auth"]["password"],
+        "$(not a command)"
+    );
+    finish_job_pod(&admin, &ns, &first.name_any(), helm_ok()).await;
+    let deployed = wait_for("Service Deployed", WAIT, async || {
+        let status = services.get_opt("db").await.ok()??.status?;
+        (status.phase == Some(ServicePhase::Deployed)).then_some(status)
+    })
+    .await;
+    let first_hash = deployed.applied_hash.clone().unwrap();
+
+    // A values change upgrades with a new Job; the old Job and values go once it succeeds.
+    services
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"spec": {"helmValues": {"primary": {"persistence": {"size": "20Gi"}}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let second = install_job(jobs.clone()).await;
+    assert_ne!(second.name_any(), first.name_any());
+    finish_job_pod(&admin, &ns, &second.name_any(), helm_ok()).await;
+    wait_for("Service upgraded", WAIT, async || {
+        let status = services.get_opt("db").await.ok()??.status?;
+        (status.phase == Some(ServicePhase::Deployed)
+            && status.applied_hash.as_deref() != Some(first_hash.as_str()))
+        .then_some(())
+    })
+    .await;
+    wait_for("old install Job removed", WAIT, async || {
+        jobs.get_opt(&first.name_any())
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // Deleting the Service uninstalls the release first.
+    services
+        .delete("db", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_job(&admin, &ns, "db-uninstall").await;
+    wait_for("Service Deleting", WAIT, async || {
+        let status = services.get_opt("db").await.ok()??.status?;
+        (status.phase == Some(ServicePhase::Deleting)).then_some(())
+    })
+    .await;
+    finish_job_pod(&admin, &ns, "db-uninstall", helm_ok()).await;
+    wait_for(
+        "Service and its Jobs gone",
+        Duration::from_secs(90),
+        async || {
+            let gone = services.get_opt("db").await.ok()?.is_none();
+            let left = jobs
+                .list(&ListParams::default().labels("shapeblock.io/service=db"))
+                .await
+                .ok()?
+                .items
+                .len();
+            (gone && left == 0).then_some(())
+        },
+    )
+    .await;
+}

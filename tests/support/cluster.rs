@@ -1,0 +1,168 @@
+//! A hub running controllers with one cluster connected to it: the test control plane, whose
+//! agent runs as the install manifest's own ServiceAccount (so every write the controllers
+//! make also proves the least-privilege role), with the `shapeblock/registry-creds` Secret
+//! and the CRDs installed by the hub.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use shapeblock::crd::{Project, ProjectPhase};
+use shapeblock::hub::Registry;
+use shapeblock::render::agent::{AgentManifestParams, agent_manifest};
+
+use super::hub::{AgentProcess, TestHub, scratch_dir, service_account_kubeconfig};
+
+/// Polls `check` every 100 ms until it yields a value; fails the test after `timeout`.
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Installs the agent's RBAC from the install manifest (everything but the Deployment, which
+/// the test replaces with a local agent process) and returns that agent's kubeconfig.
+async fn install_agent_rbac(
+    admin: &Client,
+    dir: &std::path::Path,
+    cluster: &str,
+    hub: &TestHub,
+) -> PathBuf {
+    let objects = agent_manifest(&AgentManifestParams {
+        cluster_id: cluster.into(),
+        hub_url: hub.url(),
+        image: "shapeblock-agent:test".into(),
+        token: "unused".into(),
+    });
+    for object in objects.iter().filter(|o| o["kind"] != "Deployment") {
+        super::apply_object(admin, object, "default", false).await;
+    }
+    service_account_kubeconfig(dir, "shapeblock-agent", "shapeblock-agent").await
+}
+
+/// A dockerconfigjson Secret for registry.example.com.
+pub fn registry_secret(name: &str, auth: &str) -> Secret {
+    let config = json!({"auths": {"registry.example.com": {"auth": auth}}}).to_string();
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(config.into_bytes()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// A Project's phase and message.
+pub async fn phase(projects: &Api<Project>, name: &str) -> Option<(ProjectPhase, String)> {
+    let project = projects.get_opt(name).await.ok()??;
+    let status = project.status?;
+    Some((status.phase?, status.message.unwrap_or_default()))
+}
+
+/// A hub running controllers and one cluster connected to it; dropping it stops both.
+pub struct ConnectedCluster {
+    pub admin: Client,
+    pub hub: Option<TestHub>,
+    pub registry: Arc<Registry>,
+    pub cluster_id: String,
+    dir: PathBuf,
+    _agent: AgentProcess,
+}
+
+impl ConnectedCluster {
+    /// Stops the hub (as a crash would, it keeps nothing but the registry) and starts a new one
+    /// on the same address; the agent reconnects on its own.
+    pub async fn restart_hub(&mut self) {
+        let hub = self.hub.take().expect("hub running");
+        let addr: SocketAddr = hub.addr;
+        hub.stop().await;
+        let hub =
+            TestHub::start_tls_controllers_at(&self.dir, self.registry.clone(), Some(addr)).await;
+        hub.wait_connected(&self.cluster_id).await;
+        self.hub = Some(hub);
+    }
+}
+
+/// Starts a hub with controllers and connects the test control plane to it as `name`.
+pub async fn connected_cluster(name: &str) -> ConnectedCluster {
+    let admin = super::client().await;
+    let dir = scratch_dir(name);
+    let registry = Arc::new(Registry::in_memory());
+    let hub = TestHub::start_tls_controllers(&dir, registry.clone()).await;
+    let (record, token) = hub.registry.register(name, Default::default()).unwrap();
+    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
+    let shapeblock: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
+    let _ = Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &shapeblock)
+        .await;
+    let _ = Api::<Secret>::namespaced(admin.clone(), "shapeblock")
+        .create(
+            &PostParams::default(),
+            &registry_secret("registry-creds", "dXNlcjpvbmU="),
+        )
+        .await;
+    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
+    hub.wait_connected(&record.id).await;
+    let projects: Api<Project> = Api::all(admin.clone());
+    wait_for(
+        "CRDs installed by the hub",
+        Duration::from_secs(60),
+        async || projects.list(&Default::default()).await.ok(),
+    )
+    .await;
+    ConnectedCluster {
+        admin,
+        hub: Some(hub),
+        registry,
+        cluster_id: record.id,
+        dir,
+        _agent: agent,
+    }
+}
+
+/// Creates a Project and waits until it is Active; returns its namespace.
+pub async fn active_project(admin: &Client, prefix: &str) -> String {
+    let projects: Api<Project> = Api::all(admin.clone());
+    let name = format!("{prefix}-{}", super::random_suffix());
+    let project: Project = serde_json::from_value(json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project",
+        "metadata": {"name": name}, "spec": {}
+    }))
+    .unwrap();
+    projects
+        .create(&PostParams::default(), &project)
+        .await
+        .unwrap();
+    wait_for("Project Active", Duration::from_secs(60), async || {
+        phase(&projects, &name)
+            .await
+            .filter(|(p, _)| *p == ProjectPhase::Active)
+    })
+    .await;
+    name
+}

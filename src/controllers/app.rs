@@ -396,7 +396,7 @@ fn error_policy(app: Arc<App>, error: &ReconcileError, ctx: Arc<Context>) -> Act
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()));
+    let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store.clone())
         // Children (deploy key, known_hosts, the uninstall Job), metadata only.
         .owns_stream(

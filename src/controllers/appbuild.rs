@@ -222,24 +222,32 @@ fn set_condition(
 }
 
 /// Writes the whole status (server-side apply, so it is idempotent) unless unchanged.
+/// Writes the whole status (server-side apply) unless unchanged, on the condition that the
+/// AppBuild is still at `version`: a reconcile working from a cache that lags behind (another
+/// writer, or the relay holding the watch back) gets a conflict and runs again on fresh data,
+/// instead of setting the status back. `version` follows each write.
 async fn write_status(
     api: &Api<AppBuild>,
     build: &AppBuild,
     status: &AppBuildStatus,
+    version: &mut Option<String>,
 ) -> Result<(), ReconcileError> {
     if build.status.as_ref() == Some(status) {
         return Ok(());
     }
     let patch = json!({
         "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
+        "metadata": {"resourceVersion": version},
         "status": status,
     });
-    api.patch_status(
-        &build.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &build.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    *version = written.resource_version();
     Ok(())
 }
 
@@ -269,6 +277,7 @@ async fn adopt(
     build: &AppBuild,
     app: &App,
     inputs: Option<&str>,
+    version: &mut Option<String>,
 ) -> Result<(), ReconcileError> {
     let has_owner = build
         .owner_references()
@@ -290,14 +299,17 @@ async fn adopt(
     }
     let patch = json!({
         "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
-        "metadata": {"name": build.name_any(), "labels": labels, "ownerReferences": [owner]},
+        "metadata": {"name": build.name_any(), "labels": labels, "ownerReferences": [owner],
+            "resourceVersion": version},
     });
-    api.patch(
-        &build.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let written = api
+        .patch(
+            &build.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    *version = written.resource_version();
     Ok(())
 }
 
@@ -338,6 +350,7 @@ async fn start(
     status: &mut AppBuildStatus,
     ctx: &Context,
     store: &Store<AppBuild>,
+    version: &mut Option<String>,
 ) -> Result<(), ReconcileError> {
     let ns = build.namespace().unwrap_or_default();
     let name = build.name_any();
@@ -353,7 +366,7 @@ async fn start(
             image.tag = Some(tag.clone());
             image.digest = None;
         }
-        adopt(&api, build, app, None).await?;
+        adopt(&api, build, app, None, version).await?;
         status.image_tag = image.tag.clone();
         status.image = Some(image.to_string());
         let message = format!("pre-built image {image}");
@@ -364,7 +377,7 @@ async fn start(
 
     let git_ref = match (&build.spec.git_ref, &build.spec.image_tag) {
         (None, None) => {
-            adopt(&api, build, app, None).await?;
+            adopt(&api, build, app, None, version).await?;
             let current = app.status.as_ref().and_then(|s| s.current_image.clone());
             let Some(image) = current else {
                 fail(
@@ -419,7 +432,7 @@ async fn start(
             });
         if let Some(earlier) = earlier {
             let earlier_status = earlier.status.clone().unwrap_or_default();
-            adopt(&api, build, app, Some(hash)).await?;
+            adopt(&api, build, app, Some(hash), version).await?;
             status.image = earlier_status.image;
             status.image_tag = earlier_status.image_tag;
             status.git_commit = earlier_status.git_commit;
@@ -437,7 +450,7 @@ async fn start(
     let tag = image_tag(build, &git_ref);
     let (image, cache) = destinations(&registry, &ns, &app.name_any(), &tag)
         .map_err(|e| ReconcileError::Invalid(format!("image destination: {e}")))?;
-    adopt(&api, build, app, inputs.as_deref()).await?;
+    adopt(&api, build, app, inputs.as_deref(), version).await?;
 
     let owner = owner(build);
     let env_secret = env_secret_name(&name);
@@ -505,6 +518,7 @@ async fn follow_build(
     app: &App,
     status: &mut AppBuildStatus,
     ctx: &Context,
+    store: &Store<AppBuild>,
 ) -> Result<(), ReconcileError> {
     let ns = build.namespace().unwrap_or_default();
     let generation = build.metadata.generation;
@@ -523,6 +537,9 @@ async fn follow_build(
         return Ok(());
     };
     let pods = jobs::job_pods(&pods_api, &job_name).await?;
+    if let Some(pod) = pods.first() {
+        relay_log(ctx, store, &ns, &build.name_any(), &pod.name_any());
+    }
     for pod in &pods {
         if let Some(commit) = jobs::terminated(pod, COMMIT_CONTAINER)
             .filter(|t| t.exit_code == 0)
@@ -532,8 +549,7 @@ async fn follow_build(
         {
             status.git_commit = Some(commit.to_string());
         }
-        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        if running && status.phase != Some(AppBuildPhase::Building) {
+        if started(pod) && status.phase != Some(AppBuildPhase::Building) {
             status.phase = Some(AppBuildPhase::Building);
             status.pod_name = Some(pod.name_any());
             status.build_start_time = Some(now());
@@ -589,6 +605,69 @@ async fn follow_build(
         }
     }
     Ok(())
+}
+
+/// Whether a build pod has started: running, or (while init containers run the clone, the
+/// pod's phase is still Pending) any container has started (pure).
+pub fn started(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    status.phase.as_deref() == Some("Running")
+        || status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .any(|c| {
+                c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            })
+}
+
+/// Starts relaying the build pod's log, once per build for the life of the hub (a reconcile
+/// may run on a cache that lags behind while the relay pushes back, so the record of a
+/// relayed log outlives its follower; records of builds that are gone are pruned).
+fn relay_log(ctx: &Context, store: &Store<AppBuild>, ns: &str, build: &str, pod: &str) {
+    let Some(journal) = ctx.journal.clone() else {
+        return;
+    };
+    if ctx.log_followers.len() > 4096 {
+        ctx.log_followers.retain(|key| {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            store.get(&ObjectRef::new(name).within(ns)).is_some()
+        });
+    }
+    if !ctx.log_followers.insert(format!("{ns}/{build}")) {
+        return;
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let (cluster, ns, build, pod) = (
+        ctx.cluster.clone(),
+        ns.to_string(),
+        build.to_string(),
+        pod.to_string(),
+    );
+    tokio::spawn(async move {
+        let result = crate::relay::logs::follow_pod(&pods, &pod, true, |container, line| {
+            let journal = journal.clone();
+            let (cluster, ns, build) = (cluster.clone(), ns.clone(), build.clone());
+            async move {
+                journal
+                    .log_line(&cluster, &ns, &build, &container, line, false)
+                    .await;
+                true
+            }
+        })
+        .await;
+        if let Err(err) = &result {
+            tracing::warn!(%cluster, namespace = %ns, %build, error = %err, "following the build log failed");
+        }
+        journal
+            .log_line(&cluster, &ns, &build, "", String::new(), true)
+            .await;
+    });
 }
 
 /// Deploys `status.image` with a Helm Job and follows it to Completed or Failed.
@@ -742,10 +821,14 @@ async fn reconcile(
         return Ok(Action::await_change());
     }
     let mut status = original.clone();
+    let mut version = build.resource_version();
     status.observed_generation = build.metadata.generation;
     if status.phase.is_none() {
+        // Accepted: recorded on its own, so Pending is seen even when the build starts at once.
         status.phase = Some(AppBuildPhase::Pending);
         status.start_time = Some(now());
+        status.message = Some("accepted".into());
+        write_status(&api, &build, &status, &mut version).await?;
     }
 
     let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
@@ -755,7 +838,7 @@ async fn reconcile(
         // The App's creation (a watched event) brings the next reconcile.
         _ => {
             status.message = Some(format!("waiting for App {app_name} to exist"));
-            write_status(&api, &build, &status).await?;
+            write_status(&api, &build, &status, &mut version).await?;
             return Ok(Action::await_change());
         }
     };
@@ -775,16 +858,18 @@ async fn reconcile(
                     .trim_end_matches([' ', ':'])
                     .to_string(),
             );
-            write_status(&api, &build, &status).await?;
+            write_status(&api, &build, &status, &mut version).await?;
             return Ok(Action::await_change());
         }
-        start(&build, &app, &mut status, &ctx, &store).await
+        start(&build, &app, &mut status, &ctx, &store, &mut version).await
     } else {
         Ok(())
     };
     let result = match result {
         Ok(()) if status.phase == Some(AppBuildPhase::Failed) => Ok(()),
-        Ok(()) if status.image.is_none() => follow_build(&build, &app, &mut status, &ctx).await,
+        Ok(()) if status.image.is_none() => {
+            follow_build(&build, &app, &mut status, &ctx, &store).await
+        }
         other => other,
     };
     let result = match result {
@@ -801,7 +886,7 @@ async fn reconcile(
             build.metadata.generation,
         );
     }
-    write_status(&api, &build, &status).await?;
+    write_status(&api, &build, &status, &mut version).await?;
     match result {
         Err(ReconcileError::Invalid(_)) => Ok(Action::await_change()),
         other => other.map(|()| Action::await_change()),
@@ -818,7 +903,7 @@ fn error_policy(build: Arc<AppBuild>, error: &ReconcileError, ctx: Arc<Context>)
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let managed = format!("{}={}", super::MANAGED_BY.0, super::MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<AppBuild>::all(client.clone()));
+    let (store, stream) = super::trimmed_reflector(Api::<AppBuild>::all(client.clone()), &ctx);
     let reconcile_store = store.clone();
     let app_store = store.clone();
     let pod_selector = format!("{managed},{BUILD_LABEL}");

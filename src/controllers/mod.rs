@@ -43,6 +43,10 @@ pub struct Context {
     pub client: kube::Client,
     pub cluster: String,
     pub config: ControllerConfig,
+    /// Where status transitions are relayed (absent in set-ups without a relay).
+    pub journal: Option<std::sync::Arc<crate::relay::Journal>>,
+    /// Builds (`namespace/name`) whose log is being relayed.
+    pub log_followers: dashmap::DashSet<String>,
 }
 
 /// Why a reconcile did not finish.
@@ -86,6 +90,10 @@ pub fn retry_after(error: &ReconcileError) -> Action {
     match error {
         ReconcileError::Invalid(_) => Action::await_change(),
         ReconcileError::Missing(_) => Action::requeue(Duration::from_secs(60)),
+        // A write based on a cache that lagged behind: the newer version is on its way.
+        ReconcileError::Kube(kube::Error::Api(e)) if e.code == 409 => {
+            Action::requeue(Duration::from_millis(500))
+        }
         ReconcileError::Kube(_) => Action::requeue(Duration::from_secs(10)),
     }
 }
@@ -94,15 +102,17 @@ pub fn retry_after(error: &ReconcileError) -> Action {
 pub const MANAGED_BY: (&str, &str) = (crate::crd::MANAGED_BY_LABEL, crate::crd::MANAGED_BY_VALUE);
 
 /// A reflector for a controller's main resource whose cache drops `managedFields` (often
-/// half of an object's size, and never read by a reconcile).
+/// half of an object's size, and never read by a reconcile). Every change passes the relay's
+/// journal first, so status transitions are relayed from the watch the controller needs anyway.
 pub fn trimmed_reflector<K>(
     api: kube::Api<K>,
+    ctx: &Context,
 ) -> (
     kube::runtime::reflector::Store<K>,
     impl futures_util::Stream<Item = Result<K, kube::runtime::watcher::Error>> + Send + 'static,
 )
 where
-    K: kube::Resource<DynamicType = ()>
+    K: crate::relay::Relayed
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -110,15 +120,28 @@ where
         + Sync
         + 'static,
 {
+    use futures_util::{StreamExt, TryStreamExt};
     use kube::ResourceExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (store, writer) = reflector::store();
-    let stream = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(|object| {
+    let mut tap = ctx
+        .journal
+        .as_ref()
+        .map(|journal| journal.tap::<K>(ctx.cluster.clone()));
+    let events = watcher(api, watcher::Config::default())
+        .modify(|object| {
             object.managed_fields_mut().clear();
-        }),
-    )
-    .applied_objects();
+        })
+        .and_then(move |event| {
+            let relayed = tap.as_mut().map(|tap| tap(event.clone()));
+            async move {
+                Ok(match relayed {
+                    Some(relayed) => relayed.await,
+                    None => event,
+                })
+            }
+        })
+        .boxed();
+    let stream = reflector(writer, events).applied_objects();
     (store, stream)
 }

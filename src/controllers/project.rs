@@ -241,7 +241,7 @@ pub async fn run(ctx: Arc<Context>) {
     let sources: Api<PartialObjectMeta<Secret>> =
         Api::namespaced(client.clone(), &ctx.config.registry_source_namespace);
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<Project>::all(client));
+    let (store, stream) = super::trimmed_reflector(Api::<Project>::all(client), &ctx);
     let default_source = ctx.config.default_registry_secret.clone();
     Controller::for_stream(stream, store.clone())
         .owns_stream(

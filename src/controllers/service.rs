@@ -78,8 +78,9 @@ async fn write_status(
         return Ok(());
     }
     status.last_updated = Some(Time(jiff::Timestamp::now()));
-    let patch =
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Service", "status": status});
+    // Only over the version this reconcile saw: a stale cache gets a conflict, not a regression.
+    let patch = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Service",
+        "metadata": {"resourceVersion": service.resource_version()}, "status": status});
     api.patch_status(
         &service.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -291,7 +292,7 @@ fn error_policy(service: Arc<Service>, error: &ReconcileError, ctx: Arc<Context>
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client.clone()));
+    let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store)
         .owns_stream(
             watcher(

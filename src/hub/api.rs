@@ -40,6 +40,8 @@ pub struct ApiState {
     /// Whether the hub itself serves TLS (for URLs derived from requests).
     pub tls: bool,
     pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Relayed events, for `/api/v1/events`.
+    pub journal: Arc<crate::relay::Journal>,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -64,7 +66,7 @@ impl ApiError {
         }
     }
 
-    fn not_found(what: impl std::fmt::Display) -> Self {
+    pub(crate) fn not_found(what: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -72,7 +74,7 @@ impl ApiError {
         )
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
     }
 }
@@ -948,6 +950,8 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(get_project, apply_project, delete_project))
         .routes(routes!(list_namespaced, create_namespaced))
         .routes(routes!(get_namespaced, apply_namespaced, delete_namespaced))
+        .routes(routes!(super::events::events))
+        .routes(routes!(super::events::build_logs))
 }
 
 /// The OpenAPI document of the API, as committed in `openapi.json`.

@@ -57,6 +57,12 @@ pub struct HubArgs {
     /// Log format: text or json.
     #[arg(long, env = "SHAPEBLOCK_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// ShapeBlock server websocket the hub relays status events and build logs to.
+    #[arg(long, env = "SHAPEBLOCK_HUB_RELAY_URL")]
+    pub relay_url: Option<String>,
+    /// API key for the relay.
+    #[arg(long, env = "SHAPEBLOCK_HUB_RELAY_API_KEY", hide_env_values = true)]
+    pub relay_api_key: Option<String>,
 }
 
 /// The configuration file, every key optional.
@@ -85,6 +91,20 @@ struct HubFile {
     default_registry_secret: Option<String>,
     jobs: Option<crate::render::jobs::JobSettings>,
     shards: Option<usize>,
+    relay: Option<RelayFile>,
+    events_capacity: Option<usize>,
+}
+
+/// The `relay:` section.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RelayFile {
+    url: Option<String>,
+    api_key: Option<Secret>,
+    buffer: Option<usize>,
+    ping_interval_seconds: Option<u64>,
+    write_timeout_seconds: Option<u64>,
+    ca_file: Option<PathBuf>,
 }
 
 /// An API token as configured: the hub keeps only its hash.
@@ -128,6 +148,10 @@ pub struct HubConfig {
     /// Run the controllers for connected clusters (off only for tunnel-only set-ups and tests).
     pub controllers: bool,
     pub runtime: super::runtime::RuntimeConfig,
+    /// The outbound relay to the ShapeBlock server (off when no URL is configured).
+    pub relay: Option<crate::relay::outbound::RelayConfig>,
+    /// Status events kept for `/api/v1/events` consumers resuming from a cursor.
+    pub events_capacity: usize,
 }
 
 /// Default agent image: the one released with this hub.
@@ -153,6 +177,8 @@ impl Default for HubConfig {
             gateway: GatewayConfig::default(),
             controllers: true,
             runtime: super::runtime::RuntimeConfig::default(),
+            relay: None,
+            events_capacity: 10_000,
         }
     }
 }
@@ -271,6 +297,53 @@ impl HubConfig {
                 "max_concurrent_initial_syncs must be positive".into(),
             ));
         }
+        let relay_file = file.relay.unwrap_or_default();
+        let relay = match (
+            args.relay_url.or(relay_file.url),
+            args.relay_api_key.map(Secret::new).or(relay_file.api_key),
+        ) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "relay.url needs relay.api_key (or SHAPEBLOCK_HUB_RELAY_API_KEY)".into(),
+                ));
+            }
+            (Some(url), Some(api_key)) => {
+                if !(url.starts_with("wss://") || url.starts_with("ws://"))
+                    || url
+                        .parse::<http::Uri>()
+                        .ok()
+                        .and_then(|u| u.host().map(str::to_owned))
+                        .is_none()
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "relay.url {url:?} must be a wss:// (or ws://) URL with a host"
+                    )));
+                }
+                Some(crate::relay::outbound::RelayConfig {
+                    url,
+                    api_key,
+                    buffer: relay_file.buffer.unwrap_or(1024).max(1),
+                    ping_interval: seconds(
+                        relay_file.ping_interval_seconds,
+                        20,
+                        "relay.ping_interval_seconds",
+                    )?,
+                    write_timeout: seconds(
+                        relay_file.write_timeout_seconds,
+                        60,
+                        "relay.write_timeout_seconds",
+                    )?,
+                    ca_file: relay_file.ca_file,
+                })
+            }
+        };
+        let events_capacity = file.events_capacity.unwrap_or(10_000);
+        if events_capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "events_capacity must be positive".into(),
+            ));
+        }
         let max_request_body_bytes = file.max_request_body_bytes.unwrap_or(1024 * 1024);
         if max_request_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -299,6 +372,8 @@ impl HubConfig {
             gateway,
             controllers: file.controllers.unwrap_or(true),
             runtime,
+            relay,
+            events_capacity,
         })
     }
 }
@@ -391,6 +466,10 @@ mod tests {
         );
         assert_eq!(settings.admin_tokens.len(), 1);
         assert_eq!(settings.runtime.shards, 2);
+        let relay = settings.relay.expect("the example configures the relay");
+        assert_eq!(relay.buffer, 1024);
+        assert_eq!(relay.ping_interval, Duration::from_secs(20));
+        assert_eq!(settings.events_capacity, 10_000);
         assert_eq!(
             settings.runtime.controllers.jobs,
             crate::render::jobs::JobSettings::default(),

@@ -598,13 +598,5 @@ async fn connect(
             .instrument(span)
             .await;
     });
-    let mut response = Response::new(axum::body::Body::empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = response.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Ok(value) = HeaderValue::from_str(&accept) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
-    }
-    response
+    crate::tunnel::switching_protocols(&accept)
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod events;
 pub mod gateway;
 pub mod metrics;
 pub mod registry;
@@ -60,6 +61,8 @@ pub struct Hub {
     pub registry: Arc<Registry>,
     pub gateway: Arc<Gateway>,
     api: Arc<api::ApiState>,
+    /// Every status transition relayed (also handed to the outbound relay when configured).
+    pub journal: Arc<crate::relay::Journal>,
     max_body: usize,
     /// Stops the per-cluster runtimes when the hub stops.
     runtime_shutdown: CancellationToken,
@@ -80,10 +83,27 @@ impl Hub {
         tunnel_metrics.register(&mut prometheus);
         let gateway = Gateway::new(registry.clone(), tunnel_metrics, config.gateway.clone());
         let runtime_shutdown = CancellationToken::new();
+        let (outbound, outbound_events) = match &config.relay {
+            Some(relay) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(relay.buffer);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let journal = crate::relay::Journal::new(config.events_capacity, outbound);
+        if let (Some(relay), Some(events)) = (config.relay.clone(), outbound_events) {
+            tokio::spawn(crate::relay::outbound::run(
+                relay,
+                journal.clone(),
+                events,
+                runtime_shutdown.clone(),
+            ));
+        }
         let runtimes = config.controllers.then(|| {
             runtime::Runtimes::start(
                 gateway.clone(),
                 config.runtime.clone(),
+                Some(journal.clone()),
                 runtime_shutdown.clone(),
             )
         });
@@ -97,6 +117,7 @@ impl Hub {
             agent_image: config.agent_image.clone(),
             tls: tls.is_some(),
             metrics: Arc::new(prometheus),
+            journal: journal.clone(),
         });
         Ok(Self {
             listener,
@@ -104,6 +125,7 @@ impl Hub {
             registry,
             gateway,
             api,
+            journal,
             max_body: config.max_request_body_bytes,
             runtime_shutdown,
         })

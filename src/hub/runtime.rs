@@ -48,6 +48,7 @@ pub struct Runtimes {
     config: RuntimeConfig,
     shutdown: CancellationToken,
     shards: Vec<tokio::runtime::Handle>,
+    journal: Option<Arc<crate::relay::Journal>>,
 }
 
 /// Starts `count` shard threads, each running a current-thread runtime until `shutdown`.
@@ -81,6 +82,7 @@ impl Runtimes {
     pub fn start(
         gateway: Arc<Gateway>,
         config: RuntimeConfig,
+        journal: Option<Arc<crate::relay::Journal>>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let runtimes = Arc::new(Self {
@@ -88,6 +90,7 @@ impl Runtimes {
             gateway: gateway.clone(),
             running: DashMap::new(),
             shards: start_shards(config.shards, &shutdown),
+            journal,
             config,
             shutdown: shutdown.clone(),
         });
@@ -124,6 +127,8 @@ impl Runtimes {
             client: self.gateway.client(cluster),
             cluster: cluster.to_string(),
             config: self.config.controllers.clone(),
+            journal: self.journal.clone(),
+            log_followers: Default::default(),
         });
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);

@@ -66,3 +66,17 @@ pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig 
         .max_message_size(Some(WS_MAX_MESSAGE))
         .max_frame_size(Some(WS_MAX_MESSAGE))
 }
+
+/// The `101 Switching Protocols` answer to a websocket upgrade whose key gave `accept`.
+pub fn switching_protocols(accept: &str) -> http::Response<axum::body::Body> {
+    use http::{HeaderValue, StatusCode, header};
+    let mut response = http::Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(value) = HeaderValue::from_str(accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}

@@ -90,6 +90,7 @@ pub struct ConnectedCluster {
     pub registry: Arc<Registry>,
     pub cluster_id: String,
     dir: PathBuf,
+    relay: Option<shapeblock::relay::outbound::RelayConfig>,
     _agent: AgentProcess,
 }
 
@@ -109,10 +110,24 @@ impl ConnectedCluster {
 
 /// Starts a hub with controllers and connects the test control plane to it as `name`.
 pub async fn connected_cluster(name: &str) -> ConnectedCluster {
+    connected_cluster_relaying(name, None).await
+}
+
+/// Like [`connected_cluster`], the hub relaying to a ShapeBlock server when `relay` is given.
+pub async fn connected_cluster_relaying(
+    name: &str,
+    relay: Option<shapeblock::relay::outbound::RelayConfig>,
+) -> ConnectedCluster {
     let admin = super::client().await;
     let dir = scratch_dir(name);
     let registry = Arc::new(Registry::in_memory());
-    let hub = TestHub::start_tls_controllers(&dir, registry.clone()).await;
+    let hub = match &relay {
+        Some(relay) => {
+            TestHub::start_tls_controllers_relaying(&dir, registry.clone(), None, relay.clone())
+                .await
+        }
+        None => TestHub::start_tls_controllers(&dir, registry.clone()).await,
+    };
     let (record, token) = hub.registry.register(name, Default::default()).unwrap();
     let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
     let shapeblock: Namespace =
@@ -141,6 +156,7 @@ pub async fn connected_cluster(name: &str) -> ConnectedCluster {
         registry,
         cluster_id: record.id,
         dir,
+        relay,
         _agent: agent,
     }
 }

@@ -41,6 +41,8 @@ pub struct TestHub {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
     pub gateway: Arc<shapeblock::hub::Gateway>,
+    /// The hub's relay journal (events and their counters).
+    pub journal: Arc<shapeblock::relay::Journal>,
     /// CA file agents pin (None for a plain HTTP hub).
     pub ca_file: Option<PathBuf>,
     shutdown: CancellationToken,
@@ -63,12 +65,12 @@ impl TestHub {
         registry: Arc<Registry>,
         addr: Option<SocketAddr>,
     ) -> Self {
-        Self::start_tls_with(dir, registry, addr, false).await
+        Self::start_tls_with(dir, registry, addr, false, None).await
     }
 
     /// Like [`TestHub::start_tls`], running the controllers for connected clusters.
     pub async fn start_tls_controllers(dir: &std::path::Path, registry: Arc<Registry>) -> Self {
-        Self::start_tls_with(dir, registry, None, true).await
+        Self::start_tls_with(dir, registry, None, true, None).await
     }
 
     /// Like [`TestHub::start_tls_controllers`], on a given address (a restart).
@@ -77,7 +79,17 @@ impl TestHub {
         registry: Arc<Registry>,
         addr: Option<SocketAddr>,
     ) -> Self {
-        Self::start_tls_with(dir, registry, addr, true).await
+        Self::start_tls_with(dir, registry, addr, true, None).await
+    }
+
+    /// Like [`TestHub::start_tls_controllers_at`], relaying to a ShapeBlock server.
+    pub async fn start_tls_controllers_relaying(
+        dir: &std::path::Path,
+        registry: Arc<Registry>,
+        addr: Option<SocketAddr>,
+        relay: shapeblock::relay::outbound::RelayConfig,
+    ) -> Self {
+        Self::start_tls_with(dir, registry, addr, true, Some(relay)).await
     }
 
     async fn start_tls_with(
@@ -85,6 +97,7 @@ impl TestHub {
         registry: Arc<Registry>,
         addr: Option<SocketAddr>,
         controllers: bool,
+        relay: Option<shapeblock::relay::outbound::RelayConfig>,
     ) -> Self {
         let (ca_file, cert_file, key_file) = (
             dir.join("hub-ca.crt"),
@@ -107,13 +120,14 @@ impl TestHub {
             }),
             Some(ca_file),
             controllers,
+            relay,
         )
         .await
     }
 
     /// Starts a plain-HTTP hub.
     pub async fn start_plain(registry: Arc<Registry>) -> Self {
-        Self::start(registry, None, None, None, false).await
+        Self::start(registry, None, None, None, false, None).await
     }
 
     async fn start(
@@ -122,8 +136,10 @@ impl TestHub {
         tls: Option<TlsFiles>,
         ca_file: Option<PathBuf>,
         controllers: bool,
+        relay: Option<shapeblock::relay::outbound::RelayConfig>,
     ) -> Self {
         let config = HubConfig {
+            relay,
             listen: addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             tls,
             gateway: test_gateway_config(),
@@ -139,12 +155,14 @@ impl TestHub {
             .expect("bind hub");
         let addr = hub.local_addr().unwrap();
         let gateway = hub.gateway.clone();
+        let journal = hub.journal.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(hub.serve(shutdown.clone()));
         Self {
             addr,
             registry,
             gateway,
+            journal,
             ca_file,
             shutdown,
             task,
@@ -409,6 +427,57 @@ pub async fn http_request(
 }
 
 /// Like [`http_request`], but a connection failure is an error, not a panic.
+/// A connection to a test hub: TLS pinned to its CA when given, else plain TCP.
+pub async fn connect_hub(
+    addr: SocketAddr,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Box<dyn IoStream>, Box<dyn std::error::Error + Send + Sync>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    Ok(match ca_file {
+        Some(ca) => {
+            let pem = std::fs::read(ca)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                roots.add(cert?)?;
+            }
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let name = rustls_pki_types::ServerName::try_from("localhost")?;
+            Box::new(
+                tokio_rustls::TlsConnector::from(Arc::new(tls))
+                    .connect(name, tcp)
+                    .await?,
+            )
+        }
+        None => Box::new(tcp),
+    })
+}
+
+/// A websocket to a test hub's `path` (e.g. `/api/v1/events?cursor=3`) with a bearer token.
+pub async fn hub_websocket(
+    hub: &TestHub,
+    path: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<Box<dyn IoStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let io = connect_hub(hub.addr, hub.ca_file.as_deref())
+        .await
+        .expect("connect to the hub");
+    let url = format!("ws://localhost{path}");
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(request, io)
+        .await
+        .expect("websocket handshake with the hub");
+    ws
+}
+
 pub async fn try_http_request(
     addr: SocketAddr,
     ca_file: Option<&std::path::Path>,
@@ -418,30 +487,7 @@ pub async fn try_http_request(
     body: Option<Vec<u8>>,
 ) -> Result<ApiResponse, Box<dyn std::error::Error + Send + Sync>> {
     use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let io: Box<dyn IoStream> = match ca_file {
-        Some(ca) => {
-            let pem = std::fs::read(ca).unwrap();
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                roots.add(cert.unwrap()).unwrap();
-            }
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            Box::new(
-                tokio_rustls::TlsConnector::from(Arc::new(tls))
-                    .connect(name, tcp)
-                    .await?,
-            )
-        }
-        None => Box::new(tcp),
-    };
+    let io = connect_hub(addr, ca_file).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     tokio::spawn(conn);

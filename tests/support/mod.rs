@@ -47,6 +47,7 @@ struct Shared {
 
 enum Request {
     StartJobs(mpsc::Sender<Result<(), String>>),
+    StartExtra(String, mpsc::Sender<Result<(Config, PathBuf), String>>),
 }
 
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
@@ -104,6 +105,34 @@ pub async fn jobs() {
     if let Err(reason) = result {
         panic!("kube-controller-manager + kwok are not available: {reason}");
     }
+}
+
+/// Starts another etcd + kube-apiserver pair (a second "cluster", for benchmarks that need
+/// several) and returns its admin configuration and kubeconfig path. Lives as long as the
+/// test binary, like the first.
+pub async fn extra_control_plane(name: &str) -> (Config, PathBuf) {
+    let name = name.to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        let shared = shared();
+        if shared.run_dir.is_none() {
+            return Err(
+                "extra control planes need the built-in one, not SHAPEBLOCK_TEST_KUBECONFIG"
+                    .to_string(),
+            );
+        }
+        let (tx, rx) = mpsc::channel();
+        shared
+            .requests
+            .lock()
+            .map_err(|_| "supervisor lock poisoned".to_string())?
+            .send(Request::StartExtra(name, tx))
+            .map_err(|_| "the control plane supervisor is gone".to_string())?;
+        rx.recv()
+            .map_err(|_| "the control plane supervisor is gone".to_string())?
+    })
+    .await
+    .expect("extra control plane start");
+    result.unwrap_or_else(|reason| panic!("extra control plane not available: {reason}"))
 }
 
 /// A namespace created for one test and deleted when the test ends. When the test fails,
@@ -377,6 +406,20 @@ fn supervise(
                     rt.block_on(start_jobs(&bins, &dir, &kubeconfig, &config, &mut children));
                 let _ = reply.send(result);
             }
+            Request::StartExtra(name, reply) => {
+                let extra = dir.join(&name);
+                let result = ["logs", "pki", "etcd-data"]
+                    .iter()
+                    .try_for_each(|sub| fs::create_dir_all(extra.join(sub)))
+                    .map_err(|e| format!("create {}: {e}", extra.display()));
+                let result = match result {
+                    Ok(()) => rt
+                        .block_on(start_apiserver(&bins, &extra, &mut children))
+                        .map(|config| (config, extra.join("admin.kubeconfig"))),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
         }
     }
     loop {
@@ -583,6 +626,7 @@ async fn start_jobs(
         ],
     )?;
     let stages = hub_pods_wait_for_the_test(&bins.join("kwok-stages.yaml"), dir)?;
+    let kwok_port = free_port()?;
     let mut kwok = spawn(
         dir,
         &bins.join("kwok"),
@@ -595,7 +639,18 @@ async fn start_jobs(
             "--node-lease-duration-seconds=40".into(),
             "--cidr=10.244.0.0/16".into(),
             "--node-ip=127.0.0.1".into(),
-            format!("--server-address=127.0.0.1:{}", free_port()?),
+            // The kubelet API (container logs) on the node's port, with the apiserver's
+            // serving certificate (valid for 127.0.0.1); the apiserver reaches it there.
+            format!("--server-address=127.0.0.1:{kwok_port}"),
+            format!("--node-port={kwok_port}"),
+            format!(
+                "--tls-cert-file={}",
+                dir.join("pki/apiserver.crt").display()
+            ),
+            format!(
+                "--tls-private-key-file={}",
+                dir.join("pki/apiserver.key").display()
+            ),
         ],
     )?;
 
@@ -676,9 +731,39 @@ fn hub_pods_wait_for_the_test(stages: &Path, dir: &Path) -> Result<PathBuf, Stri
             "    - key: '.metadata.labels[\"app.kubernetes.io/managed-by\"]'\n      operator: 'DoesNotExist'\n{anchor}"
         ),
     );
+    // Container logs: each container name of the hub's pods reads its own file, which a test
+    // fills with `write_container_log` (CRI log format, as a kubelet keeps it).
+    let logs = dir.join("container-logs");
+    std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    let mut documents = patched;
+    documents.push_str("\n---\napiVersion: kwok.x-k8s.io/v1alpha1\nkind: ClusterLogs\nmetadata:\n  name: hub-pods\nspec:\n  logs:\n");
+    for container in ["clone", "commit", "prepare", "build", "helm"] {
+        let file = logs.join(format!("{container}.log"));
+        std::fs::write(&file, "").map_err(|e| e.to_string())?;
+        documents.push_str(&format!(
+            "  - containers: [{container}]\n    logsFile: {}\n    follow: false\n",
+            file.display()
+        ));
+    }
     let out = dir.join("kwok-stages.yaml");
-    std::fs::write(&out, patched).map_err(|e| e.to_string())?;
+    std::fs::write(&out, documents).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// Sets the log kwok serves for every hub pod's container of that name (`clone`, `build`, …):
+/// lines in the CRI format a kubelet stores them in.
+pub fn write_container_log(container: &str, lines: &[&str]) {
+    let dir = shared()
+        .run_dir
+        .as_ref()
+        .expect("container logs need the built-in control plane");
+    let now = "2026-11-26T12:00:00.000000000Z";
+    let text: String = lines
+        .iter()
+        .map(|line| format!("{now} stdout F {line}\n"))
+        .collect();
+    std::fs::write(dir.join(format!("container-logs/{container}.log")), text)
+        .expect("writing a container log");
 }
 
 /// How a test ends a hub Job's pod (see [`hub_pods_wait_for_the_test`]).

@@ -1,0 +1,685 @@
+//! The relay to the ShapeBlock server, against a real websocket server inside the test and the
+//! real control plane: every phase of a build arrives in order; a connection cut mid-build is
+//! followed by a resync after which the server's view equals the cluster; a slow server gets
+//! backpressure and every event; `/api/v1/events` resumes from a cursor or starts from a
+//! snapshot.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use shapeblock::crd::{App, AppBuild, AppPhase};
+use shapeblock::relay::outbound::RelayConfig;
+use shapeblock::secret::Secret;
+use support::cluster::{active_project, connected_cluster_relaying, wait_for};
+use support::{PodEnd, finish_job_pod};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+const KEY: &str = "relay-test-key-0123456789";
+const WAIT: Duration = Duration::from_secs(60);
+/// Lines of the build log the slow-server test relays.
+const LOG_LINES: usize = 30_000;
+
+/// A ShapeBlock server stand-in: accepts the hub's websocket, checks the API key, records
+/// every message, can read slowly and can cut the connection.
+struct TestServer {
+    url: String,
+    received: Arc<Mutex<Vec<Value>>>,
+    connections: Arc<AtomicUsize>,
+    read_delay_ms: Arc<AtomicU64>,
+    cut: Arc<Notify>,
+}
+
+impl TestServer {
+    // tungstenite's handshake callback returns a whole HTTP response as its error.
+    #[allow(clippy::result_large_err)]
+    async fn start() -> Self {
+        // A small receive buffer, so a server that stops reading pushes back on the hub soon
+        // (instead of the kernel absorbing megabytes first).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener: TcpListener = socket.listen(64).unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let server = Self {
+            url,
+            received: Arc::default(),
+            connections: Arc::default(),
+            read_delay_ms: Arc::default(),
+            cut: Arc::new(Notify::new()),
+        };
+        let (received, connections, delay, cut) = (
+            server.received.clone(),
+            server.connections.clone(),
+            server.read_delay_ms.clone(),
+            server.cut.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let check =
+                    |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                     response| {
+                        let query = request.uri().query().unwrap_or_default().to_string();
+                        let bearer = request
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        assert!(query.contains(&format!("api_key={KEY}")), "query {query}");
+                        assert_eq!(bearer, format!("Bearer {KEY}"));
+                        Ok(response)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
+                    continue;
+                };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (received, delay, cut) = (received.clone(), delay.clone(), cut.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            frame = ws.next() => match frame {
+                                Some(Ok(Message::Text(text))) => {
+                                    received.lock().unwrap().push(serde_json::from_str(&text).unwrap());
+                                    let ms = delay.load(Ordering::SeqCst);
+                                    if ms > 0 {
+                                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                                    }
+                                }
+                                Some(Ok(_)) => {}
+                                _ => return,
+                            },
+                            // Cut: drop the TCP connection without a close frame.
+                            _ = cut.notified() => return,
+                        }
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    fn relay(&self, buffer: usize) -> RelayConfig {
+        RelayConfig {
+            url: self.url.clone(),
+            api_key: Secret::new(KEY),
+            buffer,
+            ping_interval: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(30),
+            ca_file: None,
+        }
+    }
+
+    fn messages(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The phases one resource went through (live updates, not resyncs), in arrival order; an
+    /// update that changes only the message does not repeat its phase here.
+    fn phases(&self, kind: &str, name: &str) -> Vec<String> {
+        let mut phases: Vec<String> = self
+            .messages()
+            .iter()
+            .filter(|m| m["resourceType"] == kind && m["name"] == name && m["resync"] != true)
+            .map(|m| m["status"].as_str().unwrap_or_default().to_string())
+            .collect();
+        phases.dedup();
+        phases
+    }
+
+    /// The server's view after applying every message in id order: resource → status.
+    fn view(&self) -> BTreeMap<(String, String, String), String> {
+        let mut messages = self.messages();
+        messages.retain(|m| m.get("resourceType").is_some());
+        messages.sort_by_key(|m| m["id"].as_u64().unwrap());
+        let mut view = BTreeMap::new();
+        for m in messages {
+            let key = (
+                m["resourceType"].as_str().unwrap().to_string(),
+                m["namespace"].as_str().unwrap().to_string(),
+                m["name"].as_str().unwrap().to_string(),
+            );
+            match m["status"].as_str().unwrap() {
+                "Deleted" => view.remove(&key),
+                status => view.insert(key, status.to_string()),
+            };
+        }
+        view
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: Value) -> K {
+    serde_json::from_value(
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": kind,
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+async fn build_to_completion(admin: &Client, ns: &str, name: &str, server: Option<&TestServer>) {
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), ns);
+    builds
+        .create(
+            &PostParams::default(),
+            &object(
+                "AppBuild",
+                name,
+                json!({"appName": "web", "gitRef": "main"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let sha = "4b825dc642cb6eb9a060e54bf8d69288fbee4904\n";
+    if let Some(server) = server {
+        // Mid-build: cut the server's connection once the build runs.
+        wait_for("Building relayed", WAIT, async || {
+            server
+                .phases("AppBuild", name)
+                .contains(&"Building".to_string())
+                .then_some(())
+        })
+        .await;
+        server.cut.notify_waiters();
+    }
+    let end = PodEnd {
+        phase: "Succeeded",
+        init: vec![("clone", 0, ""), ("commit", 0, sha)],
+        containers: vec![("build", 0, "Completed", "")],
+    };
+    finish_job_pod(admin, ns, &format!("{name}-build"), end).await;
+    let end = PodEnd {
+        phase: "Succeeded",
+        init: vec![],
+        containers: vec![("helm", 0, "Completed", "")],
+    };
+    finish_job_pod(admin, ns, &format!("{name}-deploy"), end).await;
+}
+
+/// The cluster's truth for the resources of a namespace (and its Project).
+async fn truth(admin: &Client, ns: &str) -> BTreeMap<(String, String, String), String> {
+    let mut truth = BTreeMap::new();
+    let project: shapeblock::crd::Project = Api::all(admin.clone()).get(ns).await.unwrap();
+    if let Some(phase) = project.status.and_then(|s| s.phase) {
+        truth.insert(
+            ("Project".into(), String::new(), ns.into()),
+            format!("{phase:?}"),
+        );
+    }
+    for app in Api::<App>::namespaced(admin.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        if let Some(phase) = app.status.as_ref().and_then(|s| s.phase) {
+            truth.insert(
+                ("App".into(), ns.into(), app.name_any()),
+                format!("{phase:?}"),
+            );
+        }
+    }
+    for build in Api::<AppBuild>::namespaced(admin.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        if let Some(phase) = build.status.as_ref().and_then(|s| s.phase) {
+            truth.insert(
+                ("AppBuild".into(), ns.into(), build.name_any()),
+                format!("{phase:?}"),
+            );
+        }
+    }
+    truth
+}
+
+async fn ready_web_app(admin: &Client, ns: &str) {
+    let apps: Api<App> = Api::namespaced(admin.clone(), ns);
+    apps.create(
+        &PostParams::default(),
+        &object(
+            "App",
+            "web",
+            json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+                "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_for("App Ready", WAIT, async || {
+        let status = apps.get_opt("web").await.ok()??.status?;
+        (status.phase == Some(AppPhase::Ready)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
+    support::jobs().await;
+    let server = TestServer::start().await;
+    let cluster = connected_cluster_relaying("relay-order", Some(server.relay(64))).await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "relay").await;
+    ready_web_app(&admin, &ns).await;
+
+    build_to_completion(&admin, &ns, "web-1", None).await;
+    wait_for("web-1 Completed relayed", WAIT, async || {
+        server
+            .phases("AppBuild", "web-1")
+            .contains(&"Completed".to_string())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        server.phases("AppBuild", "web-1"),
+        ["Pending", "Building", "Deploying", "Completed"],
+        "every phase, in order, once; connections {}; messages {:?}",
+        server.connections.load(Ordering::SeqCst),
+        server
+            .messages()
+            .iter()
+            .filter(|m| m["name"] == "web-1")
+            .collect::<Vec<_>>()
+    );
+    let message = server
+        .messages()
+        .into_iter()
+        .find(|m| m["name"] == "web-1" && m["status"] == "Building")
+        .unwrap();
+    assert_eq!(message["cluster"], cluster.cluster_id.as_str());
+    assert_eq!(message["namespace"], ns.as_str());
+    assert_eq!(message["appName"], "web");
+    assert_eq!(message["labels"]["build.shapeblock.io/id"], "web-1");
+    assert!(
+        message["podName"]
+            .as_str()
+            .unwrap()
+            .starts_with("web-1-build-")
+    );
+    let ids: Vec<u64> = server
+        .messages()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+    // The server's connection is cut while web-2 builds; the hub reconnects, resyncs, and the
+    // server's view equals the cluster.
+    build_to_completion(&admin, &ns, "web-2", Some(&server)).await;
+    wait_for("reconnected", WAIT, async || {
+        (server.connections.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let expected = wait_for("web-2 Completed in the cluster", WAIT, async || {
+        let truth = truth(&admin, &ns).await;
+        (truth
+            .get(&("AppBuild".into(), ns.clone(), "web-2".into()))
+            .map(String::as_str)
+            == Some("Completed"))
+        .then_some(truth)
+    })
+    .await;
+    wait_for("the server's view equals the cluster", WAIT, async || {
+        let view: BTreeMap<_, _> = server
+            .view()
+            .into_iter()
+            .filter(|((_, n, name), _)| *n == ns || *name == ns)
+            .collect();
+        (view == expected).then_some(())
+    })
+    .await;
+    assert!(
+        server.messages().iter().any(|m| m["resync"] == true),
+        "a resync followed the reconnect"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_server_gets_backpressure_and_every_event() {
+    support::jobs().await;
+    // A 4.5 MB build log: far more than the socket buffers hold, so a stalled server pushes
+    // back through the relay's queue of 4 to the log follower.
+    let padding = "x".repeat(140);
+    let big: Vec<String> = (0..LOG_LINES)
+        .map(|i| format!("line {i:05} {padding}"))
+        .collect();
+    let refs: Vec<&str> = big.iter().map(String::as_str).collect();
+    support::write_container_log("prepare", &refs);
+    let server = TestServer::start().await;
+    // Pings every 10 s: the stall below must read as slow, not dead (3 pings unanswered).
+    let relay = RelayConfig {
+        ping_interval: Duration::from_secs(10),
+        ..server.relay(4)
+    };
+    let cluster = connected_cluster_relaying("relay-slow", Some(relay)).await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "slow").await;
+    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
+    apps.create(
+        &PostParams::default(),
+        &object(
+            "App",
+            "worker",
+            json!({"displayName": "Worker", "git": {"url": "https://github.com/org/worker.git"},
+                "registry": {"url": "registry.example.com"}, "build": {"type": "buildpack"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_for("App Ready", WAIT, async || {
+        let status = apps.get_opt("worker").await.ok()??.status?;
+        (status.phase == Some(AppPhase::Ready)).then_some(())
+    })
+    .await;
+    let journal = cluster.hub.as_ref().unwrap().journal.clone();
+    let rss_before = rss_kib();
+    // The server stalls for 5 s after its next message, as the build starts.
+    server.read_delay_ms.store(5000, Ordering::SeqCst);
+    Api::<AppBuild>::namespaced(admin.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &object(
+                "AppBuild",
+                "worker-1",
+                json!({"appName": "worker", "gitRef": "main"}),
+            ),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.read_delay_ms.store(0, Ordering::SeqCst);
+    let rss_stalled = rss_kib();
+    let end = PodEnd {
+        phase: "Succeeded",
+        init: vec![
+            ("clone", 0, ""),
+            ("commit", 0, "4b825dc642cb6eb9a060e54bf8d69288fbee4904\n"),
+            ("prepare", 0, ""),
+        ],
+        containers: vec![("build", 0, "Completed", "")],
+    };
+    finish_job_pod(&admin, &ns, "worker-1-build", end).await;
+    let lines = wait_for(
+        "the whole log relayed",
+        Duration::from_secs(180),
+        async || {
+            let log: Vec<Value> = server
+                .messages()
+                .into_iter()
+                .filter(|m| {
+                    m["type"] == "BUILD_LOG"
+                        && m["buildId"] == "worker-1"
+                        && m["namespace"] == ns.as_str()
+                })
+                .collect();
+            log.iter().any(|m| m["final"] == true).then_some(log)
+        },
+    )
+    .await;
+    let prepare: Vec<&str> = lines
+        .iter()
+        .filter(|m| m["container"] == "prepare")
+        .map(|m| m["log"].as_str().unwrap())
+        .collect();
+    assert_eq!(prepare.len(), LOG_LINES, "every line arrived, once");
+    for (i, line) in prepare.iter().enumerate() {
+        assert_eq!(*line, format!("{}\n", big[i]), "line {i} in order");
+    }
+    let waits = journal.stats.backpressure_waits.load(Ordering::SeqCst);
+    assert!(
+        waits > 0,
+        "the queue of 4 never filled: no backpressure was exercised"
+    );
+    assert_eq!(journal.stats.replaced_by_resync.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        1,
+        "one connection throughout"
+    );
+    let ids: Vec<u64> = server
+        .messages()
+        .iter()
+        .filter(|m| m["resync"] != true)
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in order");
+    eprintln!(
+        "slow server: {waits} producer waits; {LOG_LINES} lines ({:.1} MB) delivered in order; \
+         test process RSS {rss_before} KiB before, {rss_stalled} KiB while the server stalled",
+        (LOG_LINES * 152) as f64 / 1e6
+    );
+}
+
+#[tokio::test]
+async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
+    let server = TestServer::start().await;
+    let cluster = connected_cluster_relaying("relay-events", Some(server.relay(64))).await;
+    let admin = cluster.admin.clone();
+    let hub = cluster.hub.as_ref().unwrap();
+    let ns = active_project(&admin, "events").await;
+    let journal = hub.journal.clone();
+    wait_for("the hub relayed the Project", WAIT, async || {
+        let (snapshot, _) = journal.snapshot().await;
+        snapshot
+            .iter()
+            .any(|e| e.name == ns && e.status.as_deref() == Some("Active"))
+            .then_some(())
+    })
+    .await;
+    let connect = async |query: &str| {
+        support::hub::hub_websocket(
+            hub,
+            &format!("/api/v1/events{query}"),
+            support::hub::VIEWER_TOKEN,
+        )
+        .await
+    };
+    let next = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
+        loop {
+            let frame = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("an event")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(text) = frame {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    };
+
+    // A snapshot first: the Project is there, then the end-of-snapshot marker with its id.
+    let mut ws = connect("").await;
+    let mut snapshot = Vec::new();
+    let mark = loop {
+        let event = next(&mut ws).await;
+        if event["type"] == "SNAPSHOT_END" {
+            break event["id"].as_u64().unwrap();
+        }
+        snapshot.push(event);
+    };
+    assert!(
+        snapshot.iter().any(|e| e["resourceType"] == "Project"
+            && e["name"] == ns.as_str()
+            && e["resync"] == true),
+        "{snapshot:?}"
+    );
+    // Live: an App becomes Ready.
+    Api::<App>::namespaced(admin.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &object(
+                "App",
+                "live",
+                json!({"displayName": "Live", "registry": {},
+                "build": {"type": "image", "image": "nginx:1.27"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let live = loop {
+        let event = next(&mut ws).await;
+        if event["name"] == "live" {
+            break event;
+        }
+    };
+    assert!(live["id"].as_u64().unwrap() > mark);
+    ws.close(None).await.ok();
+
+    // Resuming from the snapshot's cursor replays what came after it, in order, the App's
+    // event among them.
+    let mut ws = connect(&format!("?cursor={mark}")).await;
+    let mut previous = mark;
+    loop {
+        let event = next(&mut ws).await;
+        let id = event["id"].as_u64().unwrap();
+        assert!(
+            id > previous,
+            "ids after the cursor, increasing: {id} after {previous}"
+        );
+        previous = id;
+        if event["name"] == "live" {
+            assert_eq!(event["id"], live["id"]);
+            break;
+        }
+    }
+    ws.close(None).await.ok();
+
+    // Only a websocket is served there.
+    let response = hub.api("GET", "/api/v1/events", None).await;
+    assert_eq!(response.status, 400, "{}", response.text());
+}
+
+#[tokio::test]
+async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
+    support::jobs().await;
+    support::write_container_log(
+        "clone",
+        &[
+            "Cloning into '/workspace/source'...",
+            "HEAD is now at 4b825dc",
+        ],
+    );
+    support::write_container_log("commit", &[]);
+    support::write_container_log(
+        "build",
+        &[
+            "INFO[0000] Retrieving image manifest node:22",
+            "STEP 2/4: RUN npm ci $(not run) `nor this`",
+            "INFO[0042] Pushed registry.example.com/x/web",
+        ],
+    );
+    let server = TestServer::start().await;
+    let cluster = connected_cluster_relaying("relay-logs", Some(server.relay(64))).await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "logs").await;
+    ready_web_app(&admin, &ns).await;
+    Api::<AppBuild>::namespaced(admin.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &object(
+                "AppBuild",
+                "web-logs",
+                json!({"appName": "web", "gitRef": "main"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let expected = [
+        ("clone", "Cloning into '/workspace/source'...\n"),
+        ("clone", "HEAD is now at 4b825dc\n"),
+        ("build", "INFO[0000] Retrieving image manifest node:22\n"),
+        ("build", "STEP 2/4: RUN npm ci $(not run) `nor this`\n"),
+        ("build", "INFO[0042] Pushed registry.example.com/x/web\n"),
+    ];
+    // The build container runs (followed) until the pod ends.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = PodEnd {
+        phase: "Succeeded",
+        init: vec![
+            ("clone", 0, ""),
+            ("commit", 0, "4b825dc642cb6eb9a060e54bf8d69288fbee4904\n"),
+        ],
+        containers: vec![("build", 0, "Completed", "")],
+    };
+    finish_job_pod(&admin, &ns, "web-logs-build", end).await;
+    let lines = wait_for("the build log and its final marker", WAIT, async || {
+        let log: Vec<Value> = server
+            .messages()
+            .into_iter()
+            .filter(|m| m["type"] == "BUILD_LOG" && m["buildId"] == "web-logs")
+            .collect();
+        log.iter().any(|m| m["final"] == true).then_some(log)
+    })
+    .await;
+    let received: Vec<(String, String)> = lines
+        .iter()
+        .filter(|m| m["final"] != true)
+        .map(|m| {
+            (
+                m["container"].as_str().unwrap().to_string(),
+                m["log"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected_owned: Vec<(String, String)> = expected
+        .iter()
+        .map(|(c, l)| (c.to_string(), l.to_string()))
+        .collect();
+    assert_eq!(received, expected_owned, "every line, in order, once");
+    assert_eq!(
+        lines.last().unwrap()["final"],
+        true,
+        "the marker comes last"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|m| m["namespace"] == ns.as_str() && m["cluster"] == cluster.cluster_id.as_str())
+    );
+
+    // The same log from the REST API.
+    let hub = cluster.hub.as_ref().unwrap();
+    let response = hub
+        .api(
+            "GET",
+            &format!(
+                "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/web-logs/logs",
+                cluster.cluster_id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let text: String = expected.iter().map(|(_, l)| *l).collect();
+    assert_eq!(response.text(), text);
+    let missing = hub
+        .api(
+            "GET",
+            &format!(
+                "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/nope/logs",
+                cluster.cluster_id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, 404, "{}", missing.text());
+}

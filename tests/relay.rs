@@ -351,6 +351,28 @@ async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
         server.messages().iter().any(|m| m["resync"] == true),
         "a resync followed the reconnect"
     );
+    let metrics = cluster
+        .hub
+        .as_ref()
+        .unwrap()
+        .api_raw(None, "GET", "/metrics", None)
+        .await
+        .text();
+    let connects: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("shapeblock_relay_connects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no relay connects in:\n{metrics}"));
+    assert!(connects >= 2, "the reconnect is counted: {connects}");
+    for series in [
+        "shapeblock_relay_connected 1",
+        "shapeblock_controller_reconciles_total{controller=\"appbuild\",result=\"ok\"}",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -444,12 +466,12 @@ async fn a_slow_server_gets_backpressure_and_every_event() {
     for (i, line) in prepare.iter().enumerate() {
         assert_eq!(*line, format!("{}\n", big[i]), "line {i} in order");
     }
-    let waits = journal.stats.backpressure_waits.load(Ordering::SeqCst);
+    let waits = journal.stats.backpressure_waits.get();
     assert!(
         waits > 0,
         "the queue of 4 never filled: no backpressure was exercised"
     );
-    assert_eq!(journal.stats.replaced_by_resync.load(Ordering::SeqCst), 0);
+    assert_eq!(journal.stats.replaced_by_resync.get(), 0);
     assert_eq!(
         server.connections.load(Ordering::SeqCst),
         1,

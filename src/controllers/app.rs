@@ -395,6 +395,7 @@ fn error_policy(app: Arc<App>, error: &ReconcileError, ctx: Arc<Context>) -> Act
 /// Runs the App controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
+    let metrics = ctx.metrics.clone();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store.clone())
@@ -439,7 +440,10 @@ pub async fn run(ctx: Arc<Context>) {
             },
         )
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
+        .for_each(|result| {
+            metrics.record("app", &result);
+            async {}
+        })
         .await;
 }
 

@@ -902,6 +902,7 @@ fn error_policy(build: Arc<AppBuild>, error: &ReconcileError, ctx: Arc<Context>)
 /// Runs the AppBuild controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
+    let metrics = ctx.metrics.clone();
     let managed = format!("{}={}", super::MANAGED_BY.0, super::MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<AppBuild>::all(client.clone()), &ctx);
     let reconcile_store = store.clone();
@@ -957,7 +958,10 @@ pub async fn run(ctx: Arc<Context>) {
             error_policy,
             ctx,
         )
-        .for_each(|_| async {})
+        .for_each(|result| {
+            metrics.record("appbuild", &result);
+            async {}
+        })
         .await;
 }
 

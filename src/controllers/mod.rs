@@ -47,6 +47,8 @@ pub struct Context {
     pub journal: Option<std::sync::Arc<crate::relay::Journal>>,
     /// Builds (`namespace/name`) whose log is being relayed.
     pub log_followers: dashmap::DashSet<String>,
+    /// Reconcile counts by controller and result.
+    pub metrics: std::sync::Arc<crate::hub::metrics::ControllerMetrics>,
 }
 
 /// Why a reconcile did not finish.

@@ -237,6 +237,7 @@ fn error_policy(project: Arc<Project>, error: &ReconcileError, ctx: Arc<Context>
 /// Runs the Project controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
+    let metrics = ctx.metrics.clone();
     let namespaces: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
     let sources: Api<PartialObjectMeta<Secret>> =
         Api::namespaced(client.clone(), &ctx.config.registry_source_namespace);
@@ -264,6 +265,9 @@ pub async fn run(ctx: Arc<Context>) {
             },
         )
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
+        .for_each(|result| {
+            metrics.record("project", &result);
+            async {}
+        })
         .await;
 }

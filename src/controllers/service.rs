@@ -291,6 +291,7 @@ fn error_policy(service: Arc<Service>, error: &ReconcileError, ctx: Arc<Context>
 /// Runs the Service controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
+    let metrics = ctx.metrics.clone();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store)
@@ -302,7 +303,10 @@ pub async fn run(ctx: Arc<Context>) {
             .touched_objects(),
         )
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {})
+        .for_each(|result| {
+            metrics.record("service", &result);
+            async {}
+        })
         .await;
 }
 

@@ -71,3 +71,53 @@ impl TunnelMetrics {
             .inc();
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabel {
+    /// `project`, `app`, `appbuild` or `service`.
+    pub controller: &'static str,
+    /// `ok`, or the error's category (`transient`, `missing_dependency`, `invalid_spec`,
+    /// `watch`).
+    pub result: &'static str,
+}
+
+/// Controller metrics, summed over clusters (a per-cluster series would cost memory per cluster
+/// for little use; the logs carry the cluster on every line).
+#[derive(Default, Debug)]
+pub struct ControllerMetrics {
+    pub reconciles: Family<ReconcileLabel, Counter>,
+}
+
+impl ControllerMetrics {
+    pub fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("shapeblock_controller");
+        sub.register(
+            "reconciles",
+            "Reconciles by controller and result (ok or the error category)",
+            self.reconciles.clone(),
+        );
+    }
+
+    /// Counts one controller result.
+    pub fn record<T>(
+        &self,
+        controller: &'static str,
+        result: &Result<
+            T,
+            kube::runtime::controller::Error<
+                crate::controllers::ReconcileError,
+                kube::runtime::watcher::Error,
+            >,
+        >,
+    ) {
+        use kube::runtime::controller::Error;
+        let result = match result {
+            Ok(_) => "ok",
+            Err(Error::ReconcilerFailed(err, _)) => err.category(),
+            Err(_) => "watch",
+        };
+        self.reconciles
+            .get_or_create(&ReconcileLabel { controller, result })
+            .inc();
+    }
+}

@@ -91,6 +91,7 @@ impl Hub {
             None => (None, None),
         };
         let journal = crate::relay::Journal::new(config.events_capacity, outbound);
+        journal.stats.register(&mut prometheus);
         if let (Some(relay), Some(events)) = (config.relay.clone(), outbound_events) {
             tokio::spawn(crate::relay::outbound::run(
                 relay,
@@ -99,11 +100,14 @@ impl Hub {
                 runtime_shutdown.clone(),
             ));
         }
+        let controller_metrics = Arc::new(metrics::ControllerMetrics::default());
+        controller_metrics.register(&mut prometheus);
         let runtimes = config.controllers.then(|| {
             runtime::Runtimes::start(
                 gateway.clone(),
                 config.runtime.clone(),
                 Some(journal.clone()),
+                controller_metrics,
                 runtime_shutdown.clone(),
             )
         });

@@ -49,6 +49,7 @@ pub struct Runtimes {
     shutdown: CancellationToken,
     shards: Vec<tokio::runtime::Handle>,
     journal: Option<Arc<crate::relay::Journal>>,
+    metrics: Arc<super::metrics::ControllerMetrics>,
 }
 
 /// Starts `count` shard threads, each running a current-thread runtime until `shutdown`.
@@ -83,6 +84,7 @@ impl Runtimes {
         gateway: Arc<Gateway>,
         config: RuntimeConfig,
         journal: Option<Arc<crate::relay::Journal>>,
+        metrics: Arc<super::metrics::ControllerMetrics>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let runtimes = Arc::new(Self {
@@ -91,6 +93,7 @@ impl Runtimes {
             running: DashMap::new(),
             shards: start_shards(config.shards, &shutdown),
             journal,
+            metrics,
             config,
             shutdown: shutdown.clone(),
         });
@@ -129,6 +132,7 @@ impl Runtimes {
             config: self.config.controllers.clone(),
             journal: self.journal.clone(),
             log_followers: Default::default(),
+            metrics: self.metrics.clone(),
         });
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);

@@ -69,16 +69,13 @@ where
 {
     let pod = pods.get(pod_name).await?;
     for container in containers_in_order(&pod) {
-        // Wait for the container to start: its log does not exist before.
-        let mut delay = std::time::Duration::from_millis(200);
-        loop {
-            let pod = pods.get(pod_name).await?;
-            if started_or_done(&pod, &container) {
-                break;
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(std::time::Duration::from_secs(5));
-        }
+        // Wait (watching the pod) for the container to start: its log does not exist before.
+        let name = container.clone();
+        kube::runtime::wait::await_condition(pods.clone(), pod_name, move |pod: Option<&Pod>| {
+            pod.is_none_or(|pod| started_or_done(pod, &name))
+        })
+        .await
+        .map_err(|e| kube::Error::Service(Box::new(e)))?;
         // Follow while the container runs; when it has ended (the watch says so), read the
         // whole log once more and deliver only what was not delivered yet, so the end is never
         // cut off and no line comes twice.

@@ -15,10 +15,11 @@ pub mod outbound;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use kube::ResourceExt;
 use kube::runtime::watcher;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use tokio::sync::{Mutex, broadcast, mpsc};
 
@@ -184,16 +185,52 @@ struct State {
     current: HashMap<Key, Arc<Event>>,
 }
 
-/// Counters for metrics and tests.
+/// Counters and gauges of the relay (exported on `/metrics` under `shapeblock_relay_`).
 #[derive(Default, Debug)]
 pub struct JournalStats {
     /// Events numbered so far.
-    pub events: AtomicU64,
+    pub events: Counter,
     /// Times a producer found the outbound queue full and waited.
-    pub backpressure_waits: AtomicU64,
+    pub backpressure_waits: Counter,
     /// Events dropped from the outbound queue while the server was unreachable (replaced by
     /// the resync that follows a reconnect).
-    pub replaced_by_resync: AtomicU64,
+    pub replaced_by_resync: Counter,
+    /// Connections made to the ShapeBlock server.
+    pub connects: Counter,
+    /// 1 while connected to the ShapeBlock server.
+    pub connected: Gauge,
+}
+
+impl JournalStats {
+    /// Registers the relay's metrics.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let sub = registry.sub_registry_with_prefix("shapeblock_relay");
+        sub.register(
+            "events",
+            "Status events and log lines numbered",
+            self.events.clone(),
+        );
+        sub.register(
+            "backpressure_waits",
+            "Times a producer waited for the queue to the ShapeBlock server",
+            self.backpressure_waits.clone(),
+        );
+        sub.register(
+            "replaced_by_resync",
+            "Events queued while the server was unreachable, replaced by the resync",
+            self.replaced_by_resync.clone(),
+        );
+        sub.register(
+            "connects",
+            "Connections made to the ShapeBlock server",
+            self.connects.clone(),
+        );
+        sub.register(
+            "connected",
+            "1 while connected to the ShapeBlock server",
+            self.connected.clone(),
+        );
+    }
 }
 
 /// Numbers events, keeps the recent ones and the current state, and hands them on.
@@ -251,15 +288,13 @@ impl Journal {
             }
             state.ring.push_back(event.clone());
         }
-        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats.events.inc();
         let _ = self.live.send(event.clone());
         if let Some(outbound) = &self.outbound {
             match outbound.try_send(event) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(event)) => {
-                    self.stats
-                        .backpressure_waits
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats.backpressure_waits.inc();
                     let _ = outbound.send(event).await;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -557,7 +592,7 @@ mod tests {
         }
         producer.await.unwrap();
         assert_eq!(received, (1..=10).collect::<Vec<_>>());
-        assert!(journal.stats.backpressure_waits.load(Ordering::Relaxed) > 0);
+        assert!(journal.stats.backpressure_waits.get() > 0);
     }
 
     #[test]

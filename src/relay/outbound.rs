@@ -4,7 +4,6 @@
 //! and reconnects with exponential backoff and full jitter.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -206,7 +205,11 @@ pub async fn run(
         match connected {
             Ok(ws) => {
                 delay = min;
-                match session(ws, &journal, &mut events, &config, &shutdown).await {
+                journal.stats.connects.inc();
+                journal.stats.connected.set(1);
+                let ended = session(ws, &journal, &mut events, &config, &shutdown).await;
+                journal.stats.connected.set(0);
+                match ended {
                     Ok(()) => return,
                     Err(reason) => tracing::warn!(%reason, "relay connection lost; reconnecting"),
                 }
@@ -226,7 +229,7 @@ pub async fn run(
             tokio::select! {
                 _ = &mut sleep => break,
                 event = events.recv() => match event {
-                    Some(_) => { journal.stats.replaced_by_resync.fetch_add(1, Ordering::Relaxed); }
+                    Some(_) => { journal.stats.replaced_by_resync.inc(); }
                     None => return,
                 },
                 _ = shutdown.cancelled() => return,

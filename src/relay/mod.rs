@@ -235,6 +235,10 @@ impl JournalStats {
 
 /// Numbers events, keeps the recent ones and the current state, and hands them on.
 pub struct Journal {
+    /// Held from numbering an event until it is queued, so ids reach the queue in order.
+    order: Mutex<()>,
+    /// Never held while waiting for the queue: snapshots and cursors do not wait for a slow
+    /// server (the relay itself takes a snapshot when it reconnects).
     state: Mutex<State>,
     capacity: usize,
     live: broadcast::Sender<Arc<Event>>,
@@ -256,6 +260,7 @@ impl Journal {
     pub fn new(capacity: usize, outbound: Option<mpsc::Sender<Arc<Event>>>) -> Arc<Self> {
         let (live, _) = broadcast::channel(1024);
         Arc::new(Self {
+            order: Mutex::new(()),
             state: Mutex::new(State {
                 next_id: 1,
                 ring: VecDeque::with_capacity(capacity.min(4096)),
@@ -268,26 +273,30 @@ impl Journal {
         })
     }
 
-    /// Numbers an event, records it and hands it on, in one critical section so the outbound
-    /// order is the id order. Waits while the outbound queue is full.
+    /// Numbers an event, records it and hands it on; the outbound order is the id order.
+    /// Waits while the outbound queue is full.
     async fn append(&self, mut event: Event, key: Option<Key>, remove: bool) {
-        let mut state = self.state.lock().await;
-        event.id = state.next_id;
-        state.next_id += 1;
-        let event = Arc::new(event);
-        if let Some(key) = key {
-            if remove {
-                state.current.remove(&key);
-            } else {
-                state.current.insert(key, event.clone());
+        let _order = self.order.lock().await;
+        let event = {
+            let mut state = self.state.lock().await;
+            event.id = state.next_id;
+            state.next_id += 1;
+            let event = Arc::new(event);
+            if let Some(key) = key {
+                if remove {
+                    state.current.remove(&key);
+                } else {
+                    state.current.insert(key, event.clone());
+                }
             }
-        }
-        if event.message_type.is_none() {
-            if state.ring.len() == self.capacity {
-                state.ring.pop_front();
+            if event.message_type.is_none() {
+                if state.ring.len() == self.capacity {
+                    state.ring.pop_front();
+                }
+                state.ring.push_back(event.clone());
             }
-            state.ring.push_back(event.clone());
-        }
+            event
+        };
         self.stats.events.inc();
         let _ = self.live.send(event.clone());
         if let Some(outbound) = &self.outbound {
@@ -593,6 +602,30 @@ mod tests {
         producer.await.unwrap();
         assert_eq!(received, (1..=10).collect::<Vec<_>>());
         assert!(journal.stats.backpressure_waits.get() > 0);
+    }
+
+    #[tokio::test]
+    async fn snapshots_do_not_wait_for_a_full_queue() {
+        // The relay takes a snapshot when it reconnects, while a producer may be waiting for
+        // room in the queue only the relay empties: that must not deadlock.
+        let (tx, mut rx) = mpsc::channel(1);
+        let journal = Journal::new(100, Some(tx));
+        journal.status("c", "App", "ns", "a", status("A")).await;
+        let producer = {
+            let journal = journal.clone();
+            tokio::spawn(async move { journal.status("c", "App", "ns", "a", status("B")).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!producer.is_finished(), "the producer waits for room");
+        let (snapshot, mark) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), journal.snapshot())
+                .await
+                .expect("a snapshot while the queue is full");
+        assert_eq!(mark, 2);
+        assert_eq!(snapshot[0].status.as_deref(), Some("B"));
+        assert_eq!(rx.recv().await.unwrap().id, 1);
+        producer.await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().id, 2);
     }
 
     #[test]

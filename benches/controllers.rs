@@ -25,10 +25,12 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use shapeblock::crd::{App, AppBuild, AppPhase, Project, ProjectPhase};
 use shapeblock::hub::Registry;
-use support::cluster::{active_project, connected_cluster, phase, registry_secret, wait_for};
+use support::cluster::{
+    active_project, connected_cluster, phase, ready_app, registry_secret, shapeblock, wait_for,
+};
 use support::hub::{AgentProcess, TestHub, scratch_dir};
 use support::{PodEnd, finish_job_pod};
 
@@ -45,27 +47,8 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: Value) -> K {
-    serde_json::from_value(
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": kind,
-        "metadata": {"name": name}, "spec": spec}),
-    )
-    .unwrap()
 }
 
 /// Records when each event is first seen: `job:<name>`, `done:<name>`, `<Phase>:<build>`.
@@ -130,22 +113,13 @@ async fn latency() {
     let cluster = connected_cluster("bench-latency").await;
     let admin = cluster.admin.clone();
     let ns = active_project(&admin, "bench").await;
-    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
-    apps.create(
-        &PostParams::default(),
-        &object(
-            "App",
-            "web",
-            json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
-                "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
-        ),
+    ready_app(
+        &admin,
+        &ns,
+        "web",
+        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
     )
-    .await
-    .unwrap();
-    wait_for("App Ready", Duration::from_secs(60), async || {
-        let status = apps.get_opt("web").await.ok()??.status?;
-        (status.phase == Some(AppPhase::Ready)).then_some(())
-    })
     .await;
     let seen = record_events(&admin, &ns);
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
@@ -157,7 +131,7 @@ async fn latency() {
         builds
             .create(
                 &PostParams::default(),
-                &object(
+                &shapeblock(
                     "AppBuild",
                     &name,
                     json!({"appName": "web", "gitRef": "main"}),
@@ -210,7 +184,7 @@ async fn memory() {
         planes.push(support::extra_control_plane(&format!("bench-cluster-{i}")).await);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = rss_kib();
+    let before = support::rss_kib(std::process::id());
     let registry = Arc::new(Registry::in_memory());
     let hub = TestHub::start_tls_controllers(&dir, registry.clone()).await;
     let mut agents = Vec::new();
@@ -237,7 +211,7 @@ async fn memory() {
         .await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let connected = rss_kib();
+    let connected = support::rss_kib(std::process::id());
     for admin in &admins {
         let ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
@@ -255,7 +229,7 @@ async fn memory() {
         Api::<Project>::all(admin.clone())
             .create(
                 &PostParams::default(),
-                &object("Project", "bench", json!({})),
+                &shapeblock("Project", "bench", json!({})),
             )
             .await
             .unwrap();
@@ -270,7 +244,7 @@ async fn memory() {
         .await;
         let apps: Api<App> = Api::namespaced(admin.clone(), "bench");
         for a in 0..APPS {
-            let app: App = object(
+            let app: App = shapeblock(
                 "App",
                 &format!("app-{a}"),
                 json!({"displayName": "Bench", "git": {"url": "git@github.com:org/app.git", "isPrivate": true},
@@ -291,7 +265,7 @@ async fn memory() {
         .await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let loaded = rss_kib();
+    let loaded = support::rss_kib(std::process::id());
     println!(
         "hub memory ({CLUSTERS} clusters, each its own etcd + kube-apiserver and agent; RSS of this process):"
     );

@@ -33,18 +33,6 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(|l| l.to_string())
-        })
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
 fn config_map(name: &str, payload: usize) -> ConfigMap {
     ConfigMap {
         metadata: kube::api::ObjectMeta {
@@ -171,7 +159,7 @@ async fn run() {
     );
 
     // The agent that served the LISTs above: allocator high-water mark after 3 MiB responses.
-    let after_lists = rss_kib(agent.pid().unwrap());
+    let after_lists = support::rss_kib(agent.pid().unwrap());
     drop(agent);
 
     // A fresh agent: idle, then 100 requests/s with 10 open watches for 15 s.
@@ -190,7 +178,7 @@ async fn run() {
     let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
     let pid = agent.pid().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = rss_kib(pid);
+    let idle = support::rss_kib(pid);
     let mut watches = Vec::new();
     for _ in 0..10 {
         let mut stream = watcher(
@@ -211,11 +199,11 @@ async fn run() {
         tunnelled.get("small").await.unwrap();
         sent += 1;
         if sent.is_multiple_of(100) {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(support::rss_kib(pid));
         }
     }
     let rate = sent as f64 / load_start.elapsed().as_secs_f64();
-    let loaded = rss_kib(pid);
+    let loaded = support::rss_kib(pid);
     println!(
         "agent RSS                     idle {:.1} MiB | {rate:.0} req/s + 10 watches: {:.1} MiB (peak {:.1} MiB) | after serving the LISTs {:.1} MiB",
         idle as f64 / 1024.0,
@@ -275,7 +263,7 @@ async fn run() {
         ));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = rss_kib(hub_pid);
+    let before = support::rss_kib(hub_pid);
     let url = format!("ws://{addr}");
     let agents: Vec<AgentProcess> = clusters
         .iter()
@@ -305,14 +293,18 @@ async fn run() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = rss_kib(hub_pid);
+    let after = support::rss_kib(hub_pid);
     let per_tunnel = after.saturating_sub(before) as f64 / 100.0;
     println!(
         "hub process RSS               no tunnels {:.1} MiB | 100 idle tunnels {:.1} MiB | {per_tunnel:.0} KiB per idle tunnel",
         before as f64 / 1024.0,
         after as f64 / 1024.0
     );
-    let agent_rss: Vec<u64> = agents.iter().filter_map(|a| a.pid()).map(rss_kib).collect();
+    let agent_rss: Vec<u64> = agents
+        .iter()
+        .filter_map(|a| a.pid())
+        .map(support::rss_kib)
+        .collect();
     println!(
         "idle agent RSS (100 agents)   mean {:.1} MiB, max {:.1} MiB",
         agent_rss.iter().sum::<u64>() as f64 / agent_rss.len().max(1) as f64 / 1024.0,

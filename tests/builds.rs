@@ -14,10 +14,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use shapeblock::crd::{
-    App, AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, Service, ServicePhase,
-};
-use support::cluster::{active_project, connected_cluster, wait_for};
+use shapeblock::crd::{AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, Service, ServicePhase};
+use support::cluster::{active_project, connected_cluster, ready_app, shapeblock, wait_for};
 use support::{PodEnd, finish_job_pod};
 
 const SHA: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
@@ -27,33 +25,8 @@ fn digest() -> String {
     format!("sha256:{}", "ab".repeat(32))
 }
 
-fn app(name: &str, spec: Value) -> App {
-    serde_json::from_value(
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
-        "metadata": {"name": name}, "spec": spec}),
-    )
-    .unwrap()
-}
-
 fn appbuild(name: &str, spec: Value) -> AppBuild {
-    serde_json::from_value(
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
-        "metadata": {"name": name}, "spec": spec}),
-    )
-    .unwrap()
-}
-
-async fn ready_app(admin: &Client, ns: &str, name: &str, spec: Value) -> Api<App> {
-    let apps: Api<App> = Api::namespaced(admin.clone(), ns);
-    apps.create(&PostParams::default(), &app(name, spec))
-        .await
-        .unwrap();
-    wait_for(&format!("App {name} Ready"), WAIT, async || {
-        let status = apps.get_opt(name).await.ok()??.status?;
-        (status.phase == Some(AppPhase::Ready)).then_some(())
-    })
-    .await;
-    apps
+    shapeblock("AppBuild", name, spec)
 }
 
 async fn wait_build(builds: &Api<AppBuild>, name: &str, phase: AppBuildPhase) -> AppBuildStatus {

@@ -610,20 +610,8 @@ async fn follow_build(
 /// Whether a build pod has started: running, or (while init containers run the clone, the
 /// pod's phase is still Pending) any container has started (pure).
 pub fn started(pod: &Pod) -> bool {
-    let Some(status) = &pod.status else {
-        return false;
-    };
-    status.phase.as_deref() == Some("Running")
-        || status
-            .init_container_statuses
-            .iter()
-            .flatten()
-            .chain(status.container_statuses.iter().flatten())
-            .any(|c| {
-                c.state
-                    .as_ref()
-                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-            })
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        || jobs::container_statuses(pod).any(jobs::has_started)
 }
 
 /// Starts relaying the build pod's log, once per build for the life of the hub (a reconcile

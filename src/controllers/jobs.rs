@@ -3,7 +3,9 @@
 //! finalizers.
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ContainerStateTerminated, ContainerStatus, Namespace, Pod, Secret,
+};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -44,14 +46,34 @@ pub fn outcome(job: &Job) -> Outcome {
     Outcome::Running
 }
 
+/// The statuses of a pod's containers, init containers first (pure).
+pub fn container_statuses(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
+    pod.status.iter().flat_map(|status| {
+        status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+    })
+}
+
+/// Whether a pod has finished (Succeeded or Failed) (pure).
+pub fn pod_finished(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// Whether a container is running or has run: its state is `running` or `terminated` (pure).
+pub fn has_started(status: &ContainerStatus) -> bool {
+    status
+        .state
+        .as_ref()
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
 /// The terminated state of a container (init or regular) of a pod, current or last (pure).
 pub fn terminated<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStateTerminated> {
-    let status = pod.status.as_ref()?;
-    status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
+    container_statuses(pod)
         .filter(|c| c.name == container)
         .find_map(|c| {
             c.state

@@ -135,13 +135,12 @@ where
             object.managed_fields_mut().clear();
         })
         .and_then(move |event| {
-            let relayed = tap.as_mut().map(|tap| tap(event.clone()));
-            async move {
-                Ok(match relayed {
-                    Some(relayed) => relayed.await,
-                    None => event,
-                })
-            }
+            // The event moves through the tap (which hands it back): no copy per watch event.
+            let relayed = match tap.as_mut() {
+                Some(tap) => futures_util::future::Either::Left(tap(event)),
+                None => futures_util::future::Either::Right(futures_util::future::ready(event)),
+            };
+            async move { Ok(relayed.await) }
         })
         .boxed();
     let stream = reflector(writer, events).applied_objects();

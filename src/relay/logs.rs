@@ -5,6 +5,8 @@ use futures_util::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams};
 
+use crate::controllers::jobs::{container_statuses, has_started, pod_finished};
+
 /// The containers of a build pod in the order they run: init containers, then the rest (pure).
 pub fn containers_in_order(pod: &Pod) -> Vec<String> {
     let Some(spec) = &pod.spec else {
@@ -18,38 +20,18 @@ pub fn containers_in_order(pod: &Pod) -> Vec<String> {
         .collect()
 }
 
-/// Whether a container has started (its log can be read) or will never run.
+/// Whether a container has started (its log can be read) or will never run (pure).
 fn started_or_done(pod: &Pod, container: &str) -> bool {
-    let Some(status) = &pod.status else {
-        return false;
-    };
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return true;
-    }
-    status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .filter(|c| c.name == container)
-        .any(|c| {
-            c.state
-                .as_ref()
-                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-        })
+    pod_finished(pod)
+        || container_statuses(pod)
+            .filter(|c| c.name == container)
+            .any(has_started)
 }
 
 /// Whether a container has ended, or never will run (pure).
 fn ended(pod: &Pod, container: &str) -> bool {
-    let Some(status) = &pod.status else {
-        return false;
-    };
-    matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
-        || status
-            .init_container_statuses
-            .iter()
-            .flatten()
-            .chain(status.container_statuses.iter().flatten())
+    pod_finished(pod)
+        || container_statuses(pod)
             .filter(|c| c.name == container)
             .any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
 }

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use shapeblock::crd::{Project, ProjectPhase};
+use shapeblock::crd::{App, AppPhase, Project, ProjectPhase};
 use shapeblock::hub::Registry;
 use shapeblock::render::agent::{AgentManifestParams, agent_manifest};
 
@@ -181,4 +181,35 @@ pub async fn active_project(admin: &Client, prefix: &str) -> String {
     })
     .await;
     name
+}
+
+/// A ShapeBlock object of `kind` named `name` with this spec.
+pub fn shapeblock<K: serde::de::DeserializeOwned>(
+    kind: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> K {
+    serde_json::from_value(
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": kind,
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+/// Creates an App and waits until the hub reports it Ready.
+pub async fn ready_app(admin: &Client, ns: &str, name: &str, spec: serde_json::Value) -> Api<App> {
+    let apps: Api<App> = Api::namespaced(admin.clone(), ns);
+    apps.create(&PostParams::default(), &shapeblock("App", name, spec))
+        .await
+        .unwrap();
+    wait_for(
+        &format!("App {name} Ready"),
+        Duration::from_secs(60),
+        async || {
+            let status = apps.get_opt(name).await.ok()??.status?;
+            (status.phase == Some(AppPhase::Ready)).then_some(())
+        },
+    )
+    .await;
+    apps
 }

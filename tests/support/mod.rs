@@ -851,6 +851,18 @@ pub async fn finish_job_pod(
     pod.name_any()
 }
 
+/// Resident memory of a process, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 /// Plain HTTP/1.0 GET on loopback; true when the body contains `needle`.
 fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {

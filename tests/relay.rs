@@ -15,10 +15,12 @@ use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use shapeblock::crd::{App, AppBuild, AppPhase};
+use shapeblock::crd::{App, AppBuild};
 use shapeblock::relay::outbound::RelayConfig;
 use shapeblock::secret::Secret;
-use support::cluster::{active_project, connected_cluster_relaying, wait_for};
+use support::cluster::{
+    active_project, connected_cluster_relaying, ready_app, shapeblock, wait_for,
+};
 use support::{PodEnd, finish_job_pod};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -26,6 +28,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 const KEY: &str = "relay-test-key-0123456789";
 const WAIT: Duration = Duration::from_secs(60);
+
+/// One relaying hub at a time: the tests share one apiserver, and every hub reconciles every
+/// namespace in it, so concurrent hubs would race each other on the same AppBuilds (and a
+/// stalled one would hold its watches back), which one hub per cluster never does.
+static ONE_HUB: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Lines of the build log the slow-server test relays.
 const LOG_LINES: usize = 30_000;
 
@@ -157,31 +164,12 @@ impl TestServer {
     }
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: Value) -> K {
-    serde_json::from_value(
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": kind,
-        "metadata": {"name": name}, "spec": spec}),
-    )
-    .unwrap()
-}
-
 async fn build_to_completion(admin: &Client, ns: &str, name: &str, server: Option<&TestServer>) {
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), ns);
     builds
         .create(
             &PostParams::default(),
-            &object(
+            &shapeblock(
                 "AppBuild",
                 name,
                 json!({"appName": "web", "gitRef": "main"}),
@@ -199,7 +187,9 @@ async fn build_to_completion(admin: &Client, ns: &str, name: &str, server: Optio
                 .then_some(())
         })
         .await;
-        server.cut.notify_waiters();
+        // notify_one keeps the request until the connection's task next waits for it (it may be
+        // busy with a message right now); notify_waiters would be lost then.
+        server.cut.notify_one();
     }
     let end = PodEnd {
         phase: "Succeeded",
@@ -253,27 +243,19 @@ async fn truth(admin: &Client, ns: &str) -> BTreeMap<(String, String, String), S
 }
 
 async fn ready_web_app(admin: &Client, ns: &str) {
-    let apps: Api<App> = Api::namespaced(admin.clone(), ns);
-    apps.create(
-        &PostParams::default(),
-        &object(
-            "App",
-            "web",
-            json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
-                "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
-        ),
+    ready_app(
+        admin,
+        ns,
+        "web",
+        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
     )
-    .await
-    .unwrap();
-    wait_for("App Ready", WAIT, async || {
-        let status = apps.get_opt("web").await.ok()??.status?;
-        (status.phase == Some(AppPhase::Ready)).then_some(())
-    })
     .await;
 }
 
 #[tokio::test]
 async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
+    let _one_hub = ONE_HUB.lock().await;
     support::jobs().await;
     let server = TestServer::start().await;
     let cluster = connected_cluster_relaying("relay-order", Some(server.relay(64))).await;
@@ -377,6 +359,7 @@ async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
 
 #[tokio::test]
 async fn a_slow_server_gets_backpressure_and_every_event() {
+    let _one_hub = ONE_HUB.lock().await;
     support::jobs().await;
     // A 4.5 MB build log: far more than the socket buffers hold, so a stalled server pushes
     // back through the relay's queue of 4 to the log follower.
@@ -395,31 +378,22 @@ async fn a_slow_server_gets_backpressure_and_every_event() {
     let cluster = connected_cluster_relaying("relay-slow", Some(relay)).await;
     let admin = cluster.admin.clone();
     let ns = active_project(&admin, "slow").await;
-    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
-    apps.create(
-        &PostParams::default(),
-        &object(
-            "App",
-            "worker",
-            json!({"displayName": "Worker", "git": {"url": "https://github.com/org/worker.git"},
-                "registry": {"url": "registry.example.com"}, "build": {"type": "buildpack"}}),
-        ),
+    ready_app(
+        &admin,
+        &ns,
+        "worker",
+        json!({"displayName": "Worker", "git": {"url": "https://github.com/org/worker.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "buildpack"}}),
     )
-    .await
-    .unwrap();
-    wait_for("App Ready", WAIT, async || {
-        let status = apps.get_opt("worker").await.ok()??.status?;
-        (status.phase == Some(AppPhase::Ready)).then_some(())
-    })
     .await;
     let journal = cluster.hub.as_ref().unwrap().journal.clone();
-    let rss_before = rss_kib();
+    let rss_before = support::rss_kib(std::process::id());
     // The server stalls for 5 s after its next message, as the build starts.
     server.read_delay_ms.store(5000, Ordering::SeqCst);
     Api::<AppBuild>::namespaced(admin.clone(), &ns)
         .create(
             &PostParams::default(),
-            &object(
+            &shapeblock(
                 "AppBuild",
                 "worker-1",
                 json!({"appName": "worker", "gitRef": "main"}),
@@ -429,7 +403,7 @@ async fn a_slow_server_gets_backpressure_and_every_event() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     server.read_delay_ms.store(0, Ordering::SeqCst);
-    let rss_stalled = rss_kib();
+    let rss_stalled = support::rss_kib(std::process::id());
     let end = PodEnd {
         phase: "Succeeded",
         init: vec![
@@ -493,6 +467,7 @@ async fn a_slow_server_gets_backpressure_and_every_event() {
 
 #[tokio::test]
 async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
+    let _one_hub = ONE_HUB.lock().await;
     let server = TestServer::start().await;
     let cluster = connected_cluster_relaying("relay-events", Some(server.relay(64))).await;
     let admin = cluster.admin.clone();
@@ -548,7 +523,7 @@ async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
     Api::<App>::namespaced(admin.clone(), &ns)
         .create(
             &PostParams::default(),
-            &object(
+            &shapeblock(
                 "App",
                 "live",
                 json!({"displayName": "Live", "registry": {},
@@ -592,6 +567,7 @@ async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
 
 #[tokio::test]
 async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
+    let _one_hub = ONE_HUB.lock().await;
     support::jobs().await;
     support::write_container_log(
         "clone",
@@ -617,7 +593,7 @@ async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
     Api::<AppBuild>::namespaced(admin.clone(), &ns)
         .create(
             &PostParams::default(),
-            &object(
+            &shapeblock(
                 "AppBuild",
                 "web-logs",
                 json!({"appName": "web", "gitRef": "main"}),

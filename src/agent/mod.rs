@@ -102,6 +102,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
     let client =
         kube::Client::try_from(kube_config).map_err(|e| AgentError::Kube(e.to_string()))?;
+    run_with_client(config, client, shutdown).await
+}
+
+/// [`run`] with the client requests are forwarded to already built: the binary passes its
+/// apiserver's; the load test (`loadtest/`) passes one backed by a simulated cluster.
+pub async fn run_with_client(
+    config: AgentConfig,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let refused = config::REFUSED_SUBRESOURCES
         .iter()
         .filter(|s| !config.allowed_subresources.iter().any(|a| a == *s))

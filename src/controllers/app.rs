@@ -399,6 +399,7 @@ pub async fn run(ctx: Arc<Context>) {
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store.clone())
+        .with_config(super::controller_config())
         // Children (deploy key, known_hosts, the uninstall Job), metadata only.
         .owns_stream(
             watcher(
@@ -439,7 +440,11 @@ pub async fn run(ctx: Arc<Context>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |app, ctx| super::bounded(ctx, move |ctx| reconcile(app, ctx)),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| {
             metrics.record("app", &result);
             async {}

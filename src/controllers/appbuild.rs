@@ -897,6 +897,7 @@ pub async fn run(ctx: Arc<Context>) {
     let app_store = store.clone();
     let pod_selector = format!("{managed},{BUILD_LABEL}");
     Controller::for_stream(stream, store)
+        .with_config(super::controller_config())
         .owns_stream(
             watcher(
                 Api::<PartialObjectMeta<Job>>::all(client.clone()),
@@ -942,7 +943,10 @@ pub async fn run(ctx: Arc<Context>) {
             },
         )
         .run(
-            move |build, ctx| reconcile(build, ctx, reconcile_store.clone()),
+            move |build, ctx| {
+                let store = reconcile_store.clone();
+                super::bounded(ctx, move |ctx| reconcile(build, ctx, store))
+            },
             error_policy,
             ctx,
         )

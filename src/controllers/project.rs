@@ -245,6 +245,7 @@ pub async fn run(ctx: Arc<Context>) {
     let (store, stream) = super::trimmed_reflector(Api::<Project>::all(client), &ctx);
     let default_source = ctx.config.default_registry_secret.clone();
     Controller::for_stream(stream, store.clone())
+        .with_config(super::controller_config())
         .owns_stream(
             watcher(namespaces, watcher::Config::default().labels(&managed)).touched_objects(),
         )
@@ -264,7 +265,11 @@ pub async fn run(ctx: Arc<Context>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |project, ctx| super::bounded(ctx, move |ctx| reconcile(project, ctx)),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| {
             metrics.record("project", &result);
             async {}

@@ -295,6 +295,7 @@ pub async fn run(ctx: Arc<Context>) {
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store)
+        .with_config(super::controller_config())
         .owns_stream(
             watcher(
                 Api::<PartialObjectMeta<Job>>::all(client),
@@ -302,7 +303,11 @@ pub async fn run(ctx: Arc<Context>) {
             )
             .touched_objects(),
         )
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |service, ctx| super::bounded(ctx, move |ctx| reconcile(service, ctx)),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| {
             metrics.record("service", &result);
             async {}

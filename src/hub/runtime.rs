@@ -50,6 +50,7 @@ pub struct Runtimes {
     shards: Vec<tokio::runtime::Handle>,
     journal: Option<Arc<crate::relay::Journal>>,
     metrics: Arc<super::metrics::ControllerMetrics>,
+    reconciles: Arc<Semaphore>,
 }
 
 /// Starts `count` shard threads, each running a current-thread runtime until `shutdown`.
@@ -94,6 +95,7 @@ impl Runtimes {
             shards: start_shards(config.shards, &shutdown),
             journal,
             metrics,
+            reconciles: Arc::new(Semaphore::new(controllers::MAX_CONCURRENT_RECONCILES)),
             config,
             shutdown: shutdown.clone(),
         });
@@ -133,6 +135,7 @@ impl Runtimes {
             journal: self.journal.clone(),
             log_followers: Default::default(),
             metrics: self.metrics.clone(),
+            reconciles: self.reconciles.clone(),
         });
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);

@@ -9,6 +9,13 @@ use shapeblock::hub::{Hub, HubArgs, HubConfig, Registry};
 use shapeblock::telemetry;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the platform's allocator: the release image is static musl, whose
+/// allocator made the hub about half as fast through a first sync of 1,000 clusters (load test:
+/// relay p99 5.9 s instead of 0.6 s while 20,000 Apps were first reconciled). The agent keeps
+/// musl's, which is smaller.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "shapeblock-hub",

@@ -74,15 +74,7 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) -> Duration {
 
 /// Waits until no reconcile ran for 2 s, then samples the hub's RSS.
 async fn quiet_rss(hub: &hub::HubProcess) -> u64 {
-    let mut previous = hub.api.reconciles().await;
-    loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = hub.api.reconciles().await;
-        if now == previous {
-            break;
-        }
-        previous = now;
-    }
+    hub.api.until_quiet().await;
     hub::sample(hub.pid).rss_kib
 }
 

@@ -27,11 +27,11 @@ pub const PROJECT: &str = "shop";
 pub fn seed_registry(cluster: &Arc<Cluster>) {
     use base64::Engine;
     let config = json!({"auths": {"registry.example.com": {"auth": "dXNlcjpwYXNz"}}}).to_string();
-    cluster.seed(
+    let _ = cluster.create(
         "/namespaces",
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shapeblock"}}),
     );
-    cluster.seed(
+    let _ = cluster.create(
         "/secrets",
         json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
             "metadata": {"name": "registry-creds", "namespace": "shapeblock"},

@@ -354,6 +354,21 @@ impl Api {
             .collect()
     }
 
+    /// Waits until no reconcile ran for 2 s (Ready is not quiet: the reconciles that follow
+    /// each object's own status writes still run); returns how long that took.
+    pub async fn until_quiet(&self) -> Duration {
+        let started = Instant::now();
+        let mut previous = self.reconciles().await;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = self.reconciles().await;
+            if now == previous {
+                return started.elapsed();
+            }
+            previous = now;
+        }
+    }
+
     /// Registers a cluster; returns (id, token).
     pub async fn register(&self, name: &str) -> (String, String) {
         let created = self

@@ -235,7 +235,6 @@ async fn scenario(
     let hub_url = format!("wss://127.0.0.1:{}", settings.port);
     let agents = CancellationToken::new();
     let mut processes = vec![];
-    let started = Instant::now();
     for (i, member) in members.iter().enumerate() {
         if i < args.agent_processes {
             processes.push(
@@ -272,7 +271,6 @@ async fn scenario(
         },
     )
     .await;
-    let _ = started;
     figures.connect_seconds = connected.as_secs_f64();
     figures.watch_seconds = (connected + watching).as_secs_f64();
     println!(
@@ -310,16 +308,7 @@ async fn scenario(
     .await;
     figures.ready_seconds = ready.as_secs_f64();
     println!("{expected} Apps Ready in {:.1} s", figures.ready_seconds);
-    // Ready is not quiet: the reconciles that follow each App's own status writes still run.
-    let mut previous = hub.api.reconciles().await;
-    let quiet = wait_until("reconciles to stop", Duration::from_secs(600), async || {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = hub.api.reconciles().await;
-        let done = now == previous;
-        previous = now;
-        (!done).then(|| "still reconciling".to_string())
-    })
-    .await;
+    let quiet = hub.api.until_quiet().await;
     println!("reconciles done {:.1} s later", quiet.as_secs_f64());
     received.measuring.store(false, Ordering::Relaxed);
     let mut storm = received.take_latencies("App");

@@ -17,9 +17,7 @@ use crate::sim::phase_key;
 #[derive(Default)]
 pub struct Received {
     pub events: AtomicU64,
-    pub resync_events: AtomicU64,
     pub log_lines: AtomicU64,
-    pub connects: AtomicU64,
     /// Status changes whose commit time was known: kind and latency.
     latencies: Mutex<Vec<(String, Duration)>>,
     /// Measure latencies only while this is set.
@@ -73,7 +71,6 @@ pub async fn start(phases: Arc<DashMap<String, Instant>>, received: Arc<Received
                 let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
                     return;
                 };
-                received.connects.fetch_add(1, Ordering::Relaxed);
                 while let Some(Ok(message)) = ws.next().await {
                     let at = Instant::now();
                     let Ok(text) = message.to_text() else {
@@ -110,7 +107,6 @@ fn record(event: &Value, at: Instant, phases: &DashMap<String, Instant>, receive
             .insert(format!("{cluster}/{kind}/{ns}/{name}"));
     }
     if event["resync"] == true {
-        received.resync_events.fetch_add(1, Ordering::Relaxed);
         return;
     }
     // The first arrival of each stamped phase removes the stamp (and counts, while measuring):

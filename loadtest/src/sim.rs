@@ -15,7 +15,7 @@
 //! written ([`Cluster::phase_written`]), which the relay latency is measured from.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,10 +89,8 @@ struct State {
 /// Counters a scenario reads.
 #[derive(Default)]
 pub struct SimStats {
-    pub requests: AtomicU64,
+    /// Watches being served (the hub's controllers keep 14 open per cluster).
     pub open_watches: AtomicUsize,
-    pub watches_started: AtomicU64,
-    pub jobs_created: AtomicU64,
 }
 
 /// One simulated cluster.
@@ -317,12 +315,6 @@ impl Cluster {
         })
     }
 
-    /// Adds an object as if a user had created it (metadata filled in like the apiserver).
-    pub fn seed(self: &Arc<Self>, resource: &str, object: Value) {
-        let mut state = self.state.lock().expect("sim state");
-        let _ = self.insert(&mut state, resource.into(), object);
-    }
-
     /// Creates an object from outside the hub (the load test's users), as `POST` would.
     pub fn create(self: &Arc<Self>, resource: &str, object: Value) -> Result<(), String> {
         let mut state = self.state.lock().expect("sim state");
@@ -448,7 +440,6 @@ impl Cluster {
             .insert((ns, name), object.clone());
         self.commit(state, resource.clone(), ChangeType::Added, object.clone());
         if &*resource == "batch/jobs" {
-            self.stats.jobs_created.fetch_add(1, Ordering::Relaxed);
             self.drive_job(object.clone());
         }
         Ok(object)
@@ -536,7 +527,6 @@ impl Cluster {
         B: http_body::Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = request.into_parts();
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -872,7 +862,6 @@ impl Cluster {
         };
         let this = self.clone();
         this.stats.open_watches.fetch_add(1, Ordering::Relaxed);
-        this.stats.watches_started.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);

@@ -440,11 +440,7 @@ pub async fn run(ctx: Arc<Context>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(
-            |app, ctx| super::bounded(ctx, move |ctx| reconcile(app, ctx)),
-            error_policy,
-            ctx,
-        )
+        .run(super::bounded(reconcile), error_policy, ctx)
         .for_each(|result| {
             metrics.record("app", &result);
             async {}

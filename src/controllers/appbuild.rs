@@ -943,10 +943,7 @@ pub async fn run(ctx: Arc<Context>) {
             },
         )
         .run(
-            move |build, ctx| {
-                let store = reconcile_store.clone();
-                super::bounded(ctx, move |ctx| reconcile(build, ctx, store))
-            },
+            super::bounded(move |build, ctx| reconcile(build, ctx, reconcile_store.clone())),
             error_policy,
             ctx,
         )

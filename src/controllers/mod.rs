@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod project;
 pub mod service;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::controller::Action;
@@ -67,20 +68,29 @@ pub fn controller_config() -> kube::runtime::controller::Config {
     kube::runtime::controller::Config::default().concurrency(RECONCILES_PER_CONTROLLER)
 }
 
-/// Runs a reconcile once the hub-wide bound allows. The reconcile's future is allocated only
-/// then: when 1,000 clusters connect at once with 20 Apps each, 20,000 queued reconciles would
-/// otherwise each hold their full future (measured: a 40 MB peak at 200 clusters, which the
-/// allocator keeps as resident memory for the rest of the process's life).
-pub async fn bounded<Fut>(
-    ctx: std::sync::Arc<Context>,
-    reconcile: impl FnOnce(std::sync::Arc<Context>) -> Fut,
-) -> Fut::Output
+/// Wraps a reconciler so each reconcile runs once the hub-wide bound allows, and its future is
+/// allocated only then: when 1,000 clusters connect at once with 20 Apps each, 20,000 queued
+/// reconciles would otherwise each hold their full future (measured: a 40 MB peak at 200
+/// clusters, which the allocator keeps as resident memory for the rest of the process's life).
+pub fn bounded<K, Fut>(
+    reconcile: impl Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> BoxFuture<Fut::Output>
 where
-    Fut: std::future::Future,
+    K: Send + Sync + 'static,
+    Fut: std::future::Future + Send + 'static,
 {
-    let _permit = ctx.reconciles.clone().acquire_owned().await.ok();
-    Box::pin(reconcile(ctx)).await
+    let reconcile = Arc::new(reconcile);
+    move |object, ctx| {
+        let reconcile = reconcile.clone();
+        Box::pin(async move {
+            let _permit = ctx.reconciles.clone().acquire_owned().await.ok();
+            Box::pin(reconcile(object, ctx)).await
+        })
+    }
 }
+
+/// A boxed reconcile future.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// Why a reconcile did not finish.
 #[derive(Debug, thiserror::Error)]

@@ -265,11 +265,7 @@ pub async fn run(ctx: Arc<Context>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(
-            |project, ctx| super::bounded(ctx, move |ctx| reconcile(project, ctx)),
-            error_policy,
-            ctx,
-        )
+        .run(super::bounded(reconcile), error_policy, ctx)
         .for_each(|result| {
             metrics.record("project", &result);
             async {}

@@ -303,11 +303,7 @@ pub async fn run(ctx: Arc<Context>) {
             )
             .touched_objects(),
         )
-        .run(
-            |service, ctx| super::bounded(ctx, move |ctx| reconcile(service, ctx)),
-            error_policy,
-            ctx,
-        )
+        .run(super::bounded(reconcile), error_policy, ctx)
         .for_each(|result| {
             metrics.record("service", &result);
             async {}

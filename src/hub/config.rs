@@ -82,6 +82,7 @@ struct HubFile {
     handshake_timeout_seconds: Option<u64>,
     handshakes_per_second: Option<u32>,
     handshakes_per_second_per_ip: Option<u32>,
+    trust_forwarded_for: Option<bool>,
     ping_interval_seconds: Option<u64>,
     ping_timeout_seconds: Option<u64>,
     api_qps_per_cluster: Option<u32>,
@@ -256,6 +257,9 @@ impl HubConfig {
                 "ping_interval_seconds",
             )?,
             api_qps: file.api_qps_per_cluster.unwrap_or(defaults.api_qps),
+            trust_forwarded_for: file
+                .trust_forwarded_for
+                .unwrap_or(defaults.trust_forwarded_for),
             ping_timeout: seconds(
                 file.ping_timeout_seconds,
                 defaults.ping_timeout.as_secs(),

@@ -30,8 +30,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::metrics::{ClusterLabel, TunnelMetrics};
+use super::metrics::{ClusterLabel, TunnelMetrics, VersionLabel};
 use super::registry::{ClusterId, Registry};
+use crate::secret::Secret;
 use crate::tunnel::{self, WsIo};
 
 /// Gateway settings.
@@ -49,6 +50,10 @@ pub struct GatewayConfig {
     pub ping_timeout: Duration,
     /// Kubernetes API requests per second the hub sends to one cluster (burst: twice that).
     pub api_qps: u32,
+    /// Rate-limit handshakes by the rightmost `X-Forwarded-For` address (the address the
+    /// nearest proxy saw) instead of the socket's peer. Only for a hub reachable solely
+    /// through such a proxy: behind an ingress every agent arrives from the proxy's address.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for GatewayConfig {
@@ -60,6 +65,7 @@ impl Default for GatewayConfig {
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
             api_qps: 50,
+            trust_forwarded_for: false,
         }
     }
 }
@@ -147,15 +153,27 @@ impl ClusterSlot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes `tunnel` current and closes the one it replaces.
-    fn publish(&self, tunnel: Tunnel) {
-        let old = self
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(tunnel);
-        if let Some(old) = old {
+    /// Makes `tunnel` current and closes the one it replaces, if `still_valid` holds. It is
+    /// checked under the lock a revocation's [`Gateway::disconnect`] also takes, after the
+    /// registry has changed: a handshake authenticated just before a token rotation or a
+    /// cluster deletion either goes live before the revocation (which then closes it) or is
+    /// refused here, never live after it.
+    fn publish(&self, tunnel: Tunnel, still_valid: impl FnOnce() -> bool) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if !still_valid() {
+            return false;
+        }
+        if let Some(old) = current.replace(tunnel) {
             old.closed.cancel();
+        }
+        true
+    }
+
+    /// Closes the current tunnel, if any.
+    fn close_current(&self) {
+        let current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(tunnel) = current.as_ref() {
+            tunnel.closed.cancel();
         }
     }
 
@@ -297,21 +315,32 @@ impl Gateway {
 
     /// Closes the cluster's live tunnel, if any (after its token was revoked or rotated).
     pub fn disconnect(&self, id: &str) {
-        if let Some(tunnel) = self.slots.get(id).and_then(|slot| slot.current()) {
-            tunnel.closed.cancel();
+        let slot = self.slots.get(id).map(|slot| slot.clone());
+        if let Some(slot) = slot {
+            slot.close_current();
         }
     }
 
     /// Forgets a deleted cluster: closes its tunnel and drops its state and metrics.
     pub fn forget(&self, id: &str) {
         self.disconnect(id);
-        self.slots.remove(id);
+        if let Some((_, slot)) = self.slots.remove(id) {
+            let state = slot.state();
+            if state.kubernetes_version.is_some() {
+                self.metrics.info.remove(&version_label(
+                    id,
+                    &state.agent_version,
+                    &state.kubernetes_version,
+                ));
+            }
+        }
         let label = ClusterLabel {
             cluster: id.to_string(),
         };
         self.metrics.connected.remove(&label);
         self.metrics.connected_since.remove(&label);
         self.metrics.rtt_seconds.remove(&label);
+        self.metrics.last_seen.remove(&label);
         self.metrics.connects.remove(&label);
         self.metrics.disconnects.remove(&label);
     }
@@ -345,8 +374,9 @@ impl Gateway {
         self: Arc<Self>,
         id: ClusterId,
         ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+        token: Secret,
         agent_version: Option<String>,
-        remote: SocketAddr,
+        remote: IpAddr,
     ) {
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -401,9 +431,27 @@ impl Gateway {
                 return;
             }
         };
+        // The token was checked at the upgrade; it may have been rotated or the cluster
+        // deleted while the tunnel was being set up.
+        let registry = &self.registry;
+        let still_valid = || registry.authenticate(token.expose()).as_ref() == Some(&id);
+        if !slot.publish(probe.clone(), still_valid) {
+            tracing::info!("token revoked while the tunnel was being set up; closing it");
+            self.metrics.reject("unauthorized");
+            connection.abort();
+            return;
+        }
+        drop(token);
         let now = SystemTime::now();
         let label = ClusterLabel {
             cluster: id.clone(),
+        };
+        let previous_versions = {
+            let state = slot.state();
+            (
+                state.agent_version.clone(),
+                state.kubernetes_version.clone(),
+            )
         };
         {
             let mut state = slot.state();
@@ -416,18 +464,36 @@ impl Gateway {
             state.rtt_ms = None;
             state.connects += 1;
         }
-        slot.publish(probe.clone());
         self.registry.note_connected(
             &id,
             slot.state().agent_version.clone(),
             Some(kubernetes_version.clone()),
         );
         self.metrics.connected.get_or_create(&label).set(1);
-        self.metrics.connected_since.get_or_create(&label).set(
-            now.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-        );
+        self.metrics
+            .connected_since
+            .get_or_create(&label)
+            .set(unix_seconds(now));
         self.metrics.connects.get_or_create(&label).inc();
+        self.metrics
+            .last_seen
+            .get_or_create(&label)
+            .set(unix_seconds(now));
+        if previous_versions.1.is_some() {
+            self.metrics.info.remove(&version_label(
+                &id,
+                &previous_versions.0,
+                &previous_versions.1,
+            ));
+        }
+        let versions = (
+            slot.state().agent_version.clone(),
+            Some(kubernetes_version.clone()),
+        );
+        self.metrics
+            .info
+            .get_or_create(&version_label(&id, &versions.0, &versions.1))
+            .set(1);
         tracing::info!(kubernetes = %kubernetes_version, "tunnel connected");
         let _ = self.connects.send(id.clone());
 
@@ -443,10 +509,12 @@ impl Gateway {
                 _ = ticker.tick() => {
                     match tokio::time::timeout(self.config.ping_timeout, ping(&slot.id, &probe)).await {
                         Ok(Ok(rtt)) => {
+                            let now = SystemTime::now();
                             let mut state = slot.state();
                             state.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
-                            state.last_seen = Some(SystemTime::now());
+                            state.last_seen = Some(now);
                             self.metrics.rtt_seconds.get_or_create(&label).set(rtt.as_secs_f64());
+                            self.metrics.last_seen.get_or_create(&label).set(unix_seconds(now));
                         }
                         Ok(Err(err)) => {
                             tracing::warn!(error = %err, "ping failed");
@@ -458,12 +526,36 @@ impl Gateway {
             }
         };
         connection.abort();
-        if slot.retire(generation) {
+        let retired = slot.retire(generation);
+        if retired {
             slot.state().connected = false;
-            self.metrics.connected.get_or_create(&label).set(0);
         }
-        self.metrics.disconnects.get_or_create(&label).inc();
+        // A deleted cluster's slot and metrics are gone (`forget`); do not bring them back.
+        let forgotten = !self
+            .slots
+            .get(&id)
+            .is_some_and(|current| Arc::ptr_eq(&current, &slot));
+        if !forgotten {
+            if retired {
+                self.metrics.connected.get_or_create(&label).set(0);
+            }
+            self.metrics.disconnects.get_or_create(&label).inc();
+        }
         tracing::info!(reason, "tunnel ended");
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn version_label(id: &str, agent: &Option<String>, kubernetes: &Option<String>) -> VersionLabel {
+    let known = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
+    VersionLabel {
+        cluster: id.to_string(),
+        agent_version: known(agent),
+        kubernetes_version: known(kubernetes),
     }
 }
 
@@ -520,6 +612,13 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|v| v.trim().eq_ignore_ascii_case(token))
 }
 
+/// The rightmost address of `X-Forwarded-For`: the one the nearest proxy saw. Addresses to
+/// its left come from the client and could be anything.
+fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    last.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
+}
+
 fn refuse(status: StatusCode, message: &'static str) -> Response {
     (status, message).into_response()
 }
@@ -530,9 +629,12 @@ async fn connect(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    if gateway.ip_limiter.check_key(&remote.ip()).is_err()
-        || gateway.global_limiter.check().is_err()
-    {
+    let remote = if gateway.config.trust_forwarded_for {
+        forwarded_for(request.headers()).unwrap_or(remote.ip())
+    } else {
+        remote.ip()
+    };
+    if gateway.ip_limiter.check_key(&remote).is_err() || gateway.global_limiter.check().is_err() {
         gateway.metrics.reject("rate_limited");
         let mut response = refuse(
             StatusCode::TOO_MANY_REQUESTS,
@@ -562,7 +664,9 @@ async fn connect(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(cluster) = token.and_then(|t| gateway.registry.authenticate(t)) else {
+    let Some((cluster, token)) =
+        token.and_then(|t| Some((gateway.registry.authenticate(t)?, Secret::new(t))))
+    else {
         gateway.metrics.reject("unauthorized");
         tracing::info!(%remote, "tunnel handshake with a missing, wrong, unknown or revoked token");
         return refuse(StatusCode::UNAUTHORIZED, "invalid cluster token");
@@ -594,9 +698,42 @@ async fn connect(
         .await;
         let span = tracing::info_span!("tunnel", cluster = %cluster, %remote);
         gateway
-            .run_session(cluster, ws, agent_version, remote)
+            .run_session(cluster, ws, token, agent_version, remote)
             .instrument(span)
             .await;
     });
     crate::tunnel::switching_protocols(&accept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn the_address_the_nearest_proxy_saw_is_the_rightmost() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // A client may send any X-Forwarded-For; the proxy appends the address it saw.
+        assert_eq!(
+            forwarded_for(&headers(&["6.6.6.6, 203.0.113.7"])),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            forwarded_for(&headers(&["6.6.6.6", "2001:db8::1"])),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            forwarded_for(&headers(&["198.51.100.2 "])),
+            ip("198.51.100.2")
+        );
+        assert_eq!(forwarded_for(&headers(&[])), None);
+        assert_eq!(forwarded_for(&headers(&["1.2.3.4, not-an-ip"])), None);
+    }
 }

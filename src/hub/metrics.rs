@@ -12,6 +12,14 @@ pub struct ClusterLabel {
     pub cluster: String,
 }
 
+/// The versions a cluster's agent reported at its last handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub cluster: String,
+    pub agent_version: String,
+    pub kubernetes_version: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -26,6 +34,10 @@ pub struct TunnelMetrics {
     pub connected_since: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
     /// Round-trip time of the last tunnel ping.
     pub rtt_seconds: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
+    /// Unix time the hub last heard from the agent (handshake or answered ping).
+    pub last_seen: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
+    /// 1 for the agent and Kubernetes versions of the cluster's last tunnel.
+    pub info: Family<VersionLabel, Gauge>,
     /// Tunnels established.
     pub connects: Family<ClusterLabel, Counter>,
     /// Tunnels that ended (dropped, replaced, revoked or timed out).
@@ -51,6 +63,16 @@ impl TunnelMetrics {
             "rtt_seconds",
             "Round-trip time of the last tunnel ping",
             self.rtt_seconds.clone(),
+        );
+        sub.register(
+            "last_seen_seconds",
+            "Unix time the hub last heard from the agent (handshake or answered ping)",
+            self.last_seen.clone(),
+        );
+        sub.register(
+            "info",
+            "1 for the agent and Kubernetes versions of the cluster's last tunnel",
+            self.info.clone(),
         );
         sub.register("connects", "Tunnels established", self.connects.clone());
         sub.register(

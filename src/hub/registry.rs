@@ -28,6 +28,8 @@ use crate::secret::Secret;
 pub type ClusterId = String;
 
 const STORE_FILE: &str = "clusters.json";
+/// Locked while a hub has the data directory open.
+const LOCK_FILE: &str = ".lock";
 const STORE_VERSION: u32 = 1;
 
 /// What the hub records about a cluster.
@@ -70,6 +72,11 @@ pub enum StoreError {
     },
     #[error("cluster store {path} is not valid: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "another shapeblock-hub is using the data directory {path} (it holds {path}/{LOCK_FILE}); \
+         two hubs on one store would overwrite each other's changes"
+    )]
+    InUse { path: PathBuf },
 }
 
 /// The clusters the hub accepts tunnels from.
@@ -81,6 +88,9 @@ pub struct Registry {
     dir: Option<PathBuf>,
     /// Connection details changed in memory but not yet written.
     dirty: AtomicBool,
+    /// Held open with an exclusive lock while this registry owns `dir`; the operating
+    /// system releases it when the process ends, however it ends.
+    _lock: Option<std::fs::File>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -109,6 +119,7 @@ impl Registry {
             writer: Mutex::new(()),
             dir: None,
             dirty: AtomicBool::new(false),
+            _lock: None,
         }
     }
 
@@ -120,6 +131,21 @@ impl Registry {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
+        }
         // Temporary files of writes interrupted by a crash never took effect.
         for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
             if entry
@@ -160,6 +186,7 @@ impl Registry {
             writer: Mutex::new(()),
             dir: Some(dir.to_path_buf()),
             dirty: AtomicBool::new(false),
+            _lock: Some(lock),
         })
     }
 
@@ -403,6 +430,21 @@ mod tests {
         assert_eq!(all[0].labels["env"], "prod");
         assert_eq!(all[0].kubernetes_version.as_deref(), Some("v1.36.3"));
         assert_eq!(registry.authenticate(token.expose()), Some(kept.id));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn one_data_directory_serves_one_hub_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("sb-registry-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Registry::open(&dir).unwrap();
+        let err = Registry::open(&dir)
+            .err()
+            .expect("a second registry opened a data directory in use")
+            .to_string();
+        assert!(err.contains("another shapeblock-hub is using"), "{err}");
+        drop(first);
+        Registry::open(&dir).expect("the lock outlived its registry");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -513,25 +513,177 @@ struct HubProcess {
 }
 
 async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubProcess {
+    let args = [
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--admin-tokens".into(),
+        ADMIN_TOKEN.into(),
+    ];
+    spawn_hub(data_dir.parent().unwrap(), port, &args).await
+}
+
+/// Starts the hub binary in `dir` listening on `port` with `args`, its output in
+/// `dir/hub-<port>.log` (appended to, so restarts keep the earlier logs).
+async fn spawn_hub(dir: &std::path::Path, port: u16, args: &[String]) -> HubProcess {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+    std::fs::create_dir_all(dir).unwrap();
+    let log = dir.join(format!("hub-{port}.log"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
         .arg("--listen")
         .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--admin-tokens")
-        .arg(ADMIN_TOKEN)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .args(args)
+        .current_dir(dir)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "hub process did not listen");
+        let exited = child.try_wait().unwrap();
+        assert!(
+            Instant::now() < deadline && exited.is_none(),
+            "hub process did not listen ({exited:?}); its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     HubProcess { child, addr }
+}
+
+#[tokio::test]
+async fn the_hub_starts_with_its_embedded_defaults() {
+    // No configuration at all but a free port: state goes to ./shapeblock-data, and an admin
+    // token is generated there (mode 0600).
+    let dir = scratch_dir("api-defaults");
+    let _ = std::fs::remove_dir_all(dir.join("shapeblock-data"));
+    let hub = spawn_hub(&dir, free_port(), &[]).await;
+    for path in ["/healthz", "/readyz"] {
+        let response = http_request(hub.addr, None, "GET", path, None, None).await;
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+    }
+    let token_file = dir.join("shapeblock-data/admin-token");
+    let token = std::fs::read_to_string(&token_file).expect("generated admin token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin token file mode {mode:o}");
+    let listed = http_request(
+        hub.addr,
+        None,
+        "GET",
+        "/api/v1/clusters",
+        Some(token.trim()),
+        None,
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    assert_eq!(listed.json(), json!([]));
+    // A second hub on the same data directory refuses to start instead of overwriting the
+    // first one's changes.
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .current_dir(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another shapeblock-hub is using the data directory"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
+    let dir = scratch_dir("api-revoke");
+    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let registered = hub
+        .api("POST", "/api/v1/clusters", Some(json!({"name": "revoked"})))
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let cluster = registered.json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = registered.json()["token"].as_str().unwrap().to_string();
+    let kubeconfig = support::kubeconfig_path().await;
+    let agent = AgentProcess::spawn(&dir, &hub, &token, &kubeconfig, "agent");
+    hub.wait_connected(&cluster).await;
+
+    // Connection state is in the metrics: versions, last seen.
+    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("shapeblock_tunnel_info{") && l.contains(&cluster))
+        .unwrap_or_else(|| panic!("no shapeblock_tunnel_info for {cluster}:\n{metrics}"));
+    assert!(
+        info.contains(&format!("agent_version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && info.contains("kubernetes_version=\"v1.")
+            && info.ends_with(" 1"),
+        "{info}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "shapeblock_tunnel_last_seen_seconds{{cluster=\"{cluster}\"}}"
+        )),
+        "{metrics}"
+    );
+
+    // Rotation: timed from before the request, the tunnel is gone within a second; a
+    // handshake with the old token is refused, one with the new token accepted.
+    let started = Instant::now();
+    let rotated = hub
+        .api("POST", &format!("/api/v1/clusters/{cluster}/token"), None)
+        .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    hub.wait_disconnected(&cluster).await;
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(1),
+        "tunnel closed {closed_after:?} after the rotation request"
+    );
+    assert_eq!(tunnel_handshake(hub.addr, &token).await, 401);
+    let new_token = rotated.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(tunnel_handshake(hub.addr, &new_token).await, 101);
+    std::fs::write(dir.join("agent.token"), &new_token).unwrap();
+    hub.wait_connected(&cluster).await;
+
+    // Deletion: the live tunnel closes, the token is refused, the cluster and its metrics
+    // are gone.
+    let started = Instant::now();
+    let deleted = hub
+        .api("DELETE", &format!("/api/v1/clusters/{cluster}"), None)
+        .await;
+    assert!(deleted.status < 300, "{}", deleted.text());
+    hub.wait_disconnected(&cluster).await;
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(1),
+        "tunnel closed {closed_after:?} after the delete request"
+    );
+    assert_eq!(tunnel_handshake(hub.addr, &new_token).await, 401);
+    let gone = hub
+        .api("GET", &format!("/api/v1/clusters/{cluster}"), None)
+        .await;
+    assert_eq!(gone.status, 404, "{}", gone.text());
+    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    assert!(
+        !metrics.contains(&cluster),
+        "metrics of a deleted cluster remain:\n{metrics}"
+    );
+    wait_for(
+        "the agent to be refused",
+        Duration::from_secs(20),
+        async || agent.log_text().contains("HTTP 401"),
+    )
+    .await;
 }
 
 async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {

@@ -230,8 +230,14 @@ fn valid(kind: &str, name: &str) -> Value {
     json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec})
 }
 
-/// Creates `object` and expects a 422 whose message contains `message`.
-async fn expect_rejected(client: &Client, ns: &str, case: &str, object_json: Value, message: &str) {
+/// Creates `object` and expects a 422 whose message contains each of `fragments`.
+async fn expect_rejected(
+    client: &Client,
+    ns: &str,
+    case: &str,
+    object_json: Value,
+    fragments: &[&str],
+) {
     let kind = object_json["kind"].as_str().unwrap().to_string();
     let namespace = (kind != "Project").then_some(ns);
     let result = api_for(client, &kind, namespace)
@@ -243,11 +249,13 @@ async fn expect_rejected(client: &Client, ns: &str, case: &str, object_json: Val
                 status.code, 422,
                 "{case}: expected 422 Invalid, got {status:?}"
             );
-            assert!(
-                status.message.contains(message),
-                "{case}: message {:?} does not contain {message:?}",
-                status.message
-            );
+            for fragment in fragments {
+                assert!(
+                    status.message.contains(fragment),
+                    "{case}: message {:?} does not contain {fragment:?}",
+                    status.message
+                );
+            }
         }
         Ok(obj) => panic!("{case}: invalid {kind} was accepted: {:?}", obj.data),
         Err(other) => panic!("{case}: unexpected error {other}"),
@@ -513,7 +521,7 @@ async fn every_validation_rule_rejects_with_its_message() {
         ),
     ];
     for (case, object_json, message) in cases {
-        expect_rejected(&client, &ns.name, case, object_json, message).await;
+        expect_rejected(&client, &ns.name, case, object_json, &[message]).await;
     }
 
     // The valid objects the cases were derived from are accepted, including the image
@@ -553,6 +561,93 @@ async fn every_validation_rule_rejects_with_its_message() {
             .create(&PostParams::default(), &object(object_json.clone()))
             .await
             .unwrap_or_else(|e| panic!("valid {kind} rejected: {e}: {object_json}"));
+    }
+}
+
+/// The schema's structural rules (patterns, enums, required fields, lengths) are enforced by
+/// the apiserver's OpenAPI validation with its own messages; each names the field.
+#[tokio::test]
+async fn schema_rules_reject_with_the_field_they_concern() {
+    let client = client_with_crds().await;
+    let ns = TestNamespace::new("schema").await;
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "registry secret that is not a DNS name",
+            merged(
+                &valid("Project", "schema-p1"),
+                &json!({"spec": {"registrySecret": "Bad_Secret"}}),
+            ),
+            &["spec.registrySecret", "should match"],
+        ),
+        (
+            "git secret that is not a DNS name",
+            merged(
+                &valid("App", "s1"),
+                &json!({"spec": {"git": {"secretName": "../etc"}}}),
+            ),
+            &["spec.git.secretName", "should match"],
+        ),
+        (
+            "registry secret of an App that is not a DNS name",
+            merged(
+                &valid("App", "s2"),
+                &json!({"spec": {"registry": {"secretName": "UPPER"}}}),
+            ),
+            &["spec.registry.secretName", "should match"],
+        ),
+        (
+            "unknown build type",
+            merged(
+                &valid("App", "s3"),
+                &json!({"spec": {"build": {"type": "docker"}}}),
+            ),
+            &["spec.build.type", "Unsupported value", "\"dockerfile\""],
+        ),
+        (
+            "App without a build",
+            merged(&valid("App", "s4"), &json!({"spec": {"build": null}})),
+            &["spec.build", "Required value"],
+        ),
+        (
+            "AppBuild without an app",
+            merged(
+                &valid("AppBuild", "s5"),
+                &json!({"spec": {"appName": null}}),
+            ),
+            &["spec.appName", "Required value"],
+        ),
+        (
+            "AppBuild app name longer than a release name may be",
+            merged(
+                &valid("AppBuild", "s6"),
+                &json!({"spec": {"appName": "a".repeat(54)}}),
+            ),
+            &["spec.appName", "Too long"],
+        ),
+        (
+            "empty AppBuild app name",
+            merged(&valid("AppBuild", "s7"), &json!({"spec": {"appName": ""}})),
+            &["spec.appName", "at least 1"],
+        ),
+        (
+            "Service chart without a name",
+            merged(
+                &valid("Service", "s8"),
+                &json!({"spec": {"chart": {"name": null}}}),
+            ),
+            &["spec.chart.name", "Required value"],
+        ),
+        (
+            "display name longer than 253 characters",
+            merged(
+                &valid("Project", "schema-p2"),
+                &json!({"spec": {"displayName": "x".repeat(254)}}),
+            ),
+            &["spec.displayName", "Too long"],
+        ),
+    ];
+    for (case, object_json, fragments) in cases {
+        expect_rejected(&client, &ns.name, case, object_json, fragments).await;
     }
 }
 

@@ -54,7 +54,17 @@ static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
 static JOBS: OnceLock<Result<(), String>> = OnceLock::new();
 
 fn shared() -> &'static Shared {
-    match SHARED.get_or_init(start) {
+    match SHARED.get_or_init(|| {
+        // Any failing test of this binary keeps the control plane's logs, not only those that
+        // hold a TestNamespace (libtest names each test's thread after the test).
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            keep_logs(thread.name().unwrap_or("a test"));
+            previous(info);
+        }));
+        start()
+    }) {
         Ok(shared) => shared,
         Err(reason) => panic!("the test control plane is not available: {reason}"),
     }
@@ -163,9 +173,6 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            keep_logs(&self.name);
-        }
         // Drop cannot await, and the test's runtime is going away: delete from a thread with
         // its own runtime and client. Best effort; a control plane started for this binary
         // dies with it anyway.

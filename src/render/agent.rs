@@ -32,32 +32,49 @@ fn labels(cluster_id: &str) -> Value {
     })
 }
 
-/// What the hub's controllers do in a managed cluster, and so all the agent may do. Writes
+/// What the hub's controllers and its resource API do in a managed cluster, and so all the
+/// agent may do: each verb below is used by some code path, and nothing else is granted.
+/// Server-side apply counts as `patch`, and as `create` too when the object is new. Writes
 /// are limited to the kinds ShapeBlock manages; it reads pods (build progress, logs) but
 /// cannot exec into them; it can bind project deployers only to `shapeblock-deployer`.
+///
+/// Secrets are readable cluster-wide because project namespaces are created at run time and
+/// RBAC cannot scope a rule to namespaces by label: the controllers copy the registry
+/// Secret into each project, create deploy keys and Helm values, and watch the Secrets they
+/// manage (by label, metadata only).
 pub fn agent_rules() -> Value {
-    let rw = json!([
-        "get", "list", "watch", "create", "update", "patch", "delete"
-    ]);
+    let applied = ["create", "patch"];
     json!([
+        // Installed by server-side apply at each connect; only ShapeBlock's may change.
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
          "verbs": ["get", "list", "watch", "create"]},
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
          "resourceNames": ["projects.apps.shapeblock.io", "apps.apps.shapeblock.io",
                            "appbuilds.apps.shapeblock.io", "services.apps.shapeblock.io"],
-         "verbs": ["update", "patch"]},
+         "verbs": ["patch"]},
+        // Watched by the controllers; created, applied, read and deleted by the API.
         {"apiGroups": ["apps.shapeblock.io"],
-         "resources": ["projects", "projects/status", "projects/finalizers",
-                       "apps", "apps/status", "apps/finalizers",
-                       "appbuilds", "appbuilds/status", "appbuilds/finalizers",
-                       "services", "services/status", "services/finalizers"],
-         "verbs": rw},
-        {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts", "configmaps"], "verbs": rw},
+         "resources": ["projects", "apps", "appbuilds", "services"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": ["apps.shapeblock.io"],
+         "resources": ["projects/status", "apps/status", "appbuilds/status", "services/status"],
+         "verbs": ["get", "patch"]},
+        // Children owned with blockOwnerDeletion need `update` on the owner's finalizers.
+        {"apiGroups": ["apps.shapeblock.io"],
+         "resources": ["projects/finalizers", "apps/finalizers", "appbuilds/finalizers",
+                       "services/finalizers"],
+         "verbs": ["update"]},
+        // A project's namespace: applied, labelled, watched, deleted with the project.
+        {"apiGroups": [""], "resources": ["namespaces"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["secrets"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": applied},
         {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": rw},
-        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": rw},
+        {"apiGroups": ["batch"], "resources": ["jobs"],
+         "verbs": ["get", "list", "watch", "create", "delete"]},
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": applied},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
          "resourceNames": [DEPLOYER_ROLE], "verbs": ["bind"]},
     ])

@@ -4,10 +4,14 @@
 #   docker build --target agent -t shapeblock-agent .
 # .ci/run builds the same binaries with the same commands (no Docker engine there).
 
-FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/* \
- && rustup target add x86_64-unknown-linux-musl
+# The exact toolchain of rust-toolchain.toml, so the image builds what CI checked.
+FROM rust:1.95.0-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Its components and the musl target, as rust-toolchain.toml lists them, in a layer that source
+# changes do not invalidate.
+COPY rust-toolchain.toml ./
+RUN rustup toolchain install
 COPY . .
 ENV CC_x86_64_unknown_linux_musl=musl-gcc
 RUN cargo build --locked --release --target x86_64-unknown-linux-musl --bin shapeblock-hub \

@@ -82,7 +82,13 @@ async fn run() {
     let dir = scratch_dir("bench");
     let ns = TestNamespace::new("bench").await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    // The tunnel itself: the hub's per-cluster request budget (api_qps_per_cluster, 50/s by
+    // default) would pace 2,000 sequential GETs at 20 ms each.
+    let gateway = shapeblock::hub::GatewayConfig {
+        api_qps: 1_000_000,
+        ..support::hub::test_gateway_config()
+    };
+    let hub = TestHub::start_tls_gateway(&dir, Arc::new(Registry::in_memory()), gateway).await;
     let (record, token) = hub.registry.register("bench", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
@@ -190,6 +196,14 @@ async fn run() {
             while stream.next().await.is_some() {}
         }));
     }
+    // The watches deliver: a labelled ConfigMap changes 10 times a second (written directly,
+    // so the agent carries 100 watch events/s besides the 100 GETs/s).
+    let mut watched = config_map("watched", 200);
+    watched.metadata.labels = Some([("bench".to_string(), "watch".to_string())].into());
+    let watched = direct
+        .create(&PostParams::default(), &watched)
+        .await
+        .unwrap();
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
     let mut peak = 0;
     let load_start = Instant::now();
@@ -198,6 +212,17 @@ async fn run() {
         ticker.tick().await;
         tunnelled.get("small").await.unwrap();
         sent += 1;
+        if sent.is_multiple_of(10) {
+            let patch = serde_json::json!({"data": {"n": sent.to_string()}});
+            direct
+                .patch(
+                    watched.metadata.name.as_deref().unwrap(),
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .unwrap();
+        }
         if sent.is_multiple_of(100) {
             peak = peak.max(support::rss_kib(pid));
         }
@@ -205,7 +230,7 @@ async fn run() {
     let rate = sent as f64 / load_start.elapsed().as_secs_f64();
     let loaded = support::rss_kib(pid);
     println!(
-        "agent RSS                     idle {:.1} MiB | {rate:.0} req/s + 10 watches: {:.1} MiB (peak {:.1} MiB) | after serving the LISTs {:.1} MiB",
+        "agent RSS                     idle {:.1} MiB | {rate:.0} req/s + 10 watches (100 events/s): {:.1} MiB (peak {:.1} MiB) | after serving the LISTs {:.1} MiB",
         idle as f64 / 1024.0,
         loaded as f64 / 1024.0,
         peak.max(loaded) as f64 / 1024.0,
@@ -217,8 +242,30 @@ async fn run() {
     drop(agent);
     hub.stop().await;
 
-    // Hub memory per idle tunnel, measured on the real hub process (plain HTTP, as behind the
-    // chart's TLS-terminating ingress): RSS with no tunnels, then with 100 idle agents.
+    // Hub memory per idle tunnel, on the real hub process (plain HTTP, as behind the chart's
+    // TLS-terminating ingress): the tunnel alone (controllers off), then with each cluster's
+    // controllers watching (the default; CRDs installed, 14 watches, nothing to reconcile).
+    hub_per_idle_tunnel(&dir, &identity.kubeconfig, false).await;
+    hub_per_idle_tunnel(&dir, &identity.kubeconfig, true).await;
+}
+
+/// Starts the hub binary, connects 100 agents, and prints its RSS per idle tunnel.
+async fn hub_per_idle_tunnel(
+    dir: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    controllers: bool,
+) {
+    let what = if controllers {
+        "with controllers"
+    } else {
+        "tunnel only"
+    };
+    let dir = dir.join(if controllers {
+        "hub-controllers"
+    } else {
+        "hub-tunnels"
+    });
+    std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("hub-data");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -226,7 +273,15 @@ async fn run() {
         .unwrap()
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = dir.join("hub.yaml");
+    std::fs::write(
+        &config,
+        format!("controllers: {controllers}\nhandshakes_per_second_per_ip: 200\n"),
+    )
+    .unwrap();
     let mut hub_process = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .arg("--config")
+        .arg(&config)
         .args([
             "--listen",
             &addr.to_string(),
@@ -269,14 +324,7 @@ async fn run() {
         .iter()
         .enumerate()
         .map(|(i, (_, token))| {
-            AgentProcess::spawn_to(
-                &dir,
-                &url,
-                None,
-                token,
-                &identity.kubeconfig,
-                &format!("idle-{i}"),
-            )
+            AgentProcess::spawn_to(&dir, &url, None, token, kubeconfig, &format!("idle-{i}"))
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -292,11 +340,11 @@ async fn run() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(if controllers { 15 } else { 5 })).await;
     let after = support::rss_kib(hub_pid);
     let per_tunnel = after.saturating_sub(before) as f64 / 100.0;
     println!(
-        "hub process RSS               no tunnels {:.1} MiB | 100 idle tunnels {:.1} MiB | {per_tunnel:.0} KiB per idle tunnel",
+        "hub process RSS ({what:<16}) no tunnels {:.1} MiB | 100 idle tunnels {:.1} MiB | {per_tunnel:.0} KiB per idle tunnel",
         before as f64 / 1024.0,
         after as f64 / 1024.0
     );

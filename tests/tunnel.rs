@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -638,5 +638,22 @@ async fn handshakes_are_rate_limited_before_authentication() {
     assert!(
         metrics.contains("shapeblock_tunnel_handshakes_rejected_total{reason=\"rate_limited\"}"),
         "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn requests_to_one_cluster_are_held_to_its_budget() {
+    // api_qps_per_cluster defaults to 50/s with a burst of 100: 250 requests cannot finish in
+    // less than (250 - 100) / 50 = 3 s, however fast the tunnel is. A lower bound of the
+    // limiter's effect, not a speed claim.
+    let s = setup("budget").await;
+    let started = Instant::now();
+    for _ in 0..250 {
+        s.client.apiserver_version().await.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2_900),
+        "250 requests took {took:?}: the per-cluster budget did not pace them"
     );
 }

@@ -57,6 +57,30 @@ pub fn test_gateway_config() -> GatewayConfig {
     }
 }
 
+/// The test hub's CA file and TLS files: a certificate for localhost/127.0.0.1 from a test CA,
+/// created in `dir` the first time and reused after (so a restarted hub keeps its identity).
+fn test_hub_tls(dir: &std::path::Path) -> (PathBuf, TlsFiles) {
+    let (ca_file, cert_file, key_file) = (
+        dir.join("hub-ca.crt"),
+        dir.join("hub.crt"),
+        dir.join("hub.key"),
+    );
+    if !ca_file.exists() {
+        let ca = TestCa::new("shapeblock-test-hub-ca").unwrap();
+        let cert = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        std::fs::write(&cert_file, cert.cert_pem).unwrap();
+        std::fs::write(&key_file, cert.key_pem).unwrap();
+    }
+    (
+        ca_file,
+        TlsFiles {
+            cert_file,
+            key_file,
+        },
+    )
+}
+
 impl TestHub {
     /// Starts a hub with TLS: a certificate for localhost/127.0.0.1 from a test CA, created in
     /// `dir` the first time and reused after (so a restarted hub keeps its identity).
@@ -66,6 +90,26 @@ impl TestHub {
         addr: Option<SocketAddr>,
     ) -> Self {
         Self::start_tls_with(dir, registry, addr, false, None).await
+    }
+
+    /// Like [`TestHub::start_tls`], with gateway settings of the caller's (a benchmark lifts
+    /// the per-cluster request budget to measure the tunnel itself).
+    pub async fn start_tls_gateway(
+        dir: &std::path::Path,
+        registry: Arc<Registry>,
+        gateway: GatewayConfig,
+    ) -> Self {
+        let (ca_file, tls) = test_hub_tls(dir);
+        Self::start(
+            registry,
+            None,
+            Some(tls),
+            Some(ca_file),
+            false,
+            None,
+            gateway,
+        )
+        .await
     }
 
     /// Like [`TestHub::start_tls`], running the controllers for connected clusters.
@@ -99,35 +143,31 @@ impl TestHub {
         controllers: bool,
         relay: Option<shapeblock::relay::outbound::RelayConfig>,
     ) -> Self {
-        let (ca_file, cert_file, key_file) = (
-            dir.join("hub-ca.crt"),
-            dir.join("hub.crt"),
-            dir.join("hub.key"),
-        );
-        if !ca_file.exists() {
-            let ca = TestCa::new("shapeblock-test-hub-ca").unwrap();
-            let cert = ca.server(&["localhost", "127.0.0.1"]).unwrap();
-            std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-            std::fs::write(&cert_file, cert.cert_pem).unwrap();
-            std::fs::write(&key_file, cert.key_pem).unwrap();
-        }
+        let (ca_file, tls) = test_hub_tls(dir);
         Self::start(
             registry,
             addr,
-            Some(TlsFiles {
-                cert_file,
-                key_file,
-            }),
+            Some(tls),
             Some(ca_file),
             controllers,
             relay,
+            test_gateway_config(),
         )
         .await
     }
 
     /// Starts a plain-HTTP hub.
     pub async fn start_plain(registry: Arc<Registry>) -> Self {
-        Self::start(registry, None, None, None, false, None).await
+        Self::start(
+            registry,
+            None,
+            None,
+            None,
+            false,
+            None,
+            test_gateway_config(),
+        )
+        .await
     }
 
     async fn start(
@@ -137,12 +177,13 @@ impl TestHub {
         ca_file: Option<PathBuf>,
         controllers: bool,
         relay: Option<shapeblock::relay::outbound::RelayConfig>,
+        gateway: GatewayConfig,
     ) -> Self {
         let config = HubConfig {
             relay,
             listen: addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             tls,
-            gateway: test_gateway_config(),
+            gateway,
             admin_tokens: vec![TokenHash(hash_token(ADMIN_TOKEN))],
             viewer_tokens: vec![TokenHash(hash_token(VIEWER_TOKEN))],
             agent_image: "shapeblock-agent:test".into(),

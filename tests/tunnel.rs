@@ -657,3 +657,72 @@ async fn requests_to_one_cluster_are_held_to_its_budget() {
         "250 requests took {took:?}: the per-cluster budget did not pace them"
     );
 }
+
+#[tokio::test]
+async fn two_clusters_each_reach_only_their_own_apiserver() {
+    // Two real clusters: the shared control plane (A) and a second etcd + kube-apiserver (B),
+    // each with its own agent and its own credentials.
+    let dir = scratch_dir("two-apiservers");
+    let (config_b, kubeconfig_b) = support::extra_control_plane("cluster-b").await;
+    let admin_a = support::client().await;
+    let admin_b = Client::try_from(config_b).unwrap();
+    let kubeconfig_a = support::kubeconfig_path().await;
+    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let (a, token_a) = hub.registry.register("a", Default::default()).unwrap();
+    let (b, token_b) = hub.registry.register("b", Default::default()).unwrap();
+    let _agent_a = AgentProcess::spawn(&dir, &hub, token_a.expose(), &kubeconfig_a, "agent-a");
+    let _agent_b = AgentProcess::spawn(&dir, &hub, token_b.expose(), &kubeconfig_b, "agent-b");
+    hub.wait_connected(&a.id).await;
+    hub.wait_connected(&b.id).await;
+    let (client_a, client_b) = (hub.gateway.client(&a.id), hub.gateway.client(&b.id));
+
+    // Each tunnel ends at its own apiserver: the kube-system namespace's uid identifies a
+    // cluster (it is created once, by that cluster's apiserver).
+    let uid = |client: Client| async move {
+        Api::<Namespace>::all(client)
+            .get("kube-system")
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .unwrap()
+    };
+    let (uid_a, uid_b) = (uid(admin_a.clone()).await, uid(admin_b.clone()).await);
+    assert_ne!(uid_a, uid_b);
+    assert_eq!(uid(client_a.clone()).await, uid_a);
+    assert_eq!(uid(client_b.clone()).await, uid_b);
+
+    // Writes through one tunnel land in that cluster only.
+    let ns = TestNamespace::new("two-apiservers").await;
+    let namespace: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": ns.name}})).unwrap();
+    Api::<Namespace>::all(admin_b.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    for (client, name) in [
+        (&client_a, "written-through-a"),
+        (&client_b, "written-through-b"),
+    ] {
+        Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+            .create(&PostParams::default(), &config_map(name, BTreeMap::new()))
+            .await
+            .unwrap();
+    }
+    let names = |admin: Client| {
+        let ns = ns.name.clone();
+        async move {
+            Api::<ConfigMap>::namespaced(admin, &ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|c| c.name_any())
+                .filter(|n| n.starts_with("written-through"))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names(admin_a).await, ["written-through-a"]);
+    assert_eq!(names(admin_b).await, ["written-through-b"]);
+}

@@ -78,6 +78,30 @@ async fn quiet_rss(hub: &hub::HubProcess) -> u64 {
     hub::sample(hub.pid).rss_kib
 }
 
+/// The end both runs share: time to every App Ready (from `started`), memory once quiet, the
+/// relayed App phase latencies; stops the hub (before the caller stops its agents).
+async fn finish(
+    hub: hub::HubProcess,
+    setup: &Setup,
+    started: Instant,
+    baseline_kib: u64,
+    idle_kib: u64,
+) -> Outcome {
+    let ready = started.elapsed();
+    let apps_kib = quiet_rss(&hub).await;
+    let latencies = setup.received.take_latencies("App");
+    tokio::task::spawn_blocking(move || hub.stop())
+        .await
+        .unwrap();
+    Outcome {
+        baseline_kib,
+        idle_kib,
+        apps_kib,
+        ready,
+        latencies,
+    }
+}
+
 struct Setup {
     phases: Arc<DashMap<String, Instant>>,
     received: Arc<relay::Received>,
@@ -247,20 +271,9 @@ async fn real(n: usize, dir: &Path, pki: &hub::Pki) -> Outcome {
         ready == n * APPS
     })
     .await;
-    let ready = started.elapsed();
-    let apps_kib = quiet_rss(&hub).await;
-    let latencies = setup.received.take_latencies("App");
-    tokio::task::spawn_blocking(move || hub.stop())
-        .await
-        .unwrap();
+    let outcome = finish(hub, &setup, started, baseline_kib, idle_kib).await;
     drop(agents);
-    Outcome {
-        baseline_kib,
-        idle_kib,
-        apps_kib,
-        ready,
-        latencies,
-    }
+    outcome
 }
 
 async fn simulated(n: usize, dir: &Path, pki: &hub::Pki) -> Outcome {
@@ -298,20 +311,9 @@ async fn simulated(n: usize, dir: &Path, pki: &hub::Pki) -> Outcome {
         fleet::ready_apps(&members) == n * APPS
     })
     .await;
-    let ready = started.elapsed();
-    let apps_kib = quiet_rss(&hub).await;
-    let latencies = setup.received.take_latencies("App");
-    tokio::task::spawn_blocking(move || hub.stop())
-        .await
-        .unwrap();
+    let outcome = finish(hub, &setup, started, baseline_kib, idle_kib).await;
     agents.cancel();
-    Outcome {
-        baseline_kib,
-        idle_kib,
-        apps_kib,
-        ready,
-        latencies,
-    }
+    outcome
 }
 
 fn print(label: &str, n: usize, outcome: &mut Outcome) {

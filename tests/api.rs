@@ -528,11 +528,7 @@ async fn spawn_hub(dir: &std::path::Path, port: u16, args: &[String]) -> HubProc
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let log = dir.join(format!("hub-{port}.log"));
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .unwrap();
+    let out = support::hub::append_log(&log);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
         .arg("--listen")
         .arg(addr.to_string())

@@ -324,15 +324,12 @@ impl Gateway {
     /// Forgets a deleted cluster: closes its tunnel and drops its state and metrics.
     pub fn forget(&self, id: &str) {
         self.disconnect(id);
-        if let Some((_, slot)) = self.slots.remove(id) {
-            let state = slot.state();
-            if state.kubernetes_version.is_some() {
-                self.metrics.info.remove(&version_label(
-                    id,
-                    &state.agent_version,
-                    &state.kubernetes_version,
-                ));
-            }
+        if let Some(versions) = self
+            .slots
+            .remove(id)
+            .and_then(|(_, slot)| version_label(id, &slot.state()))
+        {
+            self.metrics.info.remove(&versions);
         }
         let label = ClusterLabel {
             cluster: id.to_string(),
@@ -446,15 +443,9 @@ impl Gateway {
         let label = ClusterLabel {
             cluster: id.clone(),
         };
-        let previous_versions = {
-            let state = slot.state();
-            (
-                state.agent_version.clone(),
-                state.kubernetes_version.clone(),
-            )
-        };
-        {
+        let (agent_version, previous_versions, versions) = {
             let mut state = slot.state();
+            let previous = version_label(&id, &state);
             state.connected = true;
             state.connected_since = Some(now);
             state.last_seen = Some(now);
@@ -463,12 +454,14 @@ impl Gateway {
             state.remote_addr = Some(remote.to_string());
             state.rtt_ms = None;
             state.connects += 1;
-        }
-        self.registry.note_connected(
-            &id,
-            slot.state().agent_version.clone(),
-            Some(kubernetes_version.clone()),
-        );
+            (
+                state.agent_version.clone(),
+                previous,
+                version_label(&id, &state),
+            )
+        };
+        self.registry
+            .note_connected(&id, agent_version, Some(kubernetes_version.clone()));
         self.metrics.connected.get_or_create(&label).set(1);
         self.metrics
             .connected_since
@@ -479,21 +472,12 @@ impl Gateway {
             .last_seen
             .get_or_create(&label)
             .set(unix_seconds(now));
-        if previous_versions.1.is_some() {
-            self.metrics.info.remove(&version_label(
-                &id,
-                &previous_versions.0,
-                &previous_versions.1,
-            ));
+        if let Some(previous) = previous_versions {
+            self.metrics.info.remove(&previous);
         }
-        let versions = (
-            slot.state().agent_version.clone(),
-            Some(kubernetes_version.clone()),
-        );
-        self.metrics
-            .info
-            .get_or_create(&version_label(&id, &versions.0, &versions.1))
-            .set(1);
+        if let Some(versions) = versions {
+            self.metrics.info.get_or_create(&versions).set(1);
+        }
         tracing::info!(kubernetes = %kubernetes_version, "tunnel connected");
         let _ = self.connects.send(id.clone());
 
@@ -550,13 +534,16 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn version_label(id: &str, agent: &Option<String>, kubernetes: &Option<String>) -> VersionLabel {
-    let known = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
-    VersionLabel {
+/// The `shapeblock_tunnel_info` series of a cluster's state, once it has connected.
+fn version_label(id: &str, state: &ConnectionState) -> Option<VersionLabel> {
+    Some(VersionLabel {
         cluster: id.to_string(),
-        agent_version: known(agent),
-        kubernetes_version: known(kubernetes),
-    }
+        agent_version: state
+            .agent_version
+            .clone()
+            .unwrap_or_else(|| "unknown".into()),
+        kubernetes_version: state.kubernetes_version.clone()?,
+    })
 }
 
 async fn send_probe(

@@ -345,6 +345,15 @@ fn pem(der: &[u8]) -> String {
     )
 }
 
+/// `path` opened for a child process's output, appended to (restarts keep earlier logs).
+pub fn append_log(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
 /// A running `shapeblock-agent` process, killed when dropped.
 pub struct AgentProcess {
     child: Child,
@@ -381,11 +390,7 @@ impl AgentProcess {
         let token_file = dir.join(format!("{tag}.token"));
         std::fs::write(&token_file, token).unwrap();
         let log = dir.join(format!("{tag}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let out = append_log(&log);
         let err = out.try_clone().unwrap();
         // SHAPEBLOCK_AGENT_BIN runs another build of the agent (the benchmark uses the
         // size-optimised `agent` profile that the images ship).

@@ -19,6 +19,7 @@ pub mod config;
 pub mod controllers;
 pub mod crd;
 pub mod hub;
+pub mod observed;
 pub mod relay;
 pub mod render;
 pub mod secret;

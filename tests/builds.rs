@@ -48,6 +48,28 @@ async fn wait_job(admin: &Client, ns: &str, name: &str) -> Job {
     .await
 }
 
+/// Waits until the Events on the object named `name` include every `(type, reason)` wanted.
+async fn wait_events(admin: &Client, ns: &str, name: &str, wanted: &[(&str, &str)]) {
+    use k8s_openapi::api::events::v1::Event;
+    let events: Api<Event> = Api::namespaced(admin.clone(), ns);
+    wait_for(&format!("Events {wanted:?} on {name}"), WAIT, async || {
+        let seen: Vec<(String, String)> = events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+            .collect();
+        wanted
+            .iter()
+            .all(|(t, r)| seen.iter().any(|(st, sr)| st == t && sr == r))
+            .then_some(())
+    })
+    .await;
+}
+
 fn args_of(job: &Job, container: &str) -> Vec<String> {
     let spec = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     spec.init_containers
@@ -222,6 +244,19 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
     );
     finish_job_pod(&admin, &ns, "web-1-deploy", helm_ok()).await;
     let status = wait_build(&builds, "web-1", AppBuildPhase::Completed).await;
+    // `kubectl describe appbuild` tells the story: a Normal Event for each phase.
+    wait_events(
+        &admin,
+        &ns,
+        "web-1",
+        &[
+            ("Normal", "Pending"),
+            ("Normal", "Building"),
+            ("Normal", "Deploying"),
+            ("Normal", "Completed"),
+        ],
+    )
+    .await;
     assert!(status.completion_time.is_some() && status.build_end_time.is_some());
     let app_status = apps.get("web").await.unwrap().status.unwrap();
     assert_eq!(app_status.current_image.as_deref(), Some(image.as_str()));
@@ -425,6 +460,7 @@ async fn clone_build_and_deploy_failures_end_failed_with_a_reason() {
     );
     assert!(message.contains("fatal: Remote branch nope"), "{message}");
     assert!(status.completion_time.is_some());
+    wait_events(&admin, &ns, "clone-fails", &[("Warning", "GitCloneFailed")]).await;
 
     finish_job_pod(
         &admin,

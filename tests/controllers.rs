@@ -118,6 +118,36 @@ async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_w
         reason.contains("shapeblock/team-registry not found"),
         "{reason}"
     );
+    // The failure is a Warning Event on the Project (cluster-scoped: Events go to `default`),
+    // with its category as the reason.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(admin.clone(), "default");
+    let warning = wait_for(
+        "Warning Event on the Project",
+        Duration::from_secs(60),
+        async || {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(waiting.as_str())
+                        && e.type_.as_deref() == Some("Warning")
+                })
+        },
+    )
+    .await;
+    assert_eq!(warning.reason.as_deref(), Some("DependencyMissing"));
+    assert_eq!(
+        warning.reporting_controller.as_deref(),
+        Some("shapeblock-hub")
+    );
+    assert!(
+        warning.note.unwrap_or_default().contains("team-registry"),
+        "the note says what is missing"
+    );
     sources
         .create(
             &PostParams::default(),

@@ -19,7 +19,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use super::service::FINALIZER;
-use super::{Context, MANAGED_BY, ReconcileError, retry_after};
+use super::{Context, MANAGED_BY, ReconcileError};
 use crate::crd::{App, AppPhase, FIELD_MANAGER, GitSource};
 
 /// Host keys shipped with the hub (ed25519 and ECDSA; fingerprints checked against each
@@ -235,13 +235,13 @@ async fn ensure_deploy_key(app: &App, secrets: &Api<Secret>) -> Result<String, R
         app.name_any()
     );
     let (private_key, public_key) = generate_deploy_key(&comment)
-        .map_err(|e| ReconcileError::Invalid(format!("generating a deploy key: {e}")))?;
+        .map_err(|e| ReconcileError::Internal(format!("generating a deploy key: {e}")))?;
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": owned_metadata(app, &name),
         "type": "kubernetes.io/ssh-auth",
     }))
-    .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+    .map_err(|e| ReconcileError::Internal(e.to_string()))?;
     let secret = Secret {
         data: Some(
             [
@@ -318,15 +318,16 @@ async fn delete(app: &App, ctx: &Context) -> Result<Action, ReconcileError> {
         },
         &ctx.config.jobs,
     );
-    let message = match jobs::uninstall(&ctx.client, &job, &job_name, &ns).await? {
+    let (message, retry) = match jobs::uninstall(&ctx.client, &job, &job_name, &ns).await? {
         Uninstall::Done => {
             jobs::remove_finalizer(&apps, app, FINALIZER).await?;
             return Ok(Action::await_change());
         }
-        Uninstall::Running => format!("uninstalling release {name}"),
-        Uninstall::Failed(output) => format!("helm uninstall failed; retrying\n{output}"),
+        // The Job's end is a watched event.
+        Uninstall::Running => (format!("uninstalling release {name}"), false),
+        // The failed Job was deleted: nothing will change by itself, so try again later.
+        Uninstall::Failed(output) => (format!("helm uninstall failed; retrying\n{output}"), true),
     };
-    let retry = message.starts_with("helm uninstall failed");
     if app.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
         let patch = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
             "status": {"phase": AppPhase::Initializing, "message": message,
@@ -387,11 +388,6 @@ async fn reconcile(app: Arc<App>, ctx: Arc<Context>) -> Result<Action, Reconcile
     result.map(|_| Action::await_change())
 }
 
-fn error_policy(app: Arc<App>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    tracing::warn!(cluster = %ctx.cluster, app = %app.name_any(), namespace = ?app.namespace(), category = error.category(), %error, "reconcile failed");
-    retry_after(error)
-}
-
 /// Runs the App controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
@@ -440,7 +436,11 @@ pub async fn run(ctx: Arc<Context>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(super::bounded(reconcile), error_policy, ctx)
+        .run(
+            super::bounded("app", reconcile),
+            |object, error, ctx| super::on_error("app", object, error, ctx),
+            ctx,
+        )
         .for_each(|result| {
             metrics.record("app", &result);
             async {}

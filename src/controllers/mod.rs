@@ -1,21 +1,27 @@
 //! Controllers that reconcile ShapeBlock resources in a managed cluster, run by the hub
-//! through that cluster's tunnel client (one set per connected cluster; see
-//! [`crate::hub::runtime`]).
+//! through that cluster's tunnel client (one set per connected cluster, started by the hub's
+//! per-cluster runtime).
 //!
 //! Each reconcile reads, decides with pure functions, applies with server-side apply under
-//! the field manager [`crate::crd::FIELD_MANAGER`], and reports status. Errors carry a
-//! category that decides what happens next: an invalid spec waits for a change, anything
-//! else is retried with backoff. Depends on [`crate::crd`] and kube; nothing of the hub.
+//! the field manager [`crate::crd::FIELD_MANAGER`], and reports status (and Events). Errors
+//! carry an [`ErrorCategory`] that decides what happens next: an invalid spec waits for a
+//! change, anything else is retried with per-object exponential backoff ([`retry_delay`]).
+//!
+//! Depends on: crd, render, observed, relay. Knows nothing of the hub, the tunnel or
+//! websockets: a controller gets a `kube::Client`, whatever carries its requests.
 
 pub mod app;
 pub mod appbuild;
+pub mod events;
 pub mod jobs;
+pub mod metrics;
 pub mod project;
 pub mod service;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use kube::Resource;
 use kube::runtime::controller::Action;
 
 /// Settings shared by the controllers of every cluster.
@@ -45,13 +51,42 @@ pub struct Context {
     pub cluster: String,
     pub config: ControllerConfig,
     /// Where status transitions are relayed (absent in set-ups without a relay).
-    pub journal: Option<std::sync::Arc<crate::relay::Journal>>,
+    pub journal: Option<Arc<crate::relay::Journal>>,
     /// Builds (`namespace/name`) whose log is being relayed.
     pub log_followers: dashmap::DashSet<String>,
-    /// Reconcile counts by controller and result.
-    pub metrics: std::sync::Arc<crate::hub::metrics::ControllerMetrics>,
+    /// Reconcile counts by controller and result, durations, permit waits.
+    pub metrics: Arc<metrics::ControllerMetrics>,
     /// Hub-wide bound on reconciles running at once, shared by every cluster (see [`bounded`]).
-    pub reconciles: std::sync::Arc<tokio::sync::Semaphore>,
+    pub reconciles: Arc<tokio::sync::Semaphore>,
+    /// Consecutive failures of each object that is failing (`controller/namespace/name`),
+    /// which set its backoff; an entry goes when the object reconciles.
+    pub failures: dashmap::DashMap<String, u32>,
+    /// Publishes Kubernetes Events on the reconciled objects.
+    pub events: kube::runtime::events::Recorder,
+}
+
+impl Context {
+    /// The context of one cluster's controllers.
+    pub fn new(
+        client: kube::Client,
+        cluster: String,
+        config: ControllerConfig,
+        journal: Option<Arc<crate::relay::Journal>>,
+        metrics: Arc<metrics::ControllerMetrics>,
+        reconciles: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
+        Self {
+            events: events::recorder(client.clone()),
+            client,
+            cluster,
+            config,
+            journal,
+            log_followers: Default::default(),
+            metrics,
+            reconciles,
+            failures: Default::default(),
+        }
+    }
 }
 
 /// Reconciles running at once across every cluster of a hub. Reconciles wait on the network
@@ -72,19 +107,30 @@ pub fn controller_config() -> kube::runtime::controller::Config {
 /// allocated only then: when 1,000 clusters connect at once with 20 Apps each, 20,000 queued
 /// reconciles would otherwise each hold their full future (measured: a 40 MB peak at 200
 /// clusters, which the allocator keeps as resident memory for the rest of the process's life).
+/// It also times the wait and the run, and forgets an object's failures once it reconciles.
 pub fn bounded<K, Fut>(
+    controller: &'static str,
     reconcile: impl Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
 ) -> impl FnMut(Arc<K>, Arc<Context>) -> BoxFuture<Fut::Output>
 where
-    K: Send + Sync + 'static,
-    Fut: std::future::Future + Send + 'static,
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Action, ReconcileError>> + Send + 'static,
 {
     let reconcile = Arc::new(reconcile);
     move |object, ctx| {
         let reconcile = reconcile.clone();
         Box::pin(async move {
+            let queued = Instant::now();
             let _permit = ctx.reconciles.clone().acquire_owned().await.ok();
-            Box::pin(reconcile(object, ctx)).await
+            let started = Instant::now();
+            let key = failure_key(controller, object.as_ref());
+            let result = Box::pin(reconcile(object, ctx.clone())).await;
+            ctx.metrics
+                .observe(controller, started - queued, started.elapsed());
+            if result.is_ok() {
+                ctx.failures.remove(&key);
+            }
+            result
         })
     }
 }
@@ -92,10 +138,54 @@ where
 /// A boxed reconcile future.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
+/// What kind of failure a reconcile met: it labels metrics and Warning Events, and decides
+/// when the object is tried again (see [`retry_delay`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCategory {
+    /// The network, the tunnel or the apiserver failed; it will likely work again soon.
+    Transient,
+    /// A write lost a race with another writer (409): the newer object is on its way.
+    Conflict,
+    /// The apiserver refused the agent's identity a permission (403): an RBAC rule is missing.
+    Forbidden,
+    /// Something the resource needs does not exist yet (a Secret, the App of a build).
+    MissingDependency,
+    /// The resource cannot be reconciled as specified (422 included); waits for a change.
+    InvalidSpec,
+    /// A bug or a misconfiguration of the hub, not of the resource.
+    Internal,
+}
+
+impl ErrorCategory {
+    /// Label for metrics and logs; also the reason of the Warning Event (in CamelCase there).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCategory::Transient => "transient",
+            ErrorCategory::Conflict => "conflict",
+            ErrorCategory::Forbidden => "forbidden",
+            ErrorCategory::MissingDependency => "missing_dependency",
+            ErrorCategory::InvalidSpec => "invalid_spec",
+            ErrorCategory::Internal => "internal",
+        }
+    }
+
+    /// Reason of the Warning Event published for a failure of this category.
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            ErrorCategory::Transient => "ReconcileFailed",
+            ErrorCategory::Conflict => "Conflict",
+            ErrorCategory::Forbidden => "Forbidden",
+            ErrorCategory::MissingDependency => "DependencyMissing",
+            ErrorCategory::InvalidSpec => "InvalidSpec",
+            ErrorCategory::Internal => "InternalError",
+        }
+    }
+}
+
 /// Why a reconcile did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// The apiserver (through the tunnel) refused or failed; retried with backoff.
+    /// The apiserver (through the tunnel) refused or failed; categorised by its status code.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     /// Something the resource needs does not exist yet (e.g. the registry Secret); retried,
@@ -105,40 +195,102 @@ pub enum ReconcileError {
     /// The resource cannot be reconciled as specified; waits for a change.
     #[error("{0}")]
     Invalid(String),
+    /// The hub failed at something that does not depend on the resource (encoding an object it
+    /// rendered, generating a key, its own configuration): a bug or a misconfiguration.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ReconcileError {
-    /// Label for metrics and logs.
-    pub fn category(&self) -> &'static str {
+    pub fn category(&self) -> ErrorCategory {
         match self {
-            ReconcileError::Kube(_) => "transient",
-            ReconcileError::Missing(_) => "missing_dependency",
-            ReconcileError::Invalid(_) => "invalid_spec",
-        }
-    }
-
-    /// Short machine-readable reason for status conditions.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ReconcileError::Kube(_) => "ApiError",
-            ReconcileError::Missing(_) => "DependencyMissing",
-            ReconcileError::Invalid(_) => "InvalidSpec",
+            ReconcileError::Kube(kube::Error::Api(e)) => match e.code {
+                403 => ErrorCategory::Forbidden,
+                409 => ErrorCategory::Conflict,
+                // The apiserver refused an object rendered from the resource's own fields.
+                422 => ErrorCategory::InvalidSpec,
+                _ => ErrorCategory::Transient,
+            },
+            ReconcileError::Kube(_) => ErrorCategory::Transient,
+            ReconcileError::Missing(_) => ErrorCategory::MissingDependency,
+            ReconcileError::Invalid(_) => ErrorCategory::InvalidSpec,
+            ReconcileError::Internal(_) => ErrorCategory::Internal,
         }
     }
 }
 
-/// Requeue policy by error category. Watches bring changes in immediately; these delays only
-/// bound how long a failure waits for a retry when nothing changes.
-pub fn retry_after(error: &ReconcileError) -> Action {
-    match error {
-        ReconcileError::Invalid(_) => Action::await_change(),
-        ReconcileError::Missing(_) => Action::requeue(Duration::from_secs(60)),
-        // A write based on a cache that lagged behind: the newer version is on its way.
-        ReconcileError::Kube(kube::Error::Api(e)) if e.code == 409 => {
-            Action::requeue(Duration::from_millis(500))
-        }
-        ReconcileError::Kube(_) => Action::requeue(Duration::from_secs(10)),
+/// When an object that failed `failures` times in a row (this failure included) is tried
+/// again, before jitter; `None`: only when it changes. Watches bring changes in at once; these
+/// delays bound how long a failure waits when nothing changes, doubling per failure up to a
+/// cap, so a broken object (or a missing RBAC rule) costs little however long it stays broken
+/// (pure).
+pub fn retry_delay(category: ErrorCategory, failures: u32) -> Option<Duration> {
+    let (first, cap) = match category {
+        ErrorCategory::InvalidSpec => return None,
+        ErrorCategory::Conflict => (Duration::from_millis(500), Duration::from_secs(5)),
+        ErrorCategory::Transient => (Duration::from_secs(2), Duration::from_secs(300)),
+        ErrorCategory::MissingDependency => (Duration::from_secs(15), Duration::from_secs(300)),
+        ErrorCategory::Forbidden => (Duration::from_secs(30), Duration::from_secs(600)),
+        ErrorCategory::Internal => (Duration::from_secs(60), Duration::from_secs(1800)),
+    };
+    let doublings = failures.saturating_sub(1).min(16);
+    Some(first.saturating_mul(1 << doublings).min(cap))
+}
+
+/// Key of an object's consecutive failures in [`Context::failures`].
+fn failure_key<K: Resource<DynamicType = ()>>(controller: &'static str, object: &K) -> String {
+    let meta = object.meta();
+    format!(
+        "{controller}/{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The error policy of every controller: logs the failure, publishes it as a Warning Event on
+/// the object (so `kubectl describe` tells the story), and schedules the retry with per-object
+/// exponential backoff and jitter (so objects that failed together, when a tunnel dropped, are
+/// not all retried at the same instant).
+pub fn on_error<K>(
+    controller: &'static str,
+    object: Arc<K>,
+    error: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+{
+    let category = error.category();
+    let failures = {
+        let mut count = ctx
+            .failures
+            .entry(failure_key(controller, object.as_ref()))
+            .or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    let meta = object.meta();
+    tracing::warn!(cluster = %ctx.cluster, controller, name = ?meta.name, namespace = ?meta.namespace,
+        category = category.as_str(), failures, %error, "reconcile failed");
+    // A tunnel that is down cannot carry the Event either; say it once it is back.
+    if category != ErrorCategory::Transient && category != ErrorCategory::Conflict {
+        let reference = object.object_ref(&());
+        let note = error.to_string();
+        let recorder = ctx.events.clone();
+        tokio::spawn(async move {
+            events::publish(&recorder, &reference, events::warning(category, note)).await;
+        });
     }
+    match retry_delay(category, failures) {
+        None => Action::await_change(),
+        Some(delay) => Action::requeue(jittered(delay)),
+    }
+}
+
+/// `delay` less up to a quarter, at random: retries of objects that failed together spread out.
+fn jittered(delay: Duration) -> Duration {
+    let quarter = delay / 4;
+    delay - quarter.mul_f64(rand::random::<f64>())
 }
 
 /// Labels every object the hub creates carries.

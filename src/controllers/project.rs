@@ -17,7 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{Context, MANAGED_BY, ReconcileError, retry_after};
+use super::{Context, MANAGED_BY, ReconcileError};
 use crate::crd::{FIELD_MANAGER, Project, ProjectPhase};
 use crate::render::agent::DEPLOYER_ROLE;
 
@@ -229,11 +229,6 @@ async fn ensure(project: &Project, ctx: &Context) -> Result<(), ReconcileError> 
     Ok(())
 }
 
-fn error_policy(project: Arc<Project>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    tracing::warn!(cluster = %ctx.cluster, project = %project.name_any(), category = error.category(), %error, "reconcile failed");
-    retry_after(error)
-}
-
 /// Runs the Project controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
@@ -265,7 +260,11 @@ pub async fn run(ctx: Arc<Context>) {
                     .collect::<Vec<_>>()
             },
         )
-        .run(super::bounded(reconcile), error_policy, ctx)
+        .run(
+            super::bounded("project", reconcile),
+            |object, error, ctx| super::on_error("project", object, error, ctx),
+            ctx,
+        )
         .for_each(|result| {
             metrics.record("project", &result);
             async {}

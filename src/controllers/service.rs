@@ -17,9 +17,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Digest;
 
-use super::jobs::{self, Outcome, Uninstall};
-use super::{Context, MANAGED_BY, ReconcileError, retry_after};
+use super::jobs::{self, Uninstall};
+use super::{Context, MANAGED_BY, ReconcileError};
 use crate::crd::{ChartSource, FIELD_MANAGER, Service, ServicePhase, ServiceSpec, ServiceStatus};
+use crate::observed::{self, Outcome};
 use crate::render::build::child_name;
 use crate::render::jobs::{self as render, Chart, HelmAction, HelmJob, SERVICE_LABEL, STEP_LABEL};
 
@@ -193,7 +194,7 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
         .items;
     if let Some(busy) = installs
         .iter()
-        .find(|j| j.name_any() != job_name && jobs::outcome(j) == Outcome::Running)
+        .find(|j| j.name_any() != job_name && observed::outcome(j) == Outcome::Running)
     {
         status.phase = Some(ServicePhase::Deploying);
         status.message = Some(format!(
@@ -239,7 +240,7 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
         &ctx.config.jobs,
     );
     let job = jobs::create_once(&jobs_api, &job).await?;
-    match jobs::outcome(&job) {
+    match observed::outcome(&job) {
         Outcome::Running => {
             status.phase = Some(ServicePhase::Deploying);
             status.message = Some(format!(
@@ -282,12 +283,6 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
     Ok(Action::await_change())
 }
 
-fn error_policy(service: Arc<Service>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    tracing::warn!(cluster = %ctx.cluster, service = %service.name_any(), namespace = ?service.namespace(),
-        category = error.category(), %error, "reconcile failed");
-    retry_after(error)
-}
-
 /// Runs the Service controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
@@ -303,7 +298,11 @@ pub async fn run(ctx: Arc<Context>) {
             )
             .touched_objects(),
         )
-        .run(super::bounded(reconcile), error_policy, ctx)
+        .run(
+            super::bounded("service", reconcile),
+            |object, error, ctx| super::on_error("service", object, error, ctx),
+            ctx,
+        )
         .for_each(|result| {
             metrics.record("service", &result);
             async {}

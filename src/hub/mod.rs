@@ -6,7 +6,7 @@
 
 pub mod api;
 pub mod config;
-pub mod events;
+
 pub mod gateway;
 pub mod metrics;
 pub mod registry;
@@ -100,7 +100,8 @@ impl Hub {
                 runtime_shutdown.clone(),
             ));
         }
-        let controller_metrics = Arc::new(metrics::ControllerMetrics::default());
+        let controller_metrics =
+            Arc::new(crate::controllers::metrics::ControllerMetrics::default());
         controller_metrics.register(&mut prometheus);
         let runtimes = config.controllers.then(|| {
             runtime::Runtimes::start(

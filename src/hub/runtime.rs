@@ -49,7 +49,7 @@ pub struct Runtimes {
     shutdown: CancellationToken,
     shards: Vec<tokio::runtime::Handle>,
     journal: Option<Arc<crate::relay::Journal>>,
-    metrics: Arc<super::metrics::ControllerMetrics>,
+    metrics: Arc<controllers::metrics::ControllerMetrics>,
     reconciles: Arc<Semaphore>,
 }
 
@@ -85,7 +85,7 @@ impl Runtimes {
         gateway: Arc<Gateway>,
         config: RuntimeConfig,
         journal: Option<Arc<crate::relay::Journal>>,
-        metrics: Arc<super::metrics::ControllerMetrics>,
+        metrics: Arc<controllers::metrics::ControllerMetrics>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let runtimes = Arc::new(Self {
@@ -128,15 +128,14 @@ impl Runtimes {
         }
         let cancel = self.shutdown.child_token();
         self.running.insert(cluster.to_string(), cancel.clone());
-        let ctx = Arc::new(Context {
-            client: self.gateway.client(cluster),
-            cluster: cluster.to_string(),
-            config: self.config.controllers.clone(),
-            journal: self.journal.clone(),
-            log_followers: Default::default(),
-            metrics: self.metrics.clone(),
-            reconciles: self.reconciles.clone(),
-        });
+        let ctx = Arc::new(Context::new(
+            self.gateway.client(cluster),
+            cluster.to_string(),
+            self.config.controllers.clone(),
+            self.journal.clone(),
+            self.metrics.clone(),
+            self.reconciles.clone(),
+        ));
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);
         let shard = &self.shards[shard_of(cluster, self.shards.len())];

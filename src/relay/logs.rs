@@ -5,7 +5,7 @@ use futures_util::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams};
 
-use crate::controllers::jobs::{container_statuses, has_started, pod_finished};
+use crate::observed::{container_statuses, has_started, pod_finished};
 
 /// The containers of a build pod in the order they run: init containers, then the rest (pure).
 pub fn containers_in_order(pod: &Pod) -> Vec<String> {

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use utoipa::IntoParams;
 
-use super::api::{ApiError, ApiState};
+use super::{ApiError, ApiState};
 use crate::relay::{Event, Journal};
 
 /// Where an event stream starts.

@@ -1,0 +1,1096 @@
+//! The AppBuild state machine, as pure functions: [`decide`] takes what the cluster holds for
+//! one AppBuild ([`Observed`]) and returns the one [`Step`] to take next; [`status_after`] says
+//! what the status becomes once that step is applied. Nothing here does I/O, so every branch
+//! is unit-tested without a cluster.
+//!
+//! ```text
+//!  (new) ──Accept──▶ Pending ──UseImage (pre-built, redeploy, reused)──────────┐
+//!                      │ └──StartBuild──▶ (job) ──BuildRunning──▶ Building      │
+//!                      │                           └──BuildSucceeded──▶ (image) ┘
+//!                      ▼                                                  │
+//!                   Failed ◀──Fail (any step, with a FailureReason)       ▼
+//!                                 Deploying ◀──StartDeploy / DeployRunning
+//!                                     └──Deployed──▶ Completed
+//! ```
+//!
+//! The state is read from `status` alone: no image and no `jobName` means the image source is
+//! still to be chosen; `jobName` without an image means a build runs; an image means deploy.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use super::failure::{FailureReason, build_failure};
+use super::{BUILT, DEPLOYED, INPUTS_LABEL, image_tag, inputs_hash};
+use crate::crd::{App, AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, BuildType};
+use crate::observed::{self, Outcome};
+use crate::render::build::destinations;
+use crate::render::image::ImageRef;
+use crate::render::jobs::{self as render, BUILD_CONTAINER, COMMIT_CONTAINER, JobSettings};
+
+/// What the cluster holds for one AppBuild, read before anything is decided.
+pub struct Observed<'a> {
+    pub build: &'a AppBuild,
+    /// The AppBuild's App, unless it is missing or being deleted.
+    pub app: Option<&'a App>,
+    /// The other AppBuilds of the namespace (for reusing an image built from the same inputs).
+    pub siblings: &'a [std::sync::Arc<AppBuild>],
+    /// The build Job named in `status.jobName`, and its pods.
+    pub build_job: Option<&'a Job>,
+    pub build_pods: &'a [Pod],
+    /// The deploy Job, once the image is known.
+    pub deploy_job: Option<&'a Job>,
+    /// The helm output of a failed deploy Job (read only when it failed).
+    pub deploy_output: Option<&'a str>,
+    pub settings: &'a JobSettings,
+}
+
+/// Where an image that needs no build comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageOrigin {
+    /// `spec.build.image` of an App of build type `image`.
+    Prebuilt,
+    /// The App's current image, for an AppBuild with neither ref nor tag.
+    Redeploy,
+    /// The image of an earlier build of the same commit and build inputs.
+    Reused { from: String },
+}
+
+/// What a build pod has reported so far.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BuildProgress {
+    /// The commit the ref resolved to (the commit container's termination message).
+    pub commit: Option<String>,
+    /// The pod that just started running (the build becomes `Building`).
+    pub started_pod: Option<String>,
+    /// The pod whose log is relayed.
+    pub log_pod: Option<String>,
+}
+
+/// The one thing to do next for an AppBuild.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Finished (Completed or Failed) or being deleted: nothing to do.
+    Nothing,
+    /// First sight: record `Pending` and the start time.
+    Accept,
+    /// Waiting for the App (to exist, or to be Ready); the message says which.
+    Wait { message: String },
+    /// End `Failed`.
+    Fail {
+        reason: FailureReason,
+        message: String,
+        progress: BuildProgress,
+    },
+    /// Deploy an image that needs no build; `inputs` labels the AppBuild for later reuse.
+    UseImage {
+        image: String,
+        tag: Option<String>,
+        commit: Option<String>,
+        origin: ImageOrigin,
+        inputs: Option<String>,
+    },
+    /// Create the build Job (and the buildpacks env Secret when there are build vars).
+    StartBuild {
+        git_ref: String,
+        tag: String,
+        image: ImageRef,
+        cache: ImageRef,
+        inputs: Option<String>,
+    },
+    /// The build Job runs.
+    BuildRunning { progress: BuildProgress },
+    /// The build Job succeeded: deploy `image` (with the digest kaniko reported) next.
+    BuildSucceeded {
+        image: ImageRef,
+        finished: Option<Time>,
+        progress: BuildProgress,
+    },
+    /// Create the deploy Job (and its values Secret).
+    StartDeploy { image: ImageRef },
+    /// The deploy Job runs.
+    DeployRunning,
+    /// The deploy Job succeeded: record the deploy on the App, end `Completed`.
+    Deployed { image: ImageRef },
+}
+
+/// Decides the next step (pure).
+pub fn decide(o: &Observed) -> Step {
+    let status = o.build.status.clone().unwrap_or_default();
+    if o.build.metadata.deletion_timestamp.is_some()
+        || matches!(
+            status.phase,
+            Some(AppBuildPhase::Completed | AppBuildPhase::Failed)
+        )
+    {
+        return Step::Nothing;
+    }
+    if status.phase.is_none() {
+        return Step::Accept;
+    }
+    let app_name = &o.build.spec.app_name;
+    let Some(app) = o.app else {
+        return Step::Wait {
+            message: format!("waiting for App {app_name} to exist"),
+        };
+    };
+    if let Some(image) = &status.image {
+        return decide_deploy(o, image);
+    }
+    if status.job_name.is_some() {
+        return decide_build(o, app);
+    }
+    let app_status = app.status.as_ref();
+    if app_status.and_then(|s| s.phase) != Some(AppPhase::Ready) {
+        let detail = app_status
+            .and_then(|s| s.message.clone())
+            .unwrap_or_default();
+        return Step::Wait {
+            message: format!("waiting for App {app_name} to be Ready: {detail}")
+                .trim_end_matches([' ', ':'])
+                .to_string(),
+        };
+    }
+    decide_source(o, app)
+}
+
+fn fail(reason: FailureReason, message: impl Into<String>) -> Step {
+    Step::Fail {
+        reason,
+        message: message.into(),
+        progress: BuildProgress::default(),
+    }
+}
+
+/// Chooses where a Pending build's image comes from.
+fn decide_source(o: &Observed, app: &App) -> Step {
+    let build = o.build;
+    if app.spec.build.build_type == BuildType::Image {
+        let reference = app.spec.build.image.clone().unwrap_or_default();
+        let mut image = match ImageRef::parse(&reference) {
+            Ok(image) => image,
+            Err(e) => return fail(FailureReason::InvalidSpec, format!("spec.build.image: {e}")),
+        };
+        if let Some(tag) = &build.spec.image_tag {
+            image.tag = Some(tag.clone());
+            image.digest = None;
+        }
+        return Step::UseImage {
+            tag: image.tag.clone(),
+            image: image.to_string(),
+            commit: None,
+            origin: ImageOrigin::Prebuilt,
+            inputs: None,
+        };
+    }
+    let git_ref = match (&build.spec.git_ref, &build.spec.image_tag) {
+        (None, None) => {
+            let current = app.status.as_ref().and_then(|s| s.current_image.clone());
+            let Some(image) = current else {
+                return fail(
+                    FailureReason::NothingToRedeploy,
+                    "neither spec.gitRef nor spec.imageTag is set, which redeploys the App's current image, and the App has none yet",
+                );
+            };
+            return Step::UseImage {
+                tag: ImageRef::parse(&image).ok().and_then(|i| i.tag),
+                image,
+                commit: None,
+                origin: ImageOrigin::Redeploy,
+                inputs: None,
+            };
+        }
+        (Some(git_ref), _) => git_ref.clone(),
+        (None, Some(_)) => match app.spec.git.as_ref().and_then(|g| g.branch.clone()) {
+            Some(branch) => branch,
+            None => {
+                return fail(
+                    FailureReason::InvalidSpec,
+                    "spec.gitRef is empty and the App has no spec.git.branch to build",
+                );
+            }
+        },
+    };
+
+    // The same commit built with the same inputs already: reuse its image.
+    let inputs =
+        render::is_commit_sha(&git_ref).then(|| inputs_hash(app, build, &git_ref, o.settings));
+    if let Some(hash) = &inputs
+        && let Some(earlier) = reusable(o, hash)
+    {
+        let earlier_status = earlier.status.clone().unwrap_or_default();
+        return Step::UseImage {
+            image: earlier_status.image.unwrap_or_default(),
+            tag: earlier_status.image_tag,
+            commit: earlier_status.git_commit,
+            origin: ImageOrigin::Reused {
+                from: earlier.name_any(),
+            },
+            inputs,
+        };
+    }
+
+    let registry = app.spec.registry.url.clone().unwrap_or_default();
+    let tag = image_tag(build, &git_ref);
+    let ns = build.namespace().unwrap_or_default();
+    match destinations(&registry, &ns, &app.name_any(), &tag) {
+        Ok((image, cache)) => Step::StartBuild {
+            git_ref,
+            tag,
+            image,
+            cache,
+            inputs,
+        },
+        Err(e) => fail(
+            FailureReason::InvalidSpec,
+            format!("image destination: {e}"),
+        ),
+    }
+}
+
+/// The newest Completed AppBuild of the namespace built from the same inputs.
+fn reusable<'a>(o: &'a Observed, hash: &str) -> Option<&'a AppBuild> {
+    o.siblings
+        .iter()
+        .map(|b| b.as_ref())
+        .filter(|b| {
+            b.namespace() == o.build.namespace()
+                && b.name_any() != o.build.name_any()
+                && b.labels().get(INPUTS_LABEL).map(String::as_str) == Some(hash)
+                && b.status.as_ref().and_then(|s| s.phase) == Some(AppBuildPhase::Completed)
+                && b.status.as_ref().is_some_and(|s| s.image.is_some())
+        })
+        .max_by_key(|b| {
+            b.status
+                .as_ref()
+                .and_then(|s| s.completion_time.clone())
+                .map(|t| t.0)
+        })
+}
+
+/// Whether a build pod has started: running, or (while init containers run the clone, the
+/// pod's phase is still Pending) any container has started (pure).
+pub fn started(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        || observed::container_statuses(pod).any(observed::has_started)
+}
+
+/// Follows the build Job.
+fn decide_build(o: &Observed, app: &App) -> Step {
+    let status = o.build.status.clone().unwrap_or_default();
+    let job_name = status.job_name.clone().unwrap_or_default();
+    let Some(job) = o.build_job else {
+        return fail(
+            FailureReason::BuildJobLost,
+            format!(
+                "the build Job {job_name} was deleted (or expired) before its result was recorded"
+            ),
+        );
+    };
+    let mut progress = BuildProgress {
+        log_pod: o.build_pods.first().map(|p| p.name_any()),
+        ..Default::default()
+    };
+    for pod in o.build_pods {
+        if let Some(commit) = observed::terminated(pod, COMMIT_CONTAINER)
+            .filter(|t| t.exit_code == 0)
+            .and_then(|t| t.message.as_deref())
+            .map(str::trim)
+            .filter(|m| render::is_commit_sha(m))
+        {
+            progress.commit = Some(commit.to_string());
+        }
+        if started(pod) && status.phase != Some(AppBuildPhase::Building) {
+            progress.started_pod = Some(pod.name_any());
+        }
+    }
+    match observed::outcome(job) {
+        Outcome::Running => Step::BuildRunning { progress },
+        Outcome::Succeeded => {
+            let tag = status.image_tag.clone().unwrap_or_default();
+            let registry = app.spec.registry.url.clone().unwrap_or_default();
+            let ns = o.build.namespace().unwrap_or_default();
+            let mut image = match destinations(&registry, &ns, &app.name_any(), &tag) {
+                Ok((image, _)) => image,
+                Err(e) => {
+                    return fail(
+                        FailureReason::InvalidSpec,
+                        format!("image destination: {e}"),
+                    );
+                }
+            };
+            // kaniko writes the pushed digest as its termination message: deploy exactly it.
+            image.digest = o
+                .build_pods
+                .iter()
+                .find_map(|p| observed::terminated(p, BUILD_CONTAINER))
+                .and_then(|t| t.message.as_deref())
+                .map(str::trim)
+                .filter(|m| {
+                    m.strip_prefix("sha256:")
+                        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                })
+                .map(String::from);
+            Step::BuildSucceeded {
+                image,
+                finished: job.status.as_ref().and_then(|s| s.completion_time.clone()),
+                progress,
+            }
+        }
+        Outcome::Failed { reason, message } => {
+            let git_ref = o.build.spec.git_ref.clone().unwrap_or_default();
+            let (reason, message) = build_failure(
+                &reason,
+                &message,
+                o.build_pods,
+                app.spec.build.build_type,
+                &git_ref,
+                o.settings,
+            );
+            Step::Fail {
+                reason,
+                message,
+                progress,
+            }
+        }
+    }
+}
+
+/// Deploys the image with the deploy Job and follows it.
+fn decide_deploy(o: &Observed, image: &str) -> Step {
+    let image = match ImageRef::parse(image) {
+        Ok(image) => image,
+        Err(e) => return fail(FailureReason::InvalidSpec, format!("image to deploy: {e}")),
+    };
+    let Some(job) = o.deploy_job else {
+        return Step::StartDeploy { image };
+    };
+    match observed::outcome(job) {
+        Outcome::Running => Step::DeployRunning,
+        Outcome::Succeeded => Step::Deployed { image },
+        Outcome::Failed { message, .. } => fail(
+            FailureReason::DeployFailed,
+            format!(
+                "helm upgrade --install failed\n{}",
+                o.deploy_output.unwrap_or(message.as_str())
+            ),
+        ),
+    }
+}
+
+/// Sets a condition, moving its transition time only when its status or reason changes.
+fn set_condition(
+    status: &mut AppBuildStatus,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let value = if ok { "True" } else { "False" };
+    if let Some(existing) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        if existing.status != value || existing.reason != reason {
+            existing.last_transition_time = now.clone();
+        }
+        existing.status = value.into();
+        existing.reason = reason.into();
+        existing.message = message.into();
+        existing.observed_generation = generation;
+        return;
+    }
+    status.conditions.push(Condition {
+        type_: type_.into(),
+        status: value.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    });
+}
+
+fn apply_progress(status: &mut AppBuildStatus, progress: &BuildProgress, now: &Time) {
+    if let Some(commit) = &progress.commit {
+        status.git_commit = Some(commit.clone());
+    }
+    if let Some(pod) = &progress.started_pod {
+        status.phase = Some(AppBuildPhase::Building);
+        status.pod_name = Some(pod.clone());
+        status.build_start_time = Some(now.clone());
+    }
+}
+
+/// The status once `step` is applied (pure; `now` stamps what happens now).
+pub fn status_after(build: &AppBuild, step: &Step, now: &Time) -> AppBuildStatus {
+    let mut status = build.status.clone().unwrap_or_default();
+    let generation = build.metadata.generation;
+    status.observed_generation = generation;
+    match step {
+        Step::Nothing | Step::DeployRunning => {}
+        Step::Accept => {
+            status.phase = Some(AppBuildPhase::Pending);
+            status.start_time = Some(now.clone());
+            status.message = Some("accepted".into());
+        }
+        Step::Wait { message } => status.message = Some(message.clone()),
+        Step::Fail {
+            reason,
+            message,
+            progress,
+        } => {
+            apply_progress(&mut status, progress, now);
+            // A build that ran (its Job is known, no image yet) ended now.
+            if status.job_name.is_some() && status.image.is_none() {
+                status.build_end_time = Some(now.clone());
+            }
+            if *reason == FailureReason::DeployFailed {
+                status.failed_helm_job_name = status.helm_job_name.clone();
+            }
+            set_condition(
+                &mut status,
+                reason.condition(),
+                false,
+                reason.as_str(),
+                message,
+                generation,
+                now,
+            );
+            status.phase = Some(AppBuildPhase::Failed);
+            status.reason = Some(reason.as_str().to_string());
+            status.message = Some(message.clone());
+            status.completion_time = Some(now.clone());
+        }
+        Step::UseImage {
+            image,
+            tag,
+            commit,
+            origin,
+            ..
+        } => {
+            let (reason, message) = match origin {
+                ImageOrigin::Prebuilt => ("PrebuiltImage", format!("pre-built image {image}")),
+                ImageOrigin::Redeploy => (
+                    "Redeploy",
+                    format!("redeploying the App's current image {image}"),
+                ),
+                ImageOrigin::Reused { from } => (
+                    "Reused",
+                    format!("reusing the image of build {from} (same commit and build inputs)"),
+                ),
+            };
+            status.image = Some(image.clone());
+            status.image_tag = tag.clone();
+            if commit.is_some() {
+                status.git_commit = commit.clone();
+            }
+            set_condition(&mut status, BUILT, true, reason, &message, generation, now);
+            status.message = Some(message);
+        }
+        Step::StartBuild {
+            git_ref,
+            tag,
+            image,
+            ..
+        } => {
+            status.job_name = Some(super::build_job_name(&build.name_any()));
+            status.image_tag = Some(tag.clone());
+            status.message = Some(format!("building {git_ref} into {image}"));
+            set_condition(
+                &mut status,
+                BUILT,
+                false,
+                "Building",
+                "the build Job runs",
+                generation,
+                now,
+            );
+        }
+        Step::BuildRunning { progress } => apply_progress(&mut status, progress, now),
+        Step::BuildSucceeded {
+            image,
+            finished,
+            progress,
+        } => {
+            apply_progress(&mut status, progress, now);
+            status.image = Some(image.to_string());
+            status.build_end_time = Some(finished.clone().unwrap_or_else(|| now.clone()));
+            let message = format!("built {image}");
+            status.message = Some(message.clone());
+            set_condition(
+                &mut status,
+                BUILT,
+                true,
+                "BuildSucceeded",
+                &message,
+                generation,
+                now,
+            );
+        }
+        Step::StartDeploy { image } => {
+            // Say where the image came from (built, reused, pre-built, redeployed) and what now.
+            let origin = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == BUILT && c.status == "True")
+                .map(|c| c.message.clone())
+                .unwrap_or_else(|| format!("image {image}"));
+            status.phase = Some(AppBuildPhase::Deploying);
+            status.helm_job_name = Some(super::deploy_job_name(&build.name_any()));
+            status.message = Some(format!("{origin}; deploying with helm"));
+        }
+        Step::Deployed { image } => {
+            status.phase = Some(AppBuildPhase::Completed);
+            status.reason = None;
+            status.message = Some(format!("deployed {image}"));
+            status.completion_time = Some(now.clone());
+            set_condition(
+                &mut status,
+                DEPLOYED,
+                true,
+                "Deployed",
+                &format!("release {} runs {image}", build.spec.app_name),
+                generation,
+                now,
+            );
+        }
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+    use std::sync::Arc;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn app(build: Value, phase: &str, current_image: Option<&str>) -> App {
+        serde_json::from_value(json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
+            "metadata": {"name": "web", "namespace": "p"},
+            "spec": {"displayName": "Web", "git": {"url": "https://git.example.com/r.git", "branch": "main"},
+                "registry": {"url": "registry.example.com"}, "build": build},
+            "status": {"phase": phase, "message": "checking", "currentImage": current_image}}))
+        .unwrap()
+    }
+
+    fn dockerfile_app() -> App {
+        app(json!({"type": "dockerfile"}), "Ready", None)
+    }
+
+    fn build(spec: Value, status: Value) -> AppBuild {
+        let mut spec = spec;
+        spec["appName"] = "web".into();
+        serde_json::from_value(json!({"apiVersion": "apps.shapeblock.io/v1alpha1",
+            "kind": "AppBuild", "metadata": {"name": "web-1", "namespace": "p", "generation": 1},
+            "spec": spec, "status": status}))
+        .unwrap()
+    }
+
+    fn job(conditions: Value) -> Job {
+        serde_json::from_value(json!({"metadata": {"name": "j"},
+            "status": {"conditions": conditions}}))
+        .unwrap()
+    }
+
+    fn running() -> Job {
+        job(json!([]))
+    }
+    fn succeeded() -> Job {
+        job(json!([{"type": "Complete", "status": "True"}]))
+    }
+    fn failed() -> Job {
+        job(
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+            "message": "Job has reached the specified backoff limit"}]),
+        )
+    }
+
+    fn pod(statuses: Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "web-1-build-x"}, "status": statuses}))
+            .unwrap()
+    }
+
+    fn terminated(name: &str, code: i32, message: &str) -> Value {
+        json!({"name": name, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": code, "message": message}}})
+    }
+
+    /// Decides for `build` with the given App and children.
+    struct Case {
+        build: AppBuild,
+        app: Option<App>,
+        siblings: Vec<Arc<AppBuild>>,
+        build_job: Option<Job>,
+        build_pods: Vec<Pod>,
+        deploy_job: Option<Job>,
+        deploy_output: Option<String>,
+    }
+
+    impl Case {
+        fn new(build: AppBuild, app: Option<App>) -> Self {
+            Self {
+                build,
+                app,
+                siblings: vec![],
+                build_job: None,
+                build_pods: vec![],
+                deploy_job: None,
+                deploy_output: None,
+            }
+        }
+        fn decide(&self) -> Step {
+            let settings = JobSettings::default();
+            decide(&Observed {
+                build: &self.build,
+                app: self.app.as_ref(),
+                siblings: &self.siblings,
+                build_job: self.build_job.as_ref(),
+                build_pods: &self.build_pods,
+                deploy_job: self.deploy_job.as_ref(),
+                deploy_output: self.deploy_output.as_deref(),
+                settings: &settings,
+            })
+        }
+    }
+
+    fn pending() -> Value {
+        json!({"phase": "Pending"})
+    }
+
+    fn failure(step: &Step) -> (FailureReason, &str) {
+        match step {
+            Step::Fail {
+                reason, message, ..
+            } => (*reason, message.as_str()),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn finished_or_deleted_builds_are_left_alone() {
+        for phase in ["Completed", "Failed"] {
+            let case = Case::new(
+                build(json!({}), json!({"phase": phase})),
+                Some(dockerfile_app()),
+            );
+            assert_eq!(case.decide(), Step::Nothing, "{phase}");
+        }
+        let mut deleted = build(json!({}), pending());
+        deleted.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert_eq!(
+            Case::new(deleted, Some(dockerfile_app())).decide(),
+            Step::Nothing
+        );
+    }
+
+    #[test]
+    fn a_new_build_is_accepted_first() {
+        let case = Case::new(build(json!({"gitRef": "main"}), json!(null)), None);
+        assert_eq!(case.decide(), Step::Accept);
+    }
+
+    #[test]
+    fn builds_wait_for_their_app_to_exist_and_be_ready() {
+        let missing = Case::new(build(json!({"gitRef": "main"}), pending()), None);
+        assert_eq!(
+            missing.decide(),
+            Step::Wait {
+                message: "waiting for App web to exist".into()
+            }
+        );
+        let unready = Case::new(
+            build(json!({"gitRef": "main"}), pending()),
+            Some(app(json!({"type": "dockerfile"}), "Failed", None)),
+        );
+        assert_eq!(
+            unready.decide(),
+            Step::Wait {
+                message: "waiting for App web to be Ready: checking".into()
+            }
+        );
+    }
+
+    #[test]
+    fn prebuilt_images_deploy_without_a_build_and_take_the_builds_tag() {
+        let image_app = app(
+            json!({"type": "image", "image": "registry.example.com/web:1.0"}),
+            "Ready",
+            None,
+        );
+        let case = Case::new(
+            build(json!({"imageTag": "2.0"}), pending()),
+            Some(image_app),
+        );
+        match case.decide() {
+            Step::UseImage {
+                image, tag, origin, ..
+            } => {
+                assert_eq!(image, "registry.example.com/web:2.0");
+                assert_eq!(tag.as_deref(), Some("2.0"));
+                assert_eq!(origin, ImageOrigin::Prebuilt);
+            }
+            other => panic!("{other:?}"),
+        }
+        let broken = app(
+            json!({"type": "image", "image": "UPPER CASE"}),
+            "Ready",
+            None,
+        );
+        let case = Case::new(build(json!({}), pending()), Some(broken));
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::InvalidSpec);
+        assert!(message.starts_with("spec.build.image"), "{message}");
+    }
+
+    #[test]
+    fn no_ref_and_no_tag_redeploys_the_current_image_or_fails() {
+        let none = Case::new(build(json!({}), pending()), Some(dockerfile_app()));
+        assert_eq!(failure(&none.decide()).0, FailureReason::NothingToRedeploy);
+        let deployed = app(
+            json!({"type": "dockerfile"}),
+            "Ready",
+            Some("registry.example.com/p/web:abc"),
+        );
+        let case = Case::new(build(json!({}), pending()), Some(deployed));
+        match case.decide() {
+            Step::UseImage { image, origin, .. } => {
+                assert_eq!(image, "registry.example.com/p/web:abc");
+                assert_eq!(origin, ImageOrigin::Redeploy);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tag_without_a_ref_builds_the_apps_branch_or_fails_without_one() {
+        let case = Case::new(
+            build(json!({"imageTag": "v1"}), pending()),
+            Some(dockerfile_app()),
+        );
+        match case.decide() {
+            Step::StartBuild { git_ref, tag, .. } => {
+                assert_eq!(git_ref, "main");
+                assert_eq!(tag, "v1");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut no_branch = dockerfile_app();
+        no_branch.spec.git.as_mut().unwrap().branch = None;
+        let case = Case::new(build(json!({"imageTag": "v1"}), pending()), Some(no_branch));
+        assert_eq!(failure(&case.decide()).0, FailureReason::InvalidSpec);
+    }
+
+    #[test]
+    fn a_commit_built_before_with_the_same_inputs_is_reused() {
+        let app = dockerfile_app();
+        let new = build(json!({"gitRef": SHA}), pending());
+        let hash = inputs_hash(&app, &new, SHA, &JobSettings::default());
+        let mut earlier = build(
+            json!({"gitRef": SHA}),
+            json!({"phase": "Completed", "image": "registry.example.com/p/web:0123456789ab@sha256:aa",
+                "imageTag": "0123456789ab", "gitCommit": SHA}),
+        );
+        earlier.metadata.name = Some("web-0".into());
+        earlier
+            .labels_mut()
+            .insert(INPUTS_LABEL.into(), hash.clone());
+        let mut case = Case::new(new, Some(app));
+        case.siblings = vec![Arc::new(earlier.clone())];
+        match case.decide() {
+            Step::UseImage {
+                image,
+                origin,
+                inputs,
+                commit,
+                ..
+            } => {
+                assert!(image.ends_with("@sha256:aa"), "{image}");
+                assert_eq!(
+                    origin,
+                    ImageOrigin::Reused {
+                        from: "web-0".into()
+                    }
+                );
+                assert_eq!(inputs.as_deref(), Some(hash.as_str()));
+                assert_eq!(commit.as_deref(), Some(SHA));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A failed earlier build is not reused: this one builds.
+        earlier.status.as_mut().unwrap().phase = Some(AppBuildPhase::Failed);
+        case.siblings = vec![Arc::new(earlier)];
+        match case.decide() {
+            Step::StartBuild { inputs, tag, .. } => {
+                assert_eq!(inputs.as_deref(), Some(hash.as_str()));
+                assert_eq!(tag, "0123456789ab");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_branch_build_starts_a_job_and_is_not_labelled_for_reuse() {
+        let case = Case::new(
+            build(json!({"gitRef": "main"}), pending()),
+            Some(dockerfile_app()),
+        );
+        match case.decide() {
+            Step::StartBuild {
+                git_ref,
+                tag,
+                image,
+                cache,
+                inputs,
+            } => {
+                assert_eq!(git_ref, "main");
+                assert_eq!(tag, "web-1");
+                assert_eq!(image.to_string(), "registry.example.com/p/web:web-1");
+                assert!(cache.to_string().contains("cache"), "{cache}");
+                assert_eq!(inputs, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn building() -> Value {
+        json!({"phase": "Pending", "jobName": "web-1-build", "imageTag": "web-1"})
+    }
+
+    #[test]
+    fn a_lost_build_job_fails_the_build() {
+        let case = Case::new(
+            build(json!({"gitRef": "main"}), building()),
+            Some(dockerfile_app()),
+        );
+        assert_eq!(failure(&case.decide()).0, FailureReason::BuildJobLost);
+    }
+
+    #[test]
+    fn a_running_build_reports_its_pod_and_commit() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "main"}), building()),
+            Some(dockerfile_app()),
+        );
+        case.build_job = Some(running());
+        assert_eq!(
+            case.decide(),
+            Step::BuildRunning {
+                progress: BuildProgress::default()
+            }
+        );
+        case.build_pods = vec![pod(json!({"phase": "Pending",
+            "initContainerStatuses": [terminated("commit", 0, &format!("{SHA}\n"))]}))];
+        match case.decide() {
+            Step::BuildRunning { progress } => {
+                assert_eq!(progress.commit.as_deref(), Some(SHA));
+                assert_eq!(progress.started_pod.as_deref(), Some("web-1-build-x"));
+                assert_eq!(progress.log_pod.as_deref(), Some("web-1-build-x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Already Building: the pod is not started again.
+        case.build.status.as_mut().unwrap().phase = Some(AppBuildPhase::Building);
+        match case.decide() {
+            Step::BuildRunning { progress } => assert_eq!(progress.started_pod, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_successful_build_deploys_the_digest_kaniko_reported() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "main"}), building()),
+            Some(dockerfile_app()),
+        );
+        case.build_job = Some(succeeded());
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        case.build_pods = vec![pod(json!({"phase": "Succeeded",
+            "containerStatuses": [terminated("build", 0, &digest)]}))];
+        match case.decide() {
+            Step::BuildSucceeded { image, .. } => {
+                assert_eq!(image.digest.as_deref(), Some(digest.as_str()));
+                assert_eq!(image.tag.as_deref(), Some("web-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Anything else as a termination message is not taken for a digest.
+        case.build_pods = vec![pod(json!({"phase": "Succeeded",
+            "containerStatuses": [terminated("build", 0, "done")]}))];
+        match case.decide() {
+            Step::BuildSucceeded { image, .. } => assert_eq!(image.digest, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_build_fails_with_the_cause_its_pod_reported() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "nope"}), building()),
+            Some(dockerfile_app()),
+        );
+        case.build_job = Some(failed());
+        case.build_pods = vec![pod(json!({"phase": "Failed", "initContainerStatuses": [
+            terminated("clone", 128, "fatal: Remote branch nope not found in upstream origin")]}))];
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::GitCloneFailed);
+        assert!(
+            message.starts_with("git ref 'nope' was not found"),
+            "{message}"
+        );
+    }
+
+    fn with_image() -> Value {
+        json!({"phase": "Pending", "image": "registry.example.com/p/web:web-1", "imageTag": "web-1"})
+    }
+
+    #[test]
+    fn an_image_is_deployed_by_a_helm_job_that_is_followed_to_the_end() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "main"}), with_image()),
+            Some(dockerfile_app()),
+        );
+        assert!(matches!(case.decide(), Step::StartDeploy { .. }));
+        case.deploy_job = Some(running());
+        assert_eq!(case.decide(), Step::DeployRunning);
+        case.deploy_job = Some(succeeded());
+        assert!(matches!(case.decide(), Step::Deployed { .. }));
+        case.deploy_job = Some(failed());
+        case.deploy_output = Some("Error: UPGRADE FAILED: context deadline exceeded".into());
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::DeployFailed);
+        assert!(message.contains("UPGRADE FAILED"), "{message}");
+        // Without the pod's output, the Job condition's message.
+        case.deploy_output = None;
+        assert!(failure(&case.decide()).1.contains("backoff limit"));
+    }
+
+    #[test]
+    fn an_image_that_cannot_be_parsed_fails_the_deploy() {
+        let case = Case::new(
+            build(
+                json!({}),
+                json!({"phase": "Pending", "image": "NOT AN IMAGE"}),
+            ),
+            Some(dockerfile_app()),
+        );
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::InvalidSpec);
+        assert!(message.starts_with("image to deploy"), "{message}");
+    }
+
+    fn now() -> Time {
+        Time(jiff::Timestamp::now())
+    }
+
+    #[test]
+    fn statuses_follow_the_steps() {
+        let now = now();
+        let new = build(json!({"gitRef": "main"}), json!(null));
+        let accepted = status_after(&new, &Step::Accept, &now);
+        assert_eq!(accepted.phase, Some(AppBuildPhase::Pending));
+        assert_eq!(accepted.start_time, Some(now.clone()));
+        assert_eq!(accepted.observed_generation, Some(1));
+
+        let pending_build = build(json!({"gitRef": "main"}), pending());
+        let settings = JobSettings::default();
+        let step = Case::new(pending_build.clone(), Some(dockerfile_app())).decide();
+        let started = status_after(&pending_build, &step, &now);
+        assert_eq!(started.job_name.as_deref(), Some("web-1-build"));
+        assert_eq!(started.conditions[0].type_, BUILT);
+        assert_eq!(started.conditions[0].reason, "Building");
+        let _ = settings;
+
+        let failed = status_after(
+            &build(json!({}), building()),
+            &Step::Fail {
+                reason: FailureReason::BuildFailed,
+                message: "exit code 1".into(),
+                progress: BuildProgress::default(),
+            },
+            &now,
+        );
+        assert_eq!(failed.phase, Some(AppBuildPhase::Failed));
+        assert_eq!(failed.reason.as_deref(), Some("BuildFailed"));
+        assert_eq!(failed.build_end_time, Some(now.clone()));
+        assert_eq!(failed.conditions[0].type_, BUILT);
+        assert_eq!(failed.conditions[0].status, "False");
+
+        let deploying_build = build(
+            json!({}),
+            json!({"phase": "Deploying", "image": "r.example.com/p/web:1", "helmJobName": "web-1-deploy"}),
+        );
+        let deploy_failed = status_after(
+            &deploying_build,
+            &Step::Fail {
+                reason: FailureReason::DeployFailed,
+                message: "helm".into(),
+                progress: BuildProgress::default(),
+            },
+            &now,
+        );
+        assert_eq!(deploy_failed.conditions[0].type_, DEPLOYED);
+        assert_eq!(
+            deploy_failed.failed_helm_job_name.as_deref(),
+            Some("web-1-deploy")
+        );
+        assert_eq!(deploy_failed.build_end_time, None);
+
+        let image = ImageRef::parse("r.example.com/p/web:1").unwrap();
+        let deploying = status_after(
+            &build(
+                json!({}),
+                json!({"phase": "Pending", "image": "r.example.com/p/web:1", "conditions": [{
+                    "type": "Built", "status": "True", "reason": "PrebuiltImage",
+                    "message": "pre-built image r.example.com/p/web:1",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+            ),
+            &Step::StartDeploy {
+                image: image.clone(),
+            },
+            &now,
+        );
+        assert_eq!(deploying.phase, Some(AppBuildPhase::Deploying));
+        assert_eq!(
+            deploying.message.as_deref(),
+            Some("pre-built image r.example.com/p/web:1; deploying with helm")
+        );
+        let completed = status_after(&deploying_build, &Step::Deployed { image }, &now);
+        assert_eq!(completed.phase, Some(AppBuildPhase::Completed));
+        assert_eq!(completed.completion_time, Some(now));
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_it_holds() {
+        let then = Time("2026-01-01T00:00:00Z".parse().unwrap());
+        let later = now();
+        let mut status = AppBuildStatus::default();
+        set_condition(&mut status, BUILT, false, "Building", "runs", None, &then);
+        set_condition(
+            &mut status,
+            BUILT,
+            false,
+            "Building",
+            "still runs",
+            None,
+            &later,
+        );
+        assert_eq!(status.conditions[0].last_transition_time, then);
+        assert_eq!(status.conditions[0].message, "still runs");
+        set_condition(
+            &mut status,
+            BUILT,
+            true,
+            "BuildSucceeded",
+            "built",
+            None,
+            &later,
+        );
+        assert_eq!(status.conditions[0].last_transition_time, later);
+    }
+}

@@ -1,0 +1,293 @@
+//! Managed clusters: registration, listing, connection status, deletion, token rotation and
+//! the agent install manifest.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+use super::{ApiError, ApiState, Shared};
+use crate::hub::gateway::ConnectionState;
+use crate::hub::registry::{ClusterRecord, StoreError};
+use crate::render::agent::{AgentManifestParams, agent_manifest, to_yaml};
+
+/// Body of `POST /api/v1/clusters`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterCluster {
+    /// Human-readable name (1–63 characters).
+    pub name: String,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A registered cluster and its connection state.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339.
+    pub created: String,
+    /// When the current token was issued (RFC 3339).
+    pub token_issued: String,
+    /// When the agent last established a tunnel (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_connected: Option<String>,
+    #[schema(value_type = Object)]
+    pub status: ConnectionState,
+}
+
+/// A cluster with a newly issued token (shown once; the hub keeps only its hash).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterWithToken {
+    pub cluster: ClusterView,
+    /// The cluster token. Store it now: it cannot be shown again.
+    pub token: String,
+    /// The agent install manifest (multi-document YAML) carrying this token.
+    pub manifest: String,
+}
+
+fn view(state: &ApiState, record: ClusterRecord) -> ClusterView {
+    ClusterView {
+        status: state.gateway.status(&record.id),
+        id: record.id,
+        name: record.name,
+        labels: record.labels,
+        created: record.created.to_string(),
+        token_issued: record.token_issued.to_string(),
+        last_connected: record.last_connected.map(|t| t.to_string()),
+    }
+}
+
+fn validate_registration(body: &RegisterCluster) -> Result<(), ApiError> {
+    let invalid = |m: String| {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            m,
+        ))
+    };
+    if body.name.trim().is_empty() || body.name.len() > 63 {
+        return invalid("name must be 1 to 63 characters".into());
+    }
+    if body.labels.len() > 64 {
+        return invalid("at most 64 labels".into());
+    }
+    if let Some((k, _)) = body
+        .labels
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 253)
+    {
+        return invalid(format!(
+            "label {k:?}: keys must be 1 to 63 characters, values at most 253"
+        ));
+    }
+    Ok(())
+}
+
+/// The URL agents dial: the configured public URL, or the one this request came in on.
+fn hub_url(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+    if let Some(url) = &state.public_url {
+        return Ok(url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1));
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
+        .ok_or_else(|| ApiError::bad_request("no usable Host header; configure public_url"))?;
+    let forwarded_tls = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v == "https");
+    let scheme = if state.tls || forwarded_tls {
+        "wss"
+    } else {
+        "ws"
+    };
+    Ok(format!("{scheme}://{host}"))
+}
+
+fn manifest(
+    state: &ApiState,
+    headers: &HeaderMap,
+    cluster_id: &str,
+    token: &str,
+) -> Result<String, ApiError> {
+    let params = AgentManifestParams {
+        cluster_id: cluster_id.to_string(),
+        hub_url: hub_url(state, headers)?,
+        image: state.agent_image.clone(),
+        token: token.to_string(),
+    };
+    to_yaml(&agent_manifest(&params)).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "RenderFailed",
+            e.to_string(),
+        )
+    })
+}
+
+/// Runs a registry change off the async workers (it syncs to disk).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// List registered clusters with their connection state.
+#[utoipa::path(get, path = "/api/v1/clusters", tag = "clusters",
+    responses((status = 200, body = Vec<ClusterView>), (status = 401, body = ApiError)))]
+pub(super) async fn list_clusters(State(state): Shared) -> Json<Vec<ClusterView>> {
+    Json(
+        state
+            .registry
+            .list()
+            .into_iter()
+            .map(|r| view(&state, r))
+            .collect(),
+    )
+}
+
+/// Register a cluster. The response carries its token and install manifest, once.
+#[utoipa::path(post, path = "/api/v1/clusters", tag = "clusters", request_body = RegisterCluster,
+    responses((status = 201, body = ClusterWithToken), (status = 400, body = ApiError),
+              (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 422, body = ApiError)))]
+pub(super) async fn register_cluster(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Json<RegisterCluster>, JsonRejection>,
+) -> Result<(StatusCode, Json<ClusterWithToken>), ApiError> {
+    let Json(body) = body?;
+    validate_registration(&body)?;
+    let registry = state.registry.clone();
+    let (record, token) =
+        blocking(move || registry.register(body.name.trim(), body.labels)).await?;
+    tracing::info!(cluster = %record.id, name = %record.name, "cluster registered");
+    let manifest = manifest(&state, &headers, &record.id, token.expose())?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ClusterWithToken {
+            cluster: view(&state, record),
+            token: token.expose().to_string(),
+            manifest,
+        }),
+    ))
+}
+
+/// Get one cluster with its connection state.
+#[utoipa::path(get, path = "/api/v1/clusters/{cluster}", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = ClusterView), (status = 404, body = ApiError)))]
+pub(super) async fn get_cluster(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    let record = state
+        .registry
+        .get(&cluster)
+        .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
+    Ok(Json(view(&state, record)))
+}
+
+/// Connection state of a cluster: connected, since, last seen, round-trip time, versions.
+#[utoipa::path(get, path = "/api/v1/clusters/{cluster}/status", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = Object), (status = 404, body = ApiError)))]
+pub(super) async fn cluster_status(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+) -> Result<Json<ConnectionState>, ApiError> {
+    state
+        .registry
+        .get(&cluster)
+        .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
+    Ok(Json(state.gateway.status(&cluster)))
+}
+
+/// Delete a cluster: its token stops working and its tunnel is closed.
+#[utoipa::path(delete, path = "/api/v1/clusters/{cluster}", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 204), (status = 404, body = ApiError)))]
+pub(super) async fn delete_cluster(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let registry = state.registry.clone();
+    let id = cluster.clone();
+    if !blocking(move || registry.remove(&id)).await? {
+        return Err(ApiError::not_found(format!("cluster {cluster}")));
+    }
+    if let Some(runtimes) = &state.runtimes {
+        runtimes.stop(&cluster);
+    }
+    state.gateway.forget(&cluster);
+    tracing::info!(%cluster, "cluster deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A rotated token.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotatedToken {
+    /// The new cluster token. Store it now: it cannot be shown again.
+    pub token: String,
+    /// The agent install manifest carrying the new token.
+    pub manifest: String,
+}
+
+async fn rotate(state: &ApiState, cluster: &str) -> Result<String, ApiError> {
+    let registry = state.registry.clone();
+    let id = cluster.to_string();
+    let token = blocking(move || registry.rotate_token(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
+    // The old token no longer authenticates; close the tunnel it opened.
+    state.gateway.disconnect(cluster);
+    tracing::info!(%cluster, "cluster token rotated");
+    Ok(token.expose().to_string())
+}
+
+/// Rotate a cluster's token. The old token stops working and the live tunnel is closed.
+#[utoipa::path(post, path = "/api/v1/clusters/{cluster}/token", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = RotatedToken), (status = 404, body = ApiError)))]
+pub(super) async fn rotate_token(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<Json<RotatedToken>, ApiError> {
+    let token = rotate(&state, &cluster).await?;
+    let manifest = manifest(&state, &headers, &cluster, &token)?;
+    Ok(Json(RotatedToken { token, manifest }))
+}
+
+/// The agent install manifest as YAML, for `curl -X POST … | kubectl apply -f -`. Issues a new
+/// token (the previous one stops working), since the hub keeps only token hashes.
+#[utoipa::path(post, path = "/api/v1/clusters/{cluster}/agent-manifest", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, content_type = "application/yaml", body = String), (status = 404, body = ApiError)))]
+pub(super) async fn agent_manifest_yaml(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<Response, ApiError> {
+    let token = rotate(&state, &cluster).await?;
+    let yaml = manifest(&state, &headers, &cluster, &token)?;
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
+}

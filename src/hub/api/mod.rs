@@ -1,0 +1,310 @@
+//! The hub's HTTP API for the ShapeBlock server (and an operator with curl), one file per
+//! resource: [`clusters`] (registration, tokens, install manifests, connection status),
+//! [`resources`] (the ShapeBlock kinds inside a cluster, through its tunnel), [`events`] (the
+//! relay's events and build logs as streams) and [`health`] (liveness, readiness, metrics).
+//! This file holds what they share: state, errors, authentication and the router. Documented
+//! by the OpenAPI document generated from the handlers (`GET /api/v1/openapi.json`, committed
+//! as `openapi.json`).
+//!
+//! Every `/api/v1` route needs `Authorization: Bearer <token>`: admin tokens may do
+//! everything, viewer tokens only read. Errors are JSON `{code, reason, message}`.
+//!
+//! Depends on: hub, relay, render, crd, secret.
+
+mod clusters;
+pub mod events;
+mod health;
+mod resources;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Method, StatusCode, header};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::hub::config::{TokenHash, hash_token};
+use crate::hub::gateway::{Gateway, TunnelError};
+use crate::hub::registry::{Registry, StoreError};
+
+/// What the API handlers share.
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    /// The per-cluster controllers, when the hub runs them.
+    pub runtimes: Option<Arc<crate::hub::runtime::Runtimes>>,
+    pub gateway: Arc<Gateway>,
+    pub admin_tokens: Vec<TokenHash>,
+    pub viewer_tokens: Vec<TokenHash>,
+    pub public_url: Option<String>,
+    pub agent_image: String,
+    /// Whether the hub itself serves TLS (for URLs derived from requests).
+    pub tls: bool,
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Relayed events, for `/api/v1/events`.
+    pub journal: Arc<crate::relay::Journal>,
+}
+
+type Shared = State<Arc<ApiState>>;
+
+/// An API error: HTTP status, a machine-readable reason, a human message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub code: u16,
+    /// Machine-readable reason, e.g. `NotFound`, `Invalid`, `ClusterNotConnected`.
+    pub reason: String,
+    /// What went wrong, for a human.
+    pub message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: status.as_u16(),
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{what} not found"),
+        )
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(&self)).into_response();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"shapeblock-hub\""),
+                );
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let reason = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "RequestEntityTooLarge",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+            StatusCode::UNPROCESSABLE_ENTITY => "Invalid",
+            _ => "BadRequest",
+        };
+        Self::new(status, reason, rejection.body_text())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        tracing::error!(error = %err, "cluster store write failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "StoreFailed",
+            format!("the change was not saved: {err}"),
+        )
+    }
+}
+
+/// Finds a [`TunnelError`] anywhere in an error's source chain.
+fn tunnel_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a TunnelError> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(t) = e.downcast_ref::<TunnelError>() {
+            return Some(t);
+        }
+        current = e.source();
+    }
+    None
+}
+
+impl From<kube::Error> for ApiError {
+    fn from(err: kube::Error) -> Self {
+        match &err {
+            kube::Error::Api(status) => {
+                let code = StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY);
+                Self::new(code, &status.reason, status.message.clone())
+            }
+            _ => match tunnel_error(&err) {
+                Some(TunnelError::NotConnected(cluster)) => Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ClusterNotConnected",
+                    format!(
+                        "cluster {cluster} is offline: its agent has no live tunnel to the hub; nothing was changed"
+                    ),
+                ),
+                Some(other) => Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "TunnelFailed",
+                    other.to_string(),
+                ),
+                None => Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "ClusterRequestFailed",
+                    err.to_string(),
+                ),
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Viewer,
+}
+
+fn matches_any(presented: &str, hashes: &[TokenHash]) -> bool {
+    // Compare against every configured hash so timing does not reveal which one matched.
+    hashes.iter().fold(false, |found, h| {
+        found | bool::from(presented.as_bytes().ct_eq(h.0.as_bytes()))
+    })
+}
+
+/// Checks the bearer token of every `/api/v1` request.
+async fn authenticate(State(state): Shared, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| hash_token(t.trim()));
+    let role = match presented {
+        Some(h) if matches_any(&h, &state.admin_tokens) => Role::Admin,
+        Some(h) if matches_any(&h, &state.viewer_tokens) => Role::Viewer,
+        Some(_) => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "the API token is not valid",
+            )
+            .into_response();
+        }
+        None => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "an API token is required: Authorization: Bearer <token>",
+            )
+            .into_response();
+        }
+    };
+    let read_only = matches!(*request.method(), Method::GET | Method::HEAD);
+    if role == Role::Viewer && !read_only {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "this token may only read; changes need an admin token",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "ShapeBlock hub API", description = "Clusters, tokens, agent install manifests and ShapeBlock resources across managed clusters."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags((name = "clusters", description = "Managed clusters and their agents"),
+         (name = "resources", description = "ShapeBlock resources inside a cluster, through its tunnel"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(clusters::list_clusters, clusters::register_cluster))
+        .routes(routes!(clusters::get_cluster, clusters::delete_cluster))
+        .routes(routes!(clusters::cluster_status))
+        .routes(routes!(clusters::rotate_token))
+        .routes(routes!(clusters::agent_manifest_yaml))
+        .routes(routes!(resources::list_projects, resources::create_project))
+        .routes(routes!(
+            resources::get_project,
+            resources::apply_project,
+            resources::delete_project
+        ))
+        .routes(routes!(
+            resources::list_namespaced,
+            resources::create_namespaced
+        ))
+        .routes(routes!(
+            resources::get_namespaced,
+            resources::apply_namespaced,
+            resources::delete_namespaced
+        ))
+        .routes(routes!(events::events))
+        .routes(routes!(events::build_logs))
+}
+
+/// The OpenAPI document of the API, as committed in `openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api_routes().into_openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+/// The hub's HTTP routes (the gateway adds its own).
+pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
+    let (api, _) = api_routes().split_for_parts();
+    let document = Arc::new(openapi());
+    let api = api
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body));
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(health::healthz))
+        .route("/readyz", axum::routing::get(health::readyz))
+        .route("/metrics", axum::routing::get(health::prometheus))
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || async move { Json(document.as_ref().clone()) }),
+        )
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("route") })
+        .with_state(state)
+}

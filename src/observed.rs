@@ -1,0 +1,147 @@
+//! Pure readers of what Kubernetes reports about Jobs and Pods: how a Job ended, which
+//! containers started or terminated and with what message. Shared by the controllers (which
+//! decide from them) and the relay (which follows build logs), so neither imports the other.
+//!
+//! Depends on: nothing of this crate (k8s-openapi types only; no client, no I/O).
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
+
+/// How a Job ended, from its final conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Running,
+    Succeeded,
+    Failed { reason: String, message: String },
+}
+
+/// Reads a Job's terminal condition (`Complete` or `Failed`; the interim `SuccessCriteriaMet`
+/// and `FailureTarget` are not final while pods still run) (pure).
+pub fn outcome(job: &Job) -> Outcome {
+    let conditions = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for condition in conditions.iter().filter(|c| c.status == "True") {
+        match condition.type_.as_str() {
+            "Complete" => return Outcome::Succeeded,
+            "Failed" => {
+                return Outcome::Failed {
+                    reason: condition.reason.clone().unwrap_or_default(),
+                    message: condition.message.clone().unwrap_or_default(),
+                };
+            }
+            _ => {}
+        }
+    }
+    Outcome::Running
+}
+
+/// The statuses of a pod's containers, init containers first (pure).
+pub fn container_statuses(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
+    pod.status.iter().flat_map(|status| {
+        status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+    })
+}
+
+/// Whether a pod has finished (Succeeded or Failed) (pure).
+pub fn pod_finished(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// Whether a container is running or has run: its state is `running` or `terminated` (pure).
+pub fn has_started(status: &ContainerStatus) -> bool {
+    status
+        .state
+        .as_ref()
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+/// The terminated state of a container (init or regular) of a pod, current or last (pure).
+pub fn terminated<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStateTerminated> {
+    container_statuses(pod)
+        .filter(|c| c.name == container)
+        .find_map(|c| {
+            c.state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))
+        })
+}
+
+/// The last `max` bytes of a message, on a character boundary, trimmed (pure).
+pub fn tail(message: &str, max: usize) -> String {
+    let message = message.trim();
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let mut start = message.len() - max;
+    while !message.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &message[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn job_outcomes() {
+        let job = |conditions: Value| -> Job {
+            serde_json::from_value(
+                json!({"metadata": {"name": "j"}, "status": {"conditions": conditions}}),
+            )
+            .unwrap()
+        };
+        assert_eq!(outcome(&job(json!([]))), Outcome::Running);
+        assert_eq!(
+            outcome(&job(
+                json!([{"type": "SuccessCriteriaMet", "status": "True"}])
+            )),
+            Outcome::Running,
+            "interim condition"
+        );
+        assert_eq!(
+            outcome(&job(json!([{"type": "Complete", "status": "True"}]))),
+            Outcome::Succeeded
+        );
+        assert_eq!(
+            outcome(&job(json!([{"type": "Failed", "status": "True",
+                "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]))),
+            Outcome::Failed {
+                reason: "DeadlineExceeded".into(),
+                message: "Job was active longer than specified deadline".into()
+            }
+        );
+    }
+
+    #[test]
+    fn termination_states_are_found_in_init_and_regular_containers() {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "status": {
+            "initContainerStatuses": [{"name": "clone", "image": "g", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 128, "message": "fatal: x"}}}],
+            "containerStatuses": [{"name": "build", "image": "k", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}]
+        }}))
+        .unwrap();
+        assert_eq!(terminated(&pod, "clone").unwrap().exit_code, 128);
+        assert!(terminated(&pod, "build").is_none());
+    }
+
+    #[test]
+    fn tails_keep_the_end_on_char_boundaries() {
+        assert_eq!(tail("  short \n", 10), "short");
+        let long = format!("{}é end", "x".repeat(100));
+        let t = tail(&long, 6);
+        assert!(t.ends_with("é end") || t.ends_with(" end"), "{t}");
+    }
+}

@@ -579,6 +579,41 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     .await;
     assert_eq!(listed.status, 200, "{}", listed.text());
     assert_eq!(listed.json(), json!([]));
+
+    // Readiness means something: when the store cannot be written (its directory is gone, as
+    // a lost volume would make it), registering fails with nothing half-done and the hub says
+    // it is not ready, naming why; once the store can be written again, it is ready again.
+    let data = dir.join("shapeblock-data");
+    std::fs::rename(&data, dir.join("moved-away")).unwrap();
+    let register = |name: &str| serde_json::to_vec(&json!({ "name": name })).unwrap();
+    let refused = http_request(
+        hub.addr,
+        None,
+        "POST",
+        "/api/v1/clusters",
+        Some(token.trim()),
+        Some(register("lost-volume")),
+    )
+    .await;
+    assert_eq!(refused.status, 500, "{}", refused.text());
+    assert_eq!(refused.json()["reason"], "StoreFailed");
+    let ready = http_request(hub.addr, None, "GET", "/readyz", None, None).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("registry"), "{}", ready.text());
+    std::fs::rename(dir.join("moved-away"), &data).unwrap();
+    let registered = http_request(
+        hub.addr,
+        None,
+        "POST",
+        "/api/v1/clusters",
+        Some(token.trim()),
+        Some(register("volume-back")),
+    )
+    .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let ready = http_request(hub.addr, None, "GET", "/readyz", None, None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+
     // A second hub on the same data directory refuses to start instead of overwriting the
     // first one's changes.
     let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))

@@ -41,6 +41,9 @@ pub enum HubError {
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The controller shards (threads with their own runtimes) could not be started.
+    #[error("starting the controller shards: {0}")]
+    Shards(#[source] std::io::Error),
 }
 
 /// Certificate and key files for serving TLS.
@@ -103,15 +106,19 @@ impl Hub {
         let controller_metrics =
             Arc::new(crate::controllers::metrics::ControllerMetrics::default());
         controller_metrics.register(&mut prometheus);
-        let runtimes = config.controllers.then(|| {
-            runtime::Runtimes::start(
-                gateway.clone(),
-                config.runtime.clone(),
-                Some(journal.clone()),
-                controller_metrics,
-                runtime_shutdown.clone(),
-            )
-        });
+        let runtimes = config
+            .controllers
+            .then(|| {
+                runtime::Runtimes::start(
+                    gateway.clone(),
+                    config.runtime.clone(),
+                    Some(journal.clone()),
+                    controller_metrics,
+                    runtime_shutdown.clone(),
+                )
+            })
+            .transpose()
+            .map_err(HubError::Shards)?;
         let api = Arc::new(api::ApiState {
             runtimes,
             registry: registry.clone(),
@@ -123,6 +130,7 @@ impl Hub {
             tls: tls.is_some(),
             metrics: Arc::new(prometheus),
             journal: journal.clone(),
+            serving: Default::default(),
         });
         Ok(Self {
             listener,
@@ -146,6 +154,9 @@ impl Hub {
         let router = api::router(self.api.clone(), self.max_body).merge(self.gateway.routes());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = ?self.listener.local_addr().ok(), tls = self.tls.is_some(), "hub listening");
+        self.api
+            .serving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         loop {
             let (tcp, remote) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {

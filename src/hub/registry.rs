@@ -88,6 +88,8 @@ pub struct Registry {
     dir: Option<PathBuf>,
     /// Connection details changed in memory but not yet written.
     dirty: AtomicBool,
+    /// The last write to `dir` failed.
+    write_failed: AtomicBool,
     /// Held open with an exclusive lock while this registry owns `dir`; the operating
     /// system releases it when the process ends, however it ends.
     _lock: Option<std::fs::File>,
@@ -119,6 +121,7 @@ impl Registry {
             writer: Mutex::new(()),
             dir: None,
             dirty: AtomicBool::new(false),
+            write_failed: AtomicBool::new(false),
             _lock: None,
         }
     }
@@ -186,6 +189,7 @@ impl Registry {
             writer: Mutex::new(()),
             dir: Some(dir.to_path_buf()),
             dirty: AtomicBool::new(false),
+            write_failed: AtomicBool::new(false),
             _lock: Some(lock),
         })
     }
@@ -283,6 +287,12 @@ impl Registry {
         }
     }
 
+    /// Whether the last write to the store succeeded (a full or read-only disk makes every
+    /// registration fail until it is fixed: the hub is then not ready).
+    pub fn writable(&self) -> bool {
+        !self.write_failed.load(Ordering::SeqCst)
+    }
+
     /// Writes connection details noted since the last write.
     pub fn flush(&self) -> Result<(), StoreError> {
         if self.dirty.swap(false, Ordering::SeqCst)
@@ -323,7 +333,10 @@ impl Registry {
         let mut next = self.read().clone();
         let result = edit(&mut next);
         if let Some(dir) = &self.dir {
-            persist(dir, &next)?;
+            let persisted = persist(dir, &next);
+            self.write_failed
+                .store(persisted.is_err(), Ordering::SeqCst);
+            persisted?;
         }
         *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(result)

@@ -47,27 +47,31 @@ pub struct Runtimes {
     initial_syncs: Arc<Semaphore>,
     config: RuntimeConfig,
     shutdown: CancellationToken,
-    shards: Vec<tokio::runtime::Handle>,
+    shards: Vec<Shard>,
     journal: Option<Arc<crate::relay::Journal>>,
     metrics: Arc<controllers::metrics::ControllerMetrics>,
     reconciles: Arc<Semaphore>,
 }
 
+/// A shard: a thread running a current-thread runtime until the hub stops.
+struct Shard {
+    handle: tokio::runtime::Handle,
+    thread: std::thread::JoinHandle<()>,
+}
+
 /// Starts `count` shard threads, each running a current-thread runtime until `shutdown`.
-fn start_shards(count: usize, shutdown: &CancellationToken) -> Vec<tokio::runtime::Handle> {
+fn start_shards(count: usize, shutdown: &CancellationToken) -> std::io::Result<Vec<Shard>> {
     (0..count.max(1))
         .map(|index| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .expect("building a shard runtime");
+                .build()?;
             let handle = runtime.handle().clone();
             let shutdown = shutdown.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("shard-{index}"))
-                .spawn(move || runtime.block_on(shutdown.cancelled()))
-                .expect("starting a shard thread");
-            handle
+                .spawn(move || runtime.block_on(shutdown.cancelled()))?;
+            Ok(Shard { handle, thread })
         })
         .collect()
 }
@@ -87,12 +91,12 @@ impl Runtimes {
         journal: Option<Arc<crate::relay::Journal>>,
         metrics: Arc<controllers::metrics::ControllerMetrics>,
         shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    ) -> std::io::Result<Arc<Self>> {
         let runtimes = Arc::new(Self {
             initial_syncs: Arc::new(Semaphore::new(config.max_concurrent_initial_syncs.max(1))),
             gateway: gateway.clone(),
             running: DashMap::new(),
-            shards: start_shards(config.shards, &shutdown),
+            shards: start_shards(config.shards, &shutdown)?,
             journal,
             metrics,
             reconciles: Arc::new(Semaphore::new(controllers::MAX_CONCURRENT_RECONCILES)),
@@ -118,7 +122,7 @@ impl Runtimes {
                 }
             }
         });
-        runtimes
+        Ok(runtimes)
     }
 
     /// Starts the cluster's runtime unless it runs already.
@@ -138,7 +142,7 @@ impl Runtimes {
         ));
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);
-        let shard = &self.shards[shard_of(cluster, self.shards.len())];
+        let shard = &self.shards[shard_of(cluster, self.shards.len())].handle;
         shard.spawn(run_cluster(ctx, permits, cancel).instrument(span));
     }
 
@@ -147,6 +151,11 @@ impl Runtimes {
         if let Some((_, cancel)) = self.running.remove(cluster) {
             cancel.cancel();
         }
+    }
+
+    /// Whether every shard thread still runs (one ends only when the hub stops, or by a bug).
+    pub fn shards_running(&self) -> bool {
+        self.shards.iter().all(|shard| !shard.thread.is_finished())
     }
 
     /// Number of clusters with running controllers.

@@ -5,7 +5,6 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{StatusCode, header};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::{ApiError, Shared};
 
@@ -23,13 +22,35 @@ pub(super) async fn healthz() -> Json<Health> {
     })
 }
 
-/// Readiness: the registry is loaded and the listener serves (both hold once the hub runs).
-pub(super) async fn readyz(State(state): Shared) -> Json<Value> {
-    Json(serde_json::json!({
-        "status": "ok",
+/// Readiness: the registry can be written, the listener accepts connections and every
+/// controller shard runs. 503 names what is not ready.
+pub(super) async fn readyz(State(state): Shared) -> Response {
+    let mut not_ready = Vec::new();
+    if !state.registry.writable() {
+        not_ready.push("registry: the last write to the store failed");
+    }
+    if !state.serving.load(std::sync::atomic::Ordering::SeqCst) {
+        not_ready.push("listener: not accepting connections yet");
+    }
+    if state
+        .runtimes
+        .as_ref()
+        .is_some_and(|runtimes| !runtimes.shards_running())
+    {
+        not_ready.push("controllers: a shard thread has stopped");
+    }
+    let body = serde_json::json!({
+        "status": if not_ready.is_empty() { "ok" } else { "not ready" },
+        "notReady": not_ready,
         "clusters": state.registry.list().len(),
         "connected": state.gateway.connected_count(),
-    }))
+    });
+    let code = if not_ready.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 /// Prometheus text exposition.

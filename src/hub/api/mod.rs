@@ -49,6 +49,8 @@ pub struct ApiState {
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Relayed events, for `/api/v1/events`.
     pub journal: Arc<crate::relay::Journal>,
+    /// Set once the listener accepts connections (readiness).
+    pub serving: std::sync::atomic::AtomicBool,
 }
 
 type Shared = State<Arc<ApiState>>;

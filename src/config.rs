@@ -1,5 +1,7 @@
 //! What both binaries' configurations share: the error type and reading the YAML file.
 //! Each binary's own keys live beside it ([`crate::agent::config`], [`crate::hub::config`]).
+//!
+//! Depends on: nothing of this crate.
 
 use std::path::{Path, PathBuf};
 

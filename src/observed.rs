@@ -2,7 +2,8 @@
 //! containers started or terminated and with what message. Shared by the controllers (which
 //! decide from them) and the relay (which follows build logs), so neither imports the other.
 //!
-//! Depends on: nothing of this crate (k8s-openapi types only; no client, no I/O).
+//! Depends on: nothing of this crate (k8s-openapi types only).
+//! Never uses: kube, tokio (no client, no I/O).
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};

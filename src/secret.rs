@@ -1,5 +1,7 @@
 //! A string that must never be printed (tokens and keys in configuration), and how tokens
 //! are hashed for storage.
+//!
+//! Depends on: nothing of this crate.
 
 use std::fmt;
 

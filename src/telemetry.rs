@@ -1,5 +1,7 @@
 //! Logging set-up and signal handling shared by the hub and the agent: human-readable or
 //! JSON lines on stderr, filtered by `RUST_LOG` (default `info`).
+//!
+//! Depends on: nothing of this crate.
 
 use tracing_subscriber::{EnvFilter, fmt};
 

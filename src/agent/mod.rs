@@ -7,6 +7,8 @@
 //! exponential backoff and full jitter, and runs on a single-threaded runtime.
 //!
 //! Depends on [`crate::tunnel`] for the wire and on nothing of the hub.
+//!
+//! Depends on: tunnel, config, secret, telemetry.
 
 pub mod config;
 pub mod proxy;

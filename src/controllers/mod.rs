@@ -9,6 +9,7 @@
 //!
 //! Depends on: crd, render, observed, relay. Knows nothing of the hub, the tunnel or
 //! websockets: a controller gets a `kube::Client`, whatever carries its requests.
+//! Never uses: tokio_tungstenite, axum, hyper (no websockets, no HTTP serving).
 
 pub mod app;
 pub mod appbuild;

@@ -7,6 +7,8 @@
 //!
 //! This module depends only on `kube` and `k8s-openapi`: it holds the data shapes, their
 //! schema, and [`install`], which applies the CRDs to a cluster.
+//!
+//! Depends on: nothing of this crate.
 
 mod app;
 mod appbuild;

@@ -1,8 +1,10 @@
 //! The hub process: the agent gateway, the cluster registry and the HTTP API the ShapeBlock
 //! server talks to, served on one listener (TLS with rustls, or plain HTTP behind an ingress).
 //!
-//! The hub starts with an embedded default configuration and no external services. This
-//! module builds on [`crate::tunnel`] and [`crate::crd`]; nothing depends on it.
+//! The hub starts with an embedded default configuration and no external services. It wires
+//! the other modules together, so nothing depends on it.
+//!
+//! Depends on: tunnel, crd, render, observed, controllers, relay, secret, config, telemetry.
 
 pub mod api;
 pub mod config;

@@ -9,6 +9,9 @@
 //! the producers wait (backpressure down to the watches, whose data then waits in the tunnel's
 //! flow control), and the only events ever discarded are those queued while the ShapeBlock
 //! server is unreachable, which the resync after reconnecting replaces.
+//!
+//! Depends on: crd, observed, secret.
+//! Never uses: axum (the relay knows nothing of the hub's HTTP API).
 
 pub mod logs;
 pub mod outbound;

@@ -23,6 +23,9 @@
 //!   window bounds the worst case per cluster at 1 MiB instead of hyper's default 5 MiB. A
 //!   1 MiB window still moves about 80 Mbit/s at 100 ms round trip, far more than a control
 //!   loop needs.
+//!
+//! Depends on: nothing of this crate.
+//! Never uses: kube, k8s_openapi (the tunnel knows nothing of Kubernetes).
 
 mod ws_io;
 

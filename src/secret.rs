@@ -1,5 +1,7 @@
 //! A string that must never be printed (tokens and keys in configuration), and how tokens
-//! are hashed for storage.
+//! are hashed for storage. Configuration holds secrets as [`Secret`] from the first parse on:
+//! clap parses flags and environment variables into it (through `From<String>`), serde the
+//! file, so no `Debug` of arguments or configuration can show one.
 //!
 //! Depends on: nothing of this crate.
 
@@ -46,6 +48,12 @@ impl From<String> for Secret {
     }
 }
 
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
 /// `sha256:<hex>` of a token: how tokens are stored and compared. Tokens are high-entropy
 /// random strings, so a fast hash is enough (there is nothing to brute-force).
 pub fn hash_token(token: &str) -> String {
@@ -69,5 +77,22 @@ mod tests {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s} {s:?}"), "*** ***");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn clap_parses_flags_into_it() {
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Args {
+            #[arg(long)]
+            key: Secret,
+            #[arg(long, value_delimiter = ',')]
+            keys: Vec<Secret>,
+        }
+        let args =
+            Args::try_parse_from(["t", "--key", "hunter2", "--keys", "a-one,b-two"]).unwrap();
+        assert_eq!(args.key.expose(), "hunter2");
+        assert_eq!(args.keys, [Secret::new("a-one"), Secret::new("b-two")]);
+        assert_eq!(format!("{args:?}"), "Args { key: ***, keys: [***, ***] }");
     }
 }

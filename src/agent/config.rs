@@ -1,5 +1,8 @@
 //! The agent's configuration: a YAML file, environment variables and flags, in rising
-//! precedence; unknown file keys are rejected and everything is validated once at start-up.
+//! precedence (flag > environment > file > default); unknown file keys are rejected and
+//! everything is validated once, here, at start-up, with errors that name the key. The
+//! `Default` of the file's struct is the one place the defaults are written. The cluster
+//! token is a [`Secret`] from the flag parser and the file on, so no `Debug` output shows it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,11 +10,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::config::ConfigError;
-use crate::config::read_yaml;
+use crate::config::{check, read_yaml};
 use crate::secret::Secret;
 use crate::telemetry::LogFormat;
 
-/// Flags and environment variables of `shapeblock-agent`.
+/// Flags and environment variables of `shapeblock-agent`; each overrides the file key of the
+/// same name.
 #[derive(clap::Parser, Debug, Default)]
 #[command(
     name = "shapeblock-agent",
@@ -27,7 +31,7 @@ pub struct AgentArgs {
     pub hub_url: Option<String>,
     /// Cluster token. Prefer --token-file: a value here is visible in the process list.
     #[arg(long, env = "SHAPEBLOCK_AGENT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// File holding the cluster token (re-read on every connect, so it can be rotated).
     #[arg(long, env = "SHAPEBLOCK_AGENT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -61,21 +65,47 @@ pub struct AgentArgs {
     pub log_format: Option<LogFormat>,
 }
 
-/// The configuration file, every key optional.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
+/// The configuration file; its `Default` is the agent's defaults.
+#[derive(Deserialize, Debug)]
+#[serde(default, deny_unknown_fields)]
 struct AgentFile {
     hub_url: Option<String>,
     token: Option<Secret>,
     token_file: Option<PathBuf>,
     hub_ca_file: Option<PathBuf>,
     kubeconfig: Option<PathBuf>,
-    max_request_body_bytes: Option<usize>,
-    allowed_subresources: Option<Vec<String>>,
-    reconnect_min_ms: Option<u64>,
-    reconnect_max_ms: Option<u64>,
-    allow_plaintext: Option<bool>,
-    log_format: Option<LogFormat>,
+    max_request_body_bytes: usize,
+    allowed_subresources: Vec<String>,
+    #[serde(
+        rename = "reconnect_min_ms",
+        deserialize_with = "crate::config::millis"
+    )]
+    reconnect_min: Duration,
+    #[serde(
+        rename = "reconnect_max_ms",
+        deserialize_with = "crate::config::millis"
+    )]
+    reconnect_max: Duration,
+    allow_plaintext: bool,
+    log_format: LogFormat,
+}
+
+impl Default for AgentFile {
+    fn default() -> Self {
+        Self {
+            hub_url: None,
+            token: None,
+            token_file: None,
+            hub_ca_file: None,
+            kubeconfig: None,
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY,
+            allowed_subresources: Vec::new(),
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+            allow_plaintext: false,
+            log_format: LogFormat::default(),
+        }
+    }
 }
 
 /// Where the cluster token comes from.
@@ -124,84 +154,103 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
 impl AgentConfig {
     /// Merges file, environment and flags (flags win) and validates the result.
     pub fn load(args: AgentArgs) -> Result<Self, ConfigError> {
-        let file: AgentFile = read_yaml(args.config.as_deref())?;
-        let hub_url = args.hub_url.or(file.hub_url).ok_or_else(|| {
-            ConfigError::Invalid(
-                "hub_url is required (--hub-url or SHAPEBLOCK_AGENT_HUB_URL)".into(),
+        // Destructured so that a new flag cannot be left out of the merge unnoticed.
+        let AgentArgs {
+            config,
+            hub_url,
+            token,
+            token_file,
+            hub_ca_file,
+            kubeconfig,
+            max_request_body_bytes,
+            allowed_subresources,
+            reconnect_min_ms,
+            reconnect_max_ms,
+            allow_plaintext,
+            log_format,
+        } = args;
+        let file: AgentFile = read_yaml(config.as_deref())?;
+        let hub_url = hub_url.or(file.hub_url).ok_or_else(|| {
+            ConfigError::key(
+                "hub_url",
+                "required (--hub-url or SHAPEBLOCK_AGENT_HUB_URL)",
             )
         })?;
-        let allow_plaintext = args
-            .allow_plaintext
-            .or(file.allow_plaintext)
-            .unwrap_or(false);
-        let connect_url = connect_url(&hub_url, allow_plaintext)?;
-        let token = match (
-            args.token.map(Secret::new).or(file.token),
-            args.token_file.or(file.token_file),
-        ) {
+        let allow_plaintext = allow_plaintext.unwrap_or(file.allow_plaintext);
+        let token = match (token.or(file.token), token_file.or(file.token_file)) {
             (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "give either token or token_file, not both".into(),
+                return Err(ConfigError::key(
+                    "token",
+                    "give either token or token_file, not both",
                 ));
             }
             (Some(token), None) => TokenSource::Inline(token),
             (None, Some(path)) => TokenSource::File(path),
             (None, None) => {
-                return Err(ConfigError::Invalid(
-                    "a cluster token is required (--token-file or SHAPEBLOCK_AGENT_TOKEN)".into(),
+                return Err(ConfigError::key(
+                    "token",
+                    "a cluster token is required (--token-file or SHAPEBLOCK_AGENT_TOKEN)",
                 ));
             }
         };
-        if token.read()?.expose().is_empty() {
-            return Err(ConfigError::Invalid("the cluster token is empty".into()));
-        }
-        let reconnect_min = Duration::from_millis(
-            args.reconnect_min_ms
-                .or(file.reconnect_min_ms)
-                .unwrap_or(1000),
-        );
-        let reconnect_max = Duration::from_millis(
-            args.reconnect_max_ms
-                .or(file.reconnect_max_ms)
-                .unwrap_or(60_000),
-        );
-        if reconnect_min.is_zero() || reconnect_max < reconnect_min {
-            return Err(ConfigError::Invalid(
-                "reconnect_min_ms must be positive and at most reconnect_max_ms".into(),
-            ));
-        }
-        let max_request_body_bytes = args
-            .max_request_body_bytes
-            .or(file.max_request_body_bytes)
-            .unwrap_or(DEFAULT_MAX_REQUEST_BODY);
-        if max_request_body_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "max_request_body_bytes must be positive".into(),
-            ));
-        }
-        let allowed_subresources = args
-            .allowed_subresources
-            .or(file.allowed_subresources)
-            .unwrap_or_default();
-        if let Some(unknown) = allowed_subresources
-            .iter()
-            .find(|s| !REFUSED_SUBRESOURCES.contains(&s.as_str()))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "allowed_subresources: {unknown:?} is not one of {REFUSED_SUBRESOURCES:?}"
-            )));
-        }
-        Ok(Self {
-            connect_url,
+        let config = Self {
+            connect_url: connect_url(&hub_url, allow_plaintext)?,
             token,
-            hub_ca_file: args.hub_ca_file.or(file.hub_ca_file),
-            kubeconfig: args.kubeconfig.or(file.kubeconfig),
+            hub_ca_file: hub_ca_file.or(file.hub_ca_file),
+            kubeconfig: kubeconfig.or(file.kubeconfig),
+            max_request_body_bytes: max_request_body_bytes.unwrap_or(file.max_request_body_bytes),
+            allowed_subresources: allowed_subresources.unwrap_or(file.allowed_subresources),
+            reconnect_min: reconnect_min_ms.map_or(file.reconnect_min, Duration::from_millis),
+            reconnect_max: reconnect_max_ms.map_or(file.reconnect_max, Duration::from_millis),
+            log_format: log_format.unwrap_or(file.log_format),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks a merged configuration must pass, each naming its key as in the file.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Self {
+            connect_url: _,
+            token,
+            hub_ca_file: _,
+            kubeconfig: _,
             max_request_body_bytes,
             allowed_subresources,
             reconnect_min,
             reconnect_max,
-            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-        })
+            log_format: _,
+        } = self;
+        check(
+            !token.read()?.expose().is_empty(),
+            "token",
+            "the cluster token is empty",
+        )?;
+        check(
+            !reconnect_min.is_zero(),
+            "reconnect_min_ms",
+            "must be positive",
+        )?;
+        check(
+            reconnect_max >= reconnect_min,
+            "reconnect_max_ms",
+            "must be at least reconnect_min_ms",
+        )?;
+        check(
+            *max_request_body_bytes > 0,
+            "max_request_body_bytes",
+            "must be positive",
+        )?;
+        if let Some(unknown) = allowed_subresources
+            .iter()
+            .find(|s| !REFUSED_SUBRESOURCES.contains(&s.as_str()))
+        {
+            return Err(ConfigError::key(
+                "allowed_subresources",
+                format!("{unknown:?} is not one of {REFUSED_SUBRESOURCES:?}"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -209,28 +258,33 @@ impl AgentConfig {
 fn connect_url(hub_url: &str, allow_plaintext: bool) -> Result<String, ConfigError> {
     let uri: http::Uri = hub_url
         .parse()
-        .map_err(|e| ConfigError::Invalid(format!("hub_url {hub_url:?} is not a URL: {e}")))?;
+        .map_err(|e| ConfigError::key("hub_url", format!("{hub_url:?} is not a URL: {e}")))?;
     match uri.scheme_str() {
         Some("wss") | Some("https") => {}
         Some("ws") | Some("http") if allow_plaintext => {}
         Some("ws") | Some("http") => {
-            return Err(ConfigError::Invalid(format!(
-                "hub_url {hub_url:?} is not encrypted; use wss:// (or set allow_plaintext for a trusted network)"
-            )));
+            return Err(ConfigError::key(
+                "hub_url",
+                format!(
+                    "{hub_url:?} is not encrypted; use wss:// (or set allow_plaintext for a trusted network)"
+                ),
+            ));
         }
         _ => {
-            return Err(ConfigError::Invalid(format!(
-                "hub_url {hub_url:?} must start with wss://"
-            )));
+            return Err(ConfigError::key(
+                "hub_url",
+                format!("{hub_url:?} must start with wss://"),
+            ));
         }
     }
     let authority = uri
         .authority()
-        .ok_or_else(|| ConfigError::Invalid(format!("hub_url {hub_url:?} has no host")))?;
+        .ok_or_else(|| ConfigError::key("hub_url", format!("{hub_url:?} has no host")))?;
     if uri.query().is_some() {
-        return Err(ConfigError::Invalid(format!(
-            "hub_url {hub_url:?} must not have a query"
-        )));
+        return Err(ConfigError::key(
+            "hub_url",
+            format!("{hub_url:?} must not have a query"),
+        ));
     }
     let scheme = if matches!(uri.scheme_str(), Some("wss" | "https")) {
         "wss"
@@ -324,5 +378,192 @@ mod tests {
         a.token = Some("super-secret-token".into());
         let cfg = AgentConfig::load(a).unwrap();
         assert!(!format!("{cfg:?}").contains("super-secret-token"));
+    }
+
+    fn file(name: &str, body: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("sb-agent-{}-{name}.yaml", std::process::id()));
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    fn parse(flags: &[&str]) -> AgentArgs {
+        use clap::Parser;
+        AgentArgs::try_parse_from(std::iter::once("shapeblock-agent").chain(flags.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_given() {
+        let c = AgentConfig::load(args("wss://hub")).unwrap();
+        assert!(c.hub_ca_file.is_none() && c.kubeconfig.is_none());
+        assert_eq!(c.max_request_body_bytes, DEFAULT_MAX_REQUEST_BODY);
+        assert!(c.allowed_subresources.is_empty());
+        assert_eq!(c.reconnect_min, Duration::from_millis(1000));
+        assert_eq!(c.reconnect_max, Duration::from_millis(60_000));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let path = file(
+            "precedence",
+            "hub_url: ws://file-hub\ntoken: file-token\nhub_ca_file: /file/ca.pem\n\
+             kubeconfig: /file/kubeconfig\nmax_request_body_bytes: 100\n\
+             allowed_subresources: [exec]\nreconnect_min_ms: 10\nreconnect_max_ms: 20\n\
+             allow_plaintext: true\nlog_format: json\n",
+        );
+        let c = AgentConfig::load(AgentArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.connect_url, "ws://file-hub/agent/v1/connect");
+        assert_eq!(c.token.read().unwrap().expose(), "file-token");
+        assert_eq!(c.hub_ca_file, Some("/file/ca.pem".into()));
+        assert_eq!(c.kubeconfig, Some("/file/kubeconfig".into()));
+        assert_eq!(c.max_request_body_bytes, 100);
+        assert_eq!(c.allowed_subresources, ["exec"]);
+        assert_eq!(c.reconnect_min, Duration::from_millis(10));
+        assert_eq!(c.reconnect_max, Duration::from_millis(20));
+        assert_eq!(c.log_format, LogFormat::Json);
+
+        let mut flags = parse(&[
+            "--hub-url=wss://flag-hub",
+            "--token=flag-token",
+            "--hub-ca-file=/flag/ca.pem",
+            "--kubeconfig=/flag/kubeconfig",
+            "--max-request-body-bytes=200",
+            "--allowed-subresources=attach,proxy",
+            "--reconnect-min-ms=30",
+            "--reconnect-max-ms=40",
+            "--allow-plaintext=false",
+            "--log-format=text",
+        ]);
+        flags.config = Some(path.clone());
+        let c = AgentConfig::load(flags).unwrap();
+        assert_eq!(c.connect_url, "wss://flag-hub/agent/v1/connect");
+        assert_eq!(c.token.read().unwrap().expose(), "flag-token");
+        assert_eq!(c.hub_ca_file, Some("/flag/ca.pem".into()));
+        assert_eq!(c.kubeconfig, Some("/flag/kubeconfig".into()));
+        assert_eq!(c.max_request_body_bytes, 200);
+        assert_eq!(c.allowed_subresources, ["attach", "proxy"]);
+        assert_eq!(c.reconnect_min, Duration::from_millis(30));
+        assert_eq!(c.reconnect_max, Duration::from_millis(40));
+        assert_eq!(c.log_format, LogFormat::Text);
+
+        // --allow-plaintext=false over the file's true refuses the file's ws:// URL.
+        let mut flags = parse(&["--allow-plaintext=false"]);
+        flags.config = Some(path);
+        let err = AgentConfig::load(flags).unwrap_err().to_string();
+        assert!(err.contains("not encrypted"), "{err}");
+    }
+
+    #[test]
+    fn environment_sits_between_flags_and_file() {
+        let test = concat!(module_path!(), "::environment_sits_between_flags_and_file");
+        let test = test.split_once("::").map_or(test, |(_, t)| t);
+        let path = file(
+            "env",
+            "hub_url: wss://file-hub\nkubeconfig: /file/kubeconfig\nreconnect_max_ms: 50\n",
+        );
+        let env = [
+            ("SHAPEBLOCK_AGENT_CONFIG", path.display().to_string()),
+            ("SHAPEBLOCK_AGENT_HUB_URL", "ws://env-hub".into()),
+            ("SHAPEBLOCK_AGENT_TOKEN", "env-secret-token".into()),
+            ("SHAPEBLOCK_AGENT_HUB_CA_FILE", "/env/ca.pem".into()),
+            ("SHAPEBLOCK_AGENT_MAX_REQUEST_BODY_BYTES", "300".into()),
+            (
+                "SHAPEBLOCK_AGENT_ALLOWED_SUBRESOURCES",
+                "exec,attach".into(),
+            ),
+            ("SHAPEBLOCK_AGENT_RECONNECT_MIN_MS", "5".into()),
+            ("SHAPEBLOCK_AGENT_RECONNECT_MAX_MS", "60".into()),
+            ("SHAPEBLOCK_AGENT_ALLOW_PLAINTEXT", "true".into()),
+            ("SHAPEBLOCK_AGENT_LOG_FORMAT", "json".into()),
+        ];
+        crate::config::in_child_with_env(test, &env, || {
+            let args = parse(&["--reconnect-max-ms=70"]);
+            assert!(!format!("{args:?}").contains("env-secret-token"));
+            let c = AgentConfig::load(args).unwrap();
+            assert_eq!(c.connect_url, "ws://env-hub/agent/v1/connect");
+            assert_eq!(c.token.read().unwrap().expose(), "env-secret-token");
+            assert_eq!(c.hub_ca_file, Some("/env/ca.pem".into()));
+            assert_eq!(
+                c.kubeconfig,
+                Some("/file/kubeconfig".into()),
+                "the file beats the default"
+            );
+            assert_eq!(c.max_request_body_bytes, 300);
+            assert_eq!(c.allowed_subresources, ["exec", "attach"]);
+            assert_eq!(c.reconnect_min, Duration::from_millis(5));
+            assert_eq!(
+                c.reconnect_max,
+                Duration::from_millis(70),
+                "the flag beats the environment"
+            );
+            assert_eq!(c.log_format, LogFormat::Json);
+        });
+    }
+
+    #[test]
+    fn the_token_never_prints_from_flags_or_file() {
+        let args = parse(&["--hub-url=wss://hub", "--token=flag-secret-token"]);
+        let flags = format!("{args:?}");
+        let from_flags = format!("{:?}", AgentConfig::load(args).unwrap());
+        let path = file("secret", "hub_url: wss://hub\ntoken: file-secret-token\n");
+        let from_file = format!(
+            "{:?}",
+            AgentConfig::load(AgentArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap()
+        );
+        let file_contents = format!("{:?}", read_yaml::<AgentFile>(Some(&path)).unwrap());
+        assert!(
+            flags.contains("***") && file_contents.contains("***"),
+            "{flags}"
+        );
+        for debug in [flags, from_flags, from_file, file_contents] {
+            assert!(
+                !debug.contains("flag-secret-token") && !debug.contains("file-secret-token"),
+                "{debug}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_check_names_its_key() {
+        for (extra, key) in [
+            (&["--reconnect-min-ms=0"][..], "reconnect_min_ms"),
+            (
+                &["--reconnect-min-ms=10", "--reconnect-max-ms=5"],
+                "reconnect_max_ms",
+            ),
+            (&["--max-request-body-bytes=0"], "max_request_body_bytes"),
+            (&["--allowed-subresources=logs"], "allowed_subresources"),
+            (&["--token="], "token"),
+            (
+                &["--token-file=/nonexistent/token"],
+                "cannot read /nonexistent/token",
+            ),
+        ] {
+            let mut flags = vec!["--hub-url=wss://hub"];
+            if !extra.iter().any(|f| f.starts_with("--token")) {
+                flags.push("--token=t");
+            }
+            flags.extend_from_slice(extra);
+            let err = AgentConfig::load(parse(&flags)).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{flags:?}: {err}");
+        }
+        let err = AgentConfig::load(parse(&["--token=t"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("hub_url: "), "{err}");
+        let err = AgentConfig::load(parse(&["--hub-url=hub.example.com", "--token=t"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("hub_url: "), "{err}");
     }
 }

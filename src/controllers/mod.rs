@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use kube::Resource;
 use kube::runtime::controller::Action;
 
-/// Settings shared by the controllers of every cluster.
-#[derive(Clone, Debug)]
+/// Settings shared by the controllers of every cluster (keys of the hub's configuration file).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default)]
 pub struct ControllerConfig {
     /// Namespace in each managed cluster that holds the registry Secret projects copy.
     pub registry_source_namespace: String,

@@ -1,6 +1,18 @@
 //! The hub's configuration: a YAML file, environment variables and flags, in rising
-//! precedence. Unknown file keys are rejected; everything is validated once at start-up.
-//! `config/hub.example.yaml` documents every key.
+//! precedence (flag > environment > file > default). Unknown file keys are rejected;
+//! everything is validated once, here, at start-up, and errors name the key.
+//! `config/hub.example.yaml` and the README's Configuration table document every key.
+//!
+//! The file's sections deserialize straight into the runtime types ([`GatewayConfig`],
+//! [`RuntimeConfig`], [`ControllerConfig`], [`JobSettings`]), whose `Default` is the only
+//! place their defaults are written; the hub's own top-level defaults are
+//! [`HubConfig::default`], the relay's the `Default` of the private `relay:` section. Secrets
+//! are [`Secret`] from the flag parser and the file on, so neither `HubArgs` nor `HubConfig`
+//! can print one.
+//!
+//! [`RuntimeConfig`]: super::runtime::RuntimeConfig
+//! [`ControllerConfig`]: crate::controllers::ControllerConfig
+//! [`JobSettings`]: crate::render::jobs::JobSettings
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,13 +20,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::TlsFiles;
 use super::gateway::GatewayConfig;
+use super::runtime::RuntimeConfig;
 pub use crate::config::ConfigError;
-use crate::config::read_yaml;
+use crate::config::{check, read_yaml};
+use crate::controllers::ControllerConfig;
+use crate::relay::outbound::RelayConfig;
 use crate::secret::Secret;
 use crate::telemetry::LogFormat;
 
-/// Flags and environment variables of `shapeblock-hub serve`.
+/// Flags and environment variables of `shapeblock-hub serve`; each overrides the file key of
+/// the same name. Secrets are parsed into [`Secret`], so `Debug` prints them as `***`.
 #[derive(clap::Args, Debug, Default)]
 pub struct HubArgs {
     /// YAML configuration file; flags and environment variables override its keys.
@@ -45,7 +62,7 @@ pub struct HubArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    pub admin_tokens: Option<Vec<String>>,
+    pub admin_tokens: Option<Vec<Secret>>,
     /// Read-only API tokens, comma-separated: plain tokens or `sha256:<hex>` hashes.
     #[arg(
         long,
@@ -53,7 +70,7 @@ pub struct HubArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    pub viewer_tokens: Option<Vec<String>>,
+    pub viewer_tokens: Option<Vec<Secret>>,
     /// Log format: text or json.
     #[arg(long, env = "SHAPEBLOCK_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -62,12 +79,15 @@ pub struct HubArgs {
     pub relay_url: Option<String>,
     /// API key for the relay.
     #[arg(long, env = "SHAPEBLOCK_HUB_RELAY_API_KEY", hide_env_values = true)]
-    pub relay_api_key: Option<String>,
+    pub relay_api_key: Option<Secret>,
 }
 
-/// The configuration file, every key optional.
+/// The configuration file. Keys that a flag can override are `Option` (absent: the flag or
+/// [`HubConfig::default`] decides); the flattened sections are the runtime types themselves.
+/// (serde's `deny_unknown_fields` beside `flatten` works one level deep, which is why
+/// `ControllerConfig` is flattened here rather than inside `RuntimeConfig`; the tests pin it.)
 #[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 struct HubFile {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
@@ -79,33 +99,86 @@ struct HubFile {
     viewer_tokens: Option<Vec<Secret>>,
     log_format: Option<LogFormat>,
     max_request_body_bytes: Option<usize>,
-    handshake_timeout_seconds: Option<u64>,
-    handshakes_per_second: Option<u32>,
-    handshakes_per_second_per_ip: Option<u32>,
-    trust_forwarded_for: Option<bool>,
-    ping_interval_seconds: Option<u64>,
-    ping_timeout_seconds: Option<u64>,
-    api_qps_per_cluster: Option<u32>,
     controllers: Option<bool>,
-    max_concurrent_initial_syncs: Option<usize>,
-    registry_source_namespace: Option<String>,
-    default_registry_secret: Option<String>,
-    jobs: Option<crate::render::jobs::JobSettings>,
-    shards: Option<usize>,
-    relay: Option<RelayFile>,
     events_capacity: Option<usize>,
+    #[serde(flatten)]
+    gateway: GatewayConfig,
+    #[serde(flatten)]
+    runtime: RuntimeConfig,
+    /// `registry_source_namespace`, `default_registry_secret` and the `jobs:` section.
+    #[serde(flatten)]
+    controller_settings: ControllerConfig,
+    relay: RelayFile,
 }
 
-/// The `relay:` section.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
+/// The `relay:` section. Its URL and key may come from flags, and the relay is off without a
+/// URL, so it is not a [`RelayConfig`] until merged; its `Default` is the relay's defaults.
+#[derive(Deserialize, Debug)]
+#[serde(default, deny_unknown_fields)]
 struct RelayFile {
     url: Option<String>,
     api_key: Option<Secret>,
-    buffer: Option<usize>,
-    ping_interval_seconds: Option<u64>,
-    write_timeout_seconds: Option<u64>,
+    buffer: usize,
+    #[serde(
+        rename = "ping_interval_seconds",
+        deserialize_with = "crate::config::seconds"
+    )]
+    ping_interval: Duration,
+    #[serde(
+        rename = "write_timeout_seconds",
+        deserialize_with = "crate::config::seconds"
+    )]
+    write_timeout: Duration,
     ca_file: Option<PathBuf>,
+}
+
+impl Default for RelayFile {
+    fn default() -> Self {
+        Self {
+            url: None,
+            api_key: None,
+            buffer: 1024,
+            ping_interval: Duration::from_secs(20),
+            write_timeout: Duration::from_secs(60),
+            ca_file: None,
+        }
+    }
+}
+
+impl RelayFile {
+    /// The relay with the flags' URL and key over the file's; `None` (off) without a URL.
+    fn merge(
+        self,
+        url: Option<String>,
+        api_key: Option<Secret>,
+    ) -> Result<Option<RelayConfig>, ConfigError> {
+        let Self {
+            url: file_url,
+            api_key: file_api_key,
+            buffer,
+            ping_interval,
+            write_timeout,
+            ca_file,
+        } = self;
+        let Some(url) = url.or(file_url) else {
+            return Ok(None);
+        };
+        let api_key = api_key.or(file_api_key).ok_or_else(|| {
+            ConfigError::key(
+                "relay.api_key",
+                "required with relay.url (or --relay-api-key / SHAPEBLOCK_HUB_RELAY_API_KEY)",
+            )
+        })?;
+        Ok(Some(RelayConfig {
+            url,
+            api_key,
+            // An empty queue could never hand an event over: the smallest that works.
+            buffer: buffer.max(1),
+            ping_interval,
+            write_timeout,
+            ca_file,
+        }))
+    }
 }
 
 /// An API token as configured: the hub keeps only its hash.
@@ -115,20 +188,31 @@ pub struct TokenHash(pub String);
 impl TokenHash {
     fn parse(value: &str, key: &str) -> Result<Self, ConfigError> {
         if let Some(hex) = value.strip_prefix("sha256:") {
-            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(ConfigError::Invalid(format!(
-                    "{key}: a sha256: hash needs 64 hex digits"
-                )));
-            }
+            check(
+                hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+                key,
+                "a sha256: hash needs 64 hex digits",
+            )?;
             return Ok(Self(format!("sha256:{}", hex.to_ascii_lowercase())));
         }
-        if value.len() < 16 {
-            return Err(ConfigError::Invalid(format!(
-                "{key}: tokens must be at least 16 characters"
-            )));
-        }
+        check(
+            value.len() >= 16,
+            key,
+            "tokens must be at least 16 characters",
+        )?;
         Ok(Self(hash_token(value)))
     }
+}
+
+/// The hashes of a token list; blank entries (a trailing comma in the environment) are skipped.
+fn token_hashes(key: &str, tokens: Option<Vec<Secret>>) -> Result<Vec<TokenHash>, ConfigError> {
+    tokens
+        .unwrap_or_default()
+        .iter()
+        .map(|token| token.expose().trim())
+        .filter(|token| !token.is_empty())
+        .map(|token| TokenHash::parse(token, key))
+        .collect()
 }
 
 pub use crate::secret::hash_token;
@@ -138,7 +222,7 @@ pub use crate::secret::hash_token;
 pub struct HubConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub tls: Option<super::TlsFiles>,
+    pub tls: Option<TlsFiles>,
     pub public_url: Option<String>,
     pub agent_image: String,
     pub admin_tokens: Vec<TokenHash>,
@@ -148,9 +232,9 @@ pub struct HubConfig {
     pub gateway: GatewayConfig,
     /// Run the controllers for connected clusters (off only for tunnel-only set-ups and tests).
     pub controllers: bool,
-    pub runtime: super::runtime::RuntimeConfig,
+    pub runtime: RuntimeConfig,
     /// The outbound relay to the ShapeBlock server (off when no URL is configured).
-    pub relay: Option<crate::relay::outbound::RelayConfig>,
+    pub relay: Option<RelayConfig>,
     /// Status events kept for `/api/v1/events` consumers resuming from a cursor.
     pub events_capacity: usize,
 }
@@ -163,6 +247,7 @@ pub fn default_agent_image() -> String {
     )
 }
 
+/// The embedded defaults: what the hub runs on with no file, flag or environment variable.
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
@@ -177,7 +262,7 @@ impl Default for HubConfig {
             max_request_body_bytes: 1024 * 1024,
             gateway: GatewayConfig::default(),
             controllers: true,
-            runtime: super::runtime::RuntimeConfig::default(),
+            runtime: RuntimeConfig::default(),
             relay: None,
             events_capacity: 10_000,
         }
@@ -187,198 +272,163 @@ impl Default for HubConfig {
 impl HubConfig {
     /// Merges file, environment and flags (flags and environment win) and validates.
     pub fn load(args: HubArgs) -> Result<Self, ConfigError> {
-        let file: HubFile = read_yaml(args.config.as_deref())?;
-        let tls = match (
-            args.tls_cert_file.or(file.tls_cert_file),
-            args.tls_key_file.or(file.tls_key_file),
-        ) {
-            (Some(cert_file), Some(key_file)) => Some(super::TlsFiles {
-                cert_file,
-                key_file,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError::Invalid(
-                    "tls_cert_file and tls_key_file go together".into(),
-                ));
-            }
+        // Destructured so that a new flag cannot be left out of the merge unnoticed.
+        let HubArgs {
+            config,
+            listen,
+            data_dir,
+            tls_cert_file,
+            tls_key_file,
+            public_url,
+            agent_image,
+            admin_tokens,
+            viewer_tokens,
+            log_format,
+            relay_url,
+            relay_api_key,
+        } = args;
+        let file: HubFile = read_yaml(config.as_deref())?;
+        let defaults = Self::default();
+        let config = Self {
+            listen: listen.or(file.listen).unwrap_or(defaults.listen),
+            data_dir: data_dir.or(file.data_dir).unwrap_or(defaults.data_dir),
+            tls: tls_files(
+                tls_cert_file.or(file.tls_cert_file),
+                tls_key_file.or(file.tls_key_file),
+            )?,
+            public_url: public_url.or(file.public_url),
+            agent_image: agent_image
+                .or(file.agent_image)
+                .unwrap_or(defaults.agent_image),
+            admin_tokens: token_hashes("admin_tokens", admin_tokens.or(file.admin_tokens))?,
+            viewer_tokens: token_hashes("viewer_tokens", viewer_tokens.or(file.viewer_tokens))?,
+            log_format: log_format
+                .or(file.log_format)
+                .unwrap_or(defaults.log_format),
+            max_request_body_bytes: file
+                .max_request_body_bytes
+                .unwrap_or(defaults.max_request_body_bytes),
+            gateway: file.gateway,
+            controllers: file.controllers.unwrap_or(defaults.controllers),
+            runtime: RuntimeConfig {
+                controllers: file.controller_settings,
+                ..file.runtime
+            },
+            relay: file.relay.merge(relay_url, relay_api_key)?,
+            events_capacity: file.events_capacity.unwrap_or(defaults.events_capacity),
         };
-        let public_url = args.public_url.or(file.public_url);
-        if let Some(url) = &public_url {
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks a merged configuration must pass, each naming its key as in the file.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Self {
+            listen: _,
+            data_dir: _,
+            tls: _,
+            public_url,
+            agent_image: _,
+            admin_tokens: _,
+            viewer_tokens: _,
+            log_format: _,
+            max_request_body_bytes,
+            gateway,
+            controllers: _,
+            runtime,
+            relay,
+            events_capacity,
+        } = self;
+        if let Some(url) = public_url {
             let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
                 matches!(u.scheme_str(), Some("wss" | "ws" | "https" | "http"))
                     && u.authority().is_some()
             });
-            if !ok {
-                return Err(ConfigError::Invalid(format!(
-                    "public_url {url:?} must be a wss:// (or https://) URL with a host"
-                )));
-            }
+            check(
+                ok,
+                "public_url",
+                format!("{url:?} must be a wss:// (or https://) URL with a host"),
+            )?;
         }
-        let tokens = |cli: Option<Vec<String>>, file: Option<Vec<Secret>>, key: &str| {
-            let values: Vec<String> = match cli {
-                Some(values) => values,
-                None => file
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|s| s.expose().to_string())
-                    .collect(),
-            };
-            values
-                .iter()
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| TokenHash::parse(v.trim(), key))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let admin_tokens = tokens(args.admin_tokens, file.admin_tokens, "admin_tokens")?;
-        let viewer_tokens = tokens(args.viewer_tokens, file.viewer_tokens, "viewer_tokens")?;
-        let seconds = |v: Option<u64>, default: u64, key: &str| -> Result<Duration, ConfigError> {
-            match v.unwrap_or(default) {
-                0 => Err(ConfigError::Invalid(format!("{key} must be positive"))),
-                n => Ok(Duration::from_secs(n)),
-            }
-        };
-        let defaults = GatewayConfig::default();
-        let gateway = GatewayConfig {
-            handshake_timeout: seconds(
-                file.handshake_timeout_seconds,
-                defaults.handshake_timeout.as_secs(),
-                "handshake_timeout_seconds",
-            )?,
-            handshakes_per_second: file
-                .handshakes_per_second
-                .unwrap_or(defaults.handshakes_per_second),
-            handshakes_per_second_per_ip: file
-                .handshakes_per_second_per_ip
-                .unwrap_or(defaults.handshakes_per_second_per_ip),
-            ping_interval: seconds(
-                file.ping_interval_seconds,
-                defaults.ping_interval.as_secs(),
-                "ping_interval_seconds",
-            )?,
-            api_qps: file.api_qps_per_cluster.unwrap_or(defaults.api_qps),
-            trust_forwarded_for: file
-                .trust_forwarded_for
-                .unwrap_or(defaults.trust_forwarded_for),
-            ping_timeout: seconds(
-                file.ping_timeout_seconds,
-                defaults.ping_timeout.as_secs(),
-                "ping_timeout_seconds",
-            )?,
-        };
-        if gateway.handshakes_per_second == 0
-            || gateway.handshakes_per_second_per_ip == 0
-            || gateway.api_qps == 0
-        {
-            return Err(ConfigError::Invalid(
-                "handshake and API rates must be positive".into(),
-            ));
+        check(
+            *max_request_body_bytes >= 1024,
+            "max_request_body_bytes",
+            "must be at least 1024",
+        )?;
+        for (key, duration) in [
+            ("handshake_timeout_seconds", gateway.handshake_timeout),
+            ("ping_interval_seconds", gateway.ping_interval),
+            ("ping_timeout_seconds", gateway.ping_timeout),
+        ] {
+            check(!duration.is_zero(), key, "must be positive")?;
         }
-        let runtime_defaults = super::runtime::RuntimeConfig::default();
-        let runtime = super::runtime::RuntimeConfig {
-            max_concurrent_initial_syncs: file
-                .max_concurrent_initial_syncs
-                .unwrap_or(runtime_defaults.max_concurrent_initial_syncs),
-            controllers: crate::controllers::ControllerConfig {
-                registry_source_namespace: file
-                    .registry_source_namespace
-                    .unwrap_or(runtime_defaults.controllers.registry_source_namespace),
-                default_registry_secret: file
-                    .default_registry_secret
-                    .unwrap_or(runtime_defaults.controllers.default_registry_secret),
-                jobs: file.jobs.unwrap_or_default(),
-            },
-            shards: file.shards.unwrap_or(runtime_defaults.shards),
-        };
+        for (key, rate) in [
+            ("handshakes_per_second", gateway.handshakes_per_second),
+            (
+                "handshakes_per_second_per_ip",
+                gateway.handshakes_per_second_per_ip,
+            ),
+            ("api_qps_per_cluster", gateway.api_qps),
+        ] {
+            check(rate > 0, key, "must be positive")?;
+        }
+        check(
+            runtime.max_concurrent_initial_syncs > 0,
+            "max_concurrent_initial_syncs",
+            "must be positive",
+        )?;
+        check(
+            (1..=256).contains(&runtime.shards),
+            "shards",
+            "must be between 1 and 256",
+        )?;
         validate_jobs(&runtime.controllers.jobs)?;
-        if runtime.shards == 0 || runtime.shards > 256 {
-            return Err(ConfigError::Invalid(
-                "shards must be between 1 and 256".into(),
-            ));
+        if let Some(relay) = relay {
+            let url = &relay.url;
+            let ok = (url.starts_with("wss://") || url.starts_with("ws://"))
+                && url
+                    .parse::<http::Uri>()
+                    .ok()
+                    .is_some_and(|u| u.host().is_some());
+            check(
+                ok,
+                "relay.url",
+                format!("{url:?} must be a wss:// (or ws://) URL with a host"),
+            )?;
+            check(
+                !relay.ping_interval.is_zero(),
+                "relay.ping_interval_seconds",
+                "must be positive",
+            )?;
+            check(
+                !relay.write_timeout.is_zero(),
+                "relay.write_timeout_seconds",
+                "must be positive",
+            )?;
         }
-        if runtime.max_concurrent_initial_syncs == 0 {
-            return Err(ConfigError::Invalid(
-                "max_concurrent_initial_syncs must be positive".into(),
-            ));
-        }
-        let relay_file = file.relay.unwrap_or_default();
-        let relay = match (
-            args.relay_url.or(relay_file.url),
-            args.relay_api_key.map(Secret::new).or(relay_file.api_key),
-        ) {
-            (None, _) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::Invalid(
-                    "relay.url needs relay.api_key (or SHAPEBLOCK_HUB_RELAY_API_KEY)".into(),
-                ));
-            }
-            (Some(url), Some(api_key)) => {
-                if !(url.starts_with("wss://") || url.starts_with("ws://"))
-                    || url
-                        .parse::<http::Uri>()
-                        .ok()
-                        .and_then(|u| u.host().map(str::to_owned))
-                        .is_none()
-                {
-                    return Err(ConfigError::Invalid(format!(
-                        "relay.url {url:?} must be a wss:// (or ws://) URL with a host"
-                    )));
-                }
-                Some(crate::relay::outbound::RelayConfig {
-                    url,
-                    api_key,
-                    buffer: relay_file.buffer.unwrap_or(1024).max(1),
-                    ping_interval: seconds(
-                        relay_file.ping_interval_seconds,
-                        20,
-                        "relay.ping_interval_seconds",
-                    )?,
-                    write_timeout: seconds(
-                        relay_file.write_timeout_seconds,
-                        60,
-                        "relay.write_timeout_seconds",
-                    )?,
-                    ca_file: relay_file.ca_file,
-                })
-            }
-        };
-        let events_capacity = file.events_capacity.unwrap_or(10_000);
-        if events_capacity == 0 {
-            return Err(ConfigError::Invalid(
-                "events_capacity must be positive".into(),
-            ));
-        }
-        let max_request_body_bytes = file.max_request_body_bytes.unwrap_or(1024 * 1024);
-        if max_request_body_bytes < 1024 {
-            return Err(ConfigError::Invalid(
-                "max_request_body_bytes must be at least 1024".into(),
-            ));
-        }
-        Ok(Self {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("shapeblock-data")),
-            tls,
-            public_url,
-            agent_image: args
-                .agent_image
-                .or(file.agent_image)
-                .unwrap_or_else(default_agent_image),
-            admin_tokens,
-            viewer_tokens,
-            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            max_request_body_bytes,
-            gateway,
-            controllers: file.controllers.unwrap_or(true),
-            runtime,
-            relay,
-            events_capacity,
-        })
+        check(*events_capacity > 0, "events_capacity", "must be positive")
+    }
+}
+
+/// TLS from the certificate and key, which go together.
+fn tls_files(
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert_file, key_file) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(TlsFiles {
+            cert_file,
+            key_file,
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::key(
+            "tls_key_file",
+            "missing: tls_cert_file and tls_key_file go together",
+        )),
+        (None, Some(_)) => Err(ConfigError::key(
+            "tls_cert_file",
+            "missing: tls_cert_file and tls_key_file go together",
+        )),
     }
 }
 
@@ -391,21 +441,25 @@ fn validate_jobs(jobs: &crate::render::jobs::JobSettings) -> Result<(), ConfigEr
         ("jobs.builder_image", &jobs.builder_image),
         ("jobs.helm_image", &jobs.helm_image),
     ] {
-        ImageRef::parse(image).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+        ImageRef::parse(image).map_err(|e| ConfigError::key(key, e.to_string()))?;
     }
-    if crate::render::jobs::Chart::parse(&jobs.app_chart).is_none() {
-        return Err(ConfigError::Invalid(format!(
-            "jobs.app_chart {:?} must be oci://… or <https repository URL>#<chart name>",
+    check(
+        crate::render::jobs::Chart::parse(&jobs.app_chart).is_some(),
+        "jobs.app_chart",
+        format!(
+            "{:?} must be oci://… or <https repository URL>#<chart name>",
             jobs.app_chart
-        )));
-    }
-    if jobs.build_deadline_seconds <= 0
-        || jobs.helm_timeout_seconds <= 0
-        || jobs.ttl_seconds_after_finished <= 0
-    {
-        return Err(ConfigError::Invalid(
-            "jobs.build_deadline_seconds, helm_timeout_seconds and ttl_seconds_after_finished must be positive".into(),
-        ));
+        ),
+    )?;
+    for (key, seconds) in [
+        ("jobs.build_deadline_seconds", jobs.build_deadline_seconds),
+        ("jobs.helm_timeout_seconds", jobs.helm_timeout_seconds),
+        (
+            "jobs.ttl_seconds_after_finished",
+            i64::from(jobs.ttl_seconds_after_finished),
+        ),
+    ] {
+        check(seconds > 0, key, "must be positive")?;
     }
     Ok(())
 }
@@ -421,7 +475,7 @@ pub fn bootstrap_admin_token(data_dir: &std::path::Path) -> Result<TokenHash, Co
         source,
     };
     match std::fs::read_to_string(&path) {
-        Ok(token) => TokenHash::parse(token.trim(), "admin-token file"),
+        Ok(token) => TokenHash::parse(token.trim(), &path.display().to_string()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
             let token: String = (0..32)
@@ -447,8 +501,12 @@ pub fn bootstrap_admin_token(data_dir: &std::path::Path) -> Result<TokenHash, Co
 mod tests {
     use super::*;
 
+    /// A file of its own for each call: the tests run in parallel.
     fn write(name: &str, body: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("sb-hub-{}-{name}.yaml", std::process::id()));
+        static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("sb-hub-{}-{name}-{n}.yaml", std::process::id()));
         std::fs::write(&path, body).unwrap();
         path
     }
@@ -553,5 +611,378 @@ mod tests {
             hash_token("file-token-0123456789")
         );
         assert!(!format!("{settings:?}").contains("file-token-0123456789"));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: HubArgs,
+    }
+
+    fn parse(flags: &[&str]) -> HubArgs {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("shapeblock-hub").chain(flags.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    fn load(body: &str) -> Result<HubConfig, ConfigError> {
+        HubConfig::load(HubArgs {
+            config: Some(write("load", body)),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn no_configuration_is_the_embedded_defaults() {
+        let config = HubConfig::load(HubArgs::default()).unwrap();
+        let defaults = HubConfig::default();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("shapeblock-data"));
+        assert!(config.tls.is_none() && config.public_url.is_none() && config.relay.is_none());
+        assert_eq!(config.agent_image, default_agent_image());
+        assert!(config.admin_tokens.is_empty() && config.viewer_tokens.is_empty());
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.max_request_body_bytes, 1024 * 1024);
+        assert!(config.controllers);
+        assert_eq!(config.events_capacity, 10_000);
+        assert_eq!(
+            format!("{:?}", config.gateway),
+            format!("{:?}", defaults.gateway)
+        );
+        assert_eq!(config.gateway.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.gateway.api_qps, 50);
+        assert_eq!(
+            format!("{:?}", config.runtime),
+            format!("{:?}", defaults.runtime)
+        );
+        // An empty file is no file.
+        assert_eq!(format!("{:?}", load("").unwrap()), format!("{config:?}"));
+    }
+
+    #[test]
+    fn file_sections_fill_the_runtime_types() {
+        let config = load(
+            "handshake_timeout_seconds: 3\nhandshakes_per_second: 7\n\
+             handshakes_per_second_per_ip: 2\ntrust_forwarded_for: true\n\
+             ping_interval_seconds: 4\nping_timeout_seconds: 5\napi_qps_per_cluster: 9\n\
+             controllers: false\nmax_concurrent_initial_syncs: 3\nshards: 5\n\
+             registry_source_namespace: regs\ndefault_registry_secret: creds\n\
+             jobs: {helm_image: 'alpine/helm:3.20.0'}\nevents_capacity: 12\n\
+             max_request_body_bytes: 2048\n\
+             relay: {url: 'wss://s.example.com/ws', api_key: k, buffer: 0, \
+             ping_interval_seconds: 6, write_timeout_seconds: 8, ca_file: /ca.pem}\n",
+        )
+        .unwrap();
+        let gateway = &config.gateway;
+        assert_eq!(gateway.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(gateway.handshakes_per_second, 7);
+        assert_eq!(gateway.handshakes_per_second_per_ip, 2);
+        assert!(gateway.trust_forwarded_for);
+        assert_eq!(gateway.ping_interval, Duration::from_secs(4));
+        assert_eq!(gateway.ping_timeout, Duration::from_secs(5));
+        assert_eq!(gateway.api_qps, 9);
+        assert!(!config.controllers);
+        assert_eq!(config.runtime.max_concurrent_initial_syncs, 3);
+        assert_eq!(config.runtime.shards, 5);
+        let controllers = &config.runtime.controllers;
+        assert_eq!(controllers.registry_source_namespace, "regs");
+        assert_eq!(controllers.default_registry_secret, "creds");
+        assert_eq!(controllers.jobs.helm_image, "alpine/helm:3.20.0");
+        assert_eq!(
+            controllers.jobs.git_image,
+            crate::render::jobs::JobSettings::default().git_image,
+            "a key left out of jobs: keeps its default"
+        );
+        assert_eq!(config.events_capacity, 12);
+        assert_eq!(config.max_request_body_bytes, 2048);
+        let relay = config.relay.unwrap();
+        assert_eq!(relay.url, "wss://s.example.com/ws");
+        assert_eq!(relay.api_key.expose(), "k");
+        assert_eq!(relay.buffer, 1, "an empty relay buffer is raised to one");
+        assert_eq!(relay.ping_interval, Duration::from_secs(6));
+        assert_eq!(relay.write_timeout, Duration::from_secs(8));
+        assert_eq!(relay.ca_file, Some(PathBuf::from("/ca.pem")));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = write(
+            "precedence",
+            "listen: 0.0.0.0:9000\ndata_dir: /file/data\ntls_cert_file: /file/c.pem\n\
+             tls_key_file: /file/k.pem\npublic_url: wss://file.example.com\n\
+             agent_image: file/agent:1\nadmin_tokens: [file-admin-0123456789]\n\
+             viewer_tokens: [file-viewer-0123456789]\nlog_format: json\n\
+             relay: {url: 'wss://file.example.com/ws', api_key: file-relay-key}\n",
+        );
+        let from_file = HubConfig::load(HubArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.listen.port(), 9000);
+        assert_eq!(from_file.data_dir, PathBuf::from("/file/data"));
+        let tls = from_file.tls.unwrap();
+        assert_eq!(
+            (tls.cert_file, tls.key_file),
+            ("/file/c.pem".into(), "/file/k.pem".into())
+        );
+        assert_eq!(
+            from_file.public_url.as_deref(),
+            Some("wss://file.example.com")
+        );
+        assert_eq!(from_file.agent_image, "file/agent:1");
+        assert_eq!(
+            from_file.admin_tokens,
+            [TokenHash(hash_token("file-admin-0123456789"))]
+        );
+        assert_eq!(
+            from_file.viewer_tokens,
+            [TokenHash(hash_token("file-viewer-0123456789"))]
+        );
+        assert_eq!(from_file.log_format, LogFormat::Json);
+        let relay = from_file.relay.unwrap();
+        assert_eq!(relay.url, "wss://file.example.com/ws");
+        assert_eq!(relay.api_key.expose(), "file-relay-key");
+
+        let mut args = parse(&[
+            "--listen=127.0.0.1:7000",
+            "--data-dir=/flag/data",
+            "--tls-cert-file=/flag/c.pem",
+            "--public-url=wss://flag.example.com",
+            "--agent-image=flag/agent:2",
+            "--admin-tokens=flag-admin-0123456789,,",
+            "--viewer-tokens=",
+            "--log-format=text",
+            "--relay-url=wss://flag.example.com/ws",
+            "--relay-api-key=flag-relay-key",
+        ]);
+        args.config = Some(file);
+        let from_flags = HubConfig::load(args).unwrap();
+        assert_eq!(from_flags.listen.port(), 7000);
+        assert_eq!(from_flags.data_dir, PathBuf::from("/flag/data"));
+        let tls = from_flags.tls.unwrap();
+        assert_eq!(
+            (tls.cert_file, tls.key_file),
+            ("/flag/c.pem".into(), "/file/k.pem".into()),
+            "each of the pair is merged on its own"
+        );
+        assert_eq!(
+            from_flags.public_url.as_deref(),
+            Some("wss://flag.example.com")
+        );
+        assert_eq!(from_flags.agent_image, "flag/agent:2");
+        assert_eq!(
+            from_flags.admin_tokens,
+            [TokenHash(hash_token("flag-admin-0123456789"))],
+            "a flag's list replaces the file's; blank entries are skipped"
+        );
+        assert!(
+            from_flags.viewer_tokens.is_empty(),
+            "an empty flag empties the list"
+        );
+        assert_eq!(from_flags.log_format, LogFormat::Text);
+        let relay = from_flags.relay.unwrap();
+        assert_eq!(relay.url, "wss://flag.example.com/ws");
+        assert_eq!(relay.api_key.expose(), "flag-relay-key");
+
+        // The relay's URL and key may come from different places.
+        let config = HubConfig::load(HubArgs {
+            config: Some(write("relay-url", "relay: {url: 'wss://s.example.com'}\n")),
+            relay_api_key: Some(Secret::new("flag-relay-key")),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.relay.unwrap().api_key.expose(), "flag-relay-key");
+        let err = HubConfig::load(HubArgs {
+            relay_url: Some("wss://s.example.com".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("relay.api_key"), "{err}");
+    }
+
+    #[test]
+    fn environment_sits_between_flags_and_file() {
+        let test = concat!(module_path!(), "::environment_sits_between_flags_and_file");
+        let test = test.split_once("::").map_or(test, |(_, t)| t);
+        let file = write(
+            "env",
+            "listen: 0.0.0.0:9000\ndata_dir: /file/data\nagent_image: file/agent:1\n\
+             relay: {url: 'wss://file.example.com/ws', api_key: file-relay-key}\n",
+        );
+        let env = [
+            ("SHAPEBLOCK_HUB_CONFIG", file.display().to_string()),
+            ("SHAPEBLOCK_HUB_LISTEN", "127.0.0.1:7001".into()),
+            ("SHAPEBLOCK_HUB_DATA_DIR", "/env/data".into()),
+            ("SHAPEBLOCK_HUB_TLS_CERT_FILE", "/env/c.pem".into()),
+            ("SHAPEBLOCK_HUB_TLS_KEY_FILE", "/env/k.pem".into()),
+            ("SHAPEBLOCK_HUB_PUBLIC_URL", "wss://env.example.com".into()),
+            (
+                "SHAPEBLOCK_HUB_ADMIN_TOKENS",
+                "env-admin-0123456789,env-admin-9876543210".into(),
+            ),
+            (
+                "SHAPEBLOCK_HUB_VIEWER_TOKENS",
+                "env-viewer-0123456789".into(),
+            ),
+            ("SHAPEBLOCK_LOG_FORMAT", "json".into()),
+            (
+                "SHAPEBLOCK_HUB_RELAY_URL",
+                "wss://env.example.com/ws".into(),
+            ),
+            ("SHAPEBLOCK_HUB_RELAY_API_KEY", "env-relay-key".into()),
+        ];
+        crate::config::in_child_with_env(test, &env, || {
+            let args = parse(&["--listen=127.0.0.1:7002"]);
+            let debug = format!("{args:?}");
+            for secret in ["env-admin", "env-viewer", "env-relay-key"] {
+                assert!(!debug.contains(secret), "{debug}");
+            }
+            let config = HubConfig::load(args).unwrap();
+            assert_eq!(config.listen.port(), 7002, "the flag beats the environment");
+            assert_eq!(config.data_dir, PathBuf::from("/env/data"));
+            assert_eq!(
+                config.agent_image, "file/agent:1",
+                "the file beats the default"
+            );
+            let tls = config.tls.unwrap();
+            assert_eq!(
+                (tls.cert_file, tls.key_file),
+                ("/env/c.pem".into(), "/env/k.pem".into())
+            );
+            assert_eq!(config.public_url.as_deref(), Some("wss://env.example.com"));
+            assert_eq!(
+                config.admin_tokens,
+                [
+                    TokenHash(hash_token("env-admin-0123456789")),
+                    TokenHash(hash_token("env-admin-9876543210"))
+                ]
+            );
+            assert_eq!(
+                config.viewer_tokens,
+                [TokenHash(hash_token("env-viewer-0123456789"))]
+            );
+            assert_eq!(config.log_format, LogFormat::Json);
+            let relay = config.relay.unwrap();
+            assert_eq!(relay.url, "wss://env.example.com/ws");
+            assert_eq!(relay.api_key.expose(), "env-relay-key");
+        });
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secrets = [
+            "flag-admin-0123456789",
+            "flag-viewer-0123456789",
+            "flag-relay-key",
+            "file-admin-0123456789",
+            "file-viewer-0123456789",
+            "file-relay-key",
+        ];
+        let args = parse(&[
+            "--admin-tokens=flag-admin-0123456789",
+            "--viewer-tokens=flag-viewer-0123456789",
+            "--relay-url=wss://s.example.com/ws",
+            "--relay-api-key=flag-relay-key",
+        ]);
+        let flags = format!("{args:?}");
+        let from_flags = format!("{:?}", HubConfig::load(args).unwrap());
+        let file = write(
+            "secrets",
+            "admin_tokens: [file-admin-0123456789]\nviewer_tokens: [file-viewer-0123456789]\n\
+             relay: {url: 'wss://s.example.com/ws', api_key: file-relay-key}\n",
+        );
+        let from_file = format!(
+            "{:?}",
+            HubConfig::load(HubArgs {
+                config: Some(file.clone()),
+                ..Default::default()
+            })
+            .unwrap()
+        );
+        let file_contents = format!("{:?}", read_yaml::<HubFile>(Some(&file)).unwrap());
+        assert!(
+            flags.contains("***") && from_file.contains("***"),
+            "{flags}"
+        );
+        for debug in [flags, from_flags, from_file, file_contents] {
+            for secret in secrets {
+                assert!(!debug.contains(secret), "{secret} in {debug}");
+            }
+        }
+        // Nor do errors about a secret show it.
+        let err = HubConfig::load(parse(&["--viewer-tokens=short-secret"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("viewer_tokens") && !err.contains("short-secret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_in_every_section() {
+        for (body, unknown) in [
+            ("handshake_timeout: 3\n", "handshake_timeout"),
+            ("api_qps: 3\n", "api_qps"),
+            ("gateway: {}\n", "gateway"),
+            ("runtime: {}\n", "runtime"),
+            ("jobs: {helm: x}\n", "helm"),
+            ("relay: {url: 'wss://s', apikey: k}\n", "apikey"),
+        ] {
+            let err = load(body).unwrap_err().to_string();
+            assert!(err.contains(unknown), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_check_names_its_key() {
+        for (body, key) in [
+            ("max_request_body_bytes: 10\n", "max_request_body_bytes"),
+            (
+                "handshake_timeout_seconds: 0\n",
+                "handshake_timeout_seconds",
+            ),
+            ("ping_interval_seconds: 0\n", "ping_interval_seconds"),
+            ("ping_timeout_seconds: 0\n", "ping_timeout_seconds"),
+            ("handshakes_per_second: 0\n", "handshakes_per_second"),
+            (
+                "handshakes_per_second_per_ip: 0\n",
+                "handshakes_per_second_per_ip",
+            ),
+            ("api_qps_per_cluster: 0\n", "api_qps_per_cluster"),
+            (
+                "max_concurrent_initial_syncs: 0\n",
+                "max_concurrent_initial_syncs",
+            ),
+            ("shards: 257\n", "shards"),
+            ("events_capacity: 0\n", "events_capacity"),
+            (
+                "jobs: {helm_timeout_seconds: 0}\n",
+                "jobs.helm_timeout_seconds",
+            ),
+            (
+                "jobs: {ttl_seconds_after_finished: 0}\n",
+                "jobs.ttl_seconds_after_finished",
+            ),
+            ("tls_key_file: k.pem\n", "tls_cert_file"),
+            ("admin_tokens: ['sha256:abc']\n", "admin_tokens"),
+            ("relay: {url: 'https://s', api_key: k}\n", "relay.url"),
+            (
+                "relay: {url: 'wss://s', api_key: k, ping_interval_seconds: 0}\n",
+                "relay.ping_interval_seconds",
+            ),
+            (
+                "relay: {url: 'wss://s', api_key: k, write_timeout_seconds: 0}\n",
+                "relay.write_timeout_seconds",
+            ),
+        ] {
+            let err = load(body).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{body}: {err}");
+        }
+        // Relay timings matter only with a relay.
+        assert!(load("relay: {ping_interval_seconds: 0}\n").is_ok());
     }
 }

@@ -35,20 +35,35 @@ use super::registry::{ClusterId, Registry};
 use crate::secret::Secret;
 use crate::tunnel::{self, WsIo};
 
-/// Gateway settings.
-#[derive(Clone, Debug)]
+/// Gateway settings: the tunnel keys at the top level of the hub's configuration file
+/// (flattened into it by [`crate::hub::config`], which rejects unknown keys and validates).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default)]
 pub struct GatewayConfig {
     /// Upgrade, HTTP/2 handshake and first request through the tunnel must finish within this.
+    #[serde(
+        rename = "handshake_timeout_seconds",
+        deserialize_with = "crate::config::seconds"
+    )]
     pub handshake_timeout: Duration,
     /// Handshakes accepted per second across all agents (burst: 2 seconds' worth).
     pub handshakes_per_second: u32,
     /// Handshakes accepted per second from one source address (burst: 5 seconds' worth).
     pub handshakes_per_second_per_ip: u32,
     /// How often the hub pings each agent to measure round-trip time.
+    #[serde(
+        rename = "ping_interval_seconds",
+        deserialize_with = "crate::config::seconds"
+    )]
     pub ping_interval: Duration,
     /// A ping unanswered for this long ends the tunnel.
+    #[serde(
+        rename = "ping_timeout_seconds",
+        deserialize_with = "crate::config::seconds"
+    )]
     pub ping_timeout: Duration,
     /// Kubernetes API requests per second the hub sends to one cluster (burst: twice that).
+    #[serde(rename = "api_qps_per_cluster")]
     pub api_qps: u32,
     /// Rate-limit handshakes by the rightmost `X-Forwarded-For` address (the address the
     /// nearest proxy saw) instead of the socket's peer. Only for a hub reachable solely

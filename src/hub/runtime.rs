@@ -20,11 +20,17 @@ use super::gateway::Gateway;
 use super::registry::ClusterId;
 use crate::controllers::{self, Context, ControllerConfig};
 
-/// Runtime settings.
-#[derive(Clone, Debug)]
+/// Runtime settings: keys at the top level of the hub's configuration file (flattened into it
+/// by [`crate::hub::config`], which rejects unknown keys and validates).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default)]
 pub struct RuntimeConfig {
     /// Clusters installing CRDs and starting controllers at the same time.
     pub max_concurrent_initial_syncs: usize,
+    /// Read from the file beside the runtime keys rather than through them: serde rejects
+    /// unknown keys only one `flatten` deep, and the file's `controllers` key is the on/off
+    /// switch, not this.
+    #[serde(skip)]
     pub controllers: ControllerConfig,
     /// Shards (threads) the clusters' controllers are spread over.
     pub shards: usize,

@@ -102,130 +102,213 @@ async fn write_status(
     Ok(())
 }
 
-async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let name = project.name_any();
-    let projects: Api<Project> = Api::all(ctx.client.clone());
-    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
-
-    if project.metadata.deletion_timestamp.is_some() {
-        if !project.finalizers().iter().any(|f| f == FINALIZER) {
-            return Ok(Action::await_change());
-        }
-        if project.status.as_ref().and_then(|s| s.phase) != Some(ProjectPhase::Terminating) {
-            write_status(
-                &projects,
-                &project,
-                ProjectPhase::Terminating,
-                "deleting the project namespace",
-            )
-            .await?;
-        }
-        // Only the project's own namespace is deleted, never one it found already there.
-        let own = namespaces
-            .get_opt(&name)
-            .await?
-            .filter(|ns| ns.labels().get(PROJECT_LABEL) == Some(&name));
-        match own {
-            Some(ns) if ns.metadata.deletion_timestamp.is_none() => {
-                namespaces
-                    .delete(&name, &DeleteParams::background())
-                    .await?;
-                return Ok(Action::await_change());
-            }
-            // Terminating: the namespace's deletion event reconciles this Project again.
-            Some(_) => return Ok(Action::await_change()),
-            None => {}
-        }
-        let remaining: Vec<&String> = project
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .collect();
-        let patch = json!({"metadata": {"finalizers": remaining, "resourceVersion": project.resource_version()}});
-        projects
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        return Ok(Action::await_change());
-    }
-
-    if !project.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut finalizers = project.finalizers().to_vec();
-        finalizers.push(FINALIZER.to_string());
-        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": project.resource_version()}});
-        projects
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        return Ok(Action::await_change()); // the update event brings the next step
-    }
-
-    let result = ensure(&project, &ctx).await;
-    match &result {
-        Ok(()) => {
-            write_status(
-                &projects,
-                &project,
-                ProjectPhase::Active,
-                "Project setup completed",
-            )
-            .await?
-        }
-        Err(err) => {
-            write_status(&projects, &project, ProjectPhase::Failed, &err.to_string()).await?
-        }
-    }
-    result.map(|()| Action::await_change())
+/// What the cluster holds for one Project.
+#[derive(Default)]
+pub struct Observed {
+    /// The namespace of the Project's name, if any (ours or not).
+    pub namespace: Option<Namespace>,
+    /// The registry Secret to copy (absent on deletion, or when it does not exist).
+    pub registry_source: Option<Secret>,
 }
 
-/// Brings the project's objects to their desired state.
-async fn ensure(project: &Project, ctx: &Context) -> Result<(), ReconcileError> {
-    let name = project.name_any();
-    let client = &ctx.client;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if let Some(ns) = namespaces.get_opt(&name).await? {
-        let ours = ns.labels().get(PROJECT_LABEL) == Some(&name);
-        if !ours {
-            return Err(ReconcileError::Invalid(format!(
-                "namespace {name} already exists and does not belong to this project; choose another project name"
-            )));
-        }
-    }
-    namespaces
-        .patch(&name, &apply_params(), &Patch::Apply(&namespace(project)))
-        .await?;
+/// The one thing to do next for a Project.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Deleted without our finalizer.
+    Nothing,
+    AddFinalizer,
+    /// Deleting: delete the Project's own namespace (never one it found already there).
+    DeleteNamespace,
+    /// Deleting: the namespace terminates; its deletion event brings the Project back.
+    WaitForNamespace,
+    /// Deleting: the namespace is gone, let the Project go.
+    RemoveFinalizer,
+    /// The namespace exists and belongs to someone else.
+    NamespaceTaken {
+        namespace: String,
+    },
+    /// The registry Secret to copy does not exist (yet).
+    RegistrySourceMissing {
+        source: String,
+    },
+    /// Apply the namespace, the registry copy and the deployer.
+    Ensure,
+}
 
-    let source_name = project
+/// Decides the next step (pure). `source` is the registry Secret's name in the source namespace.
+pub fn decide(project: &Project, o: &Observed, source: &str) -> Step {
+    let name = project.name_any();
+    let has_finalizer = project.finalizers().iter().any(|f| f == FINALIZER);
+    let own = o
+        .namespace
+        .as_ref()
+        .filter(|ns| ns.labels().get(PROJECT_LABEL) == Some(&name));
+    if project.metadata.deletion_timestamp.is_some() {
+        return match (has_finalizer, own) {
+            (false, _) => Step::Nothing,
+            (true, Some(ns)) if ns.metadata.deletion_timestamp.is_none() => Step::DeleteNamespace,
+            (true, Some(_)) => Step::WaitForNamespace,
+            (true, None) => Step::RemoveFinalizer,
+        };
+    }
+    if !has_finalizer {
+        return Step::AddFinalizer;
+    }
+    if o.namespace.is_some() && own.is_none() {
+        return Step::NamespaceTaken { namespace: name };
+    }
+    if o.registry_source.is_none() {
+        return Step::RegistrySourceMissing {
+            source: source.to_string(),
+        };
+    }
+    Step::Ensure
+}
+
+/// The phase and message a step leads to, or None when it writes no status (pure).
+pub fn status_after(step: &Step, source_namespace: &str) -> Option<(ProjectPhase, String)> {
+    match step {
+        Step::Nothing | Step::AddFinalizer | Step::RemoveFinalizer => None,
+        Step::DeleteNamespace | Step::WaitForNamespace => Some((
+            ProjectPhase::Terminating,
+            "deleting the project namespace".into(),
+        )),
+        Step::NamespaceTaken { .. } | Step::RegistrySourceMissing { .. } => Some((
+            ProjectPhase::Failed,
+            failure(step, source_namespace)?.to_string(),
+        )),
+        Step::Ensure => Some((ProjectPhase::Active, "Project setup completed".into())),
+    }
+}
+
+/// The error a failing step reports (its category sets the retry), or None (pure).
+fn failure(step: &Step, source_namespace: &str) -> Option<ReconcileError> {
+    match step {
+        Step::NamespaceTaken { namespace } => Some(ReconcileError::Invalid(format!(
+            "namespace {namespace} already exists and does not belong to this project; choose another project name"
+        ))),
+        Step::RegistrySourceMissing { source } => Some(ReconcileError::Missing(format!(
+            "registry secret {source_namespace}/{source} not found; create it, the project picks it up automatically"
+        ))),
+        _ => None,
+    }
+}
+
+fn registry_source_name(project: &Project, ctx: &Context) -> String {
+    project
         .spec
         .registry_secret
         .clone()
-        .unwrap_or_else(|| ctx.config.default_registry_secret.clone());
-    let sources: Api<Secret> =
-        Api::namespaced(client.clone(), &ctx.config.registry_source_namespace);
-    let source = sources.get_opt(&source_name).await?.ok_or_else(|| {
-        ReconcileError::Missing(format!(
-            "registry secret {}/{source_name} not found; create it, the project picks it up automatically",
-            ctx.config.registry_source_namespace
-        ))
-    })?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &name);
-    secrets
-        .patch(
-            REGISTRY_SECRET,
-            &apply_params(),
-            &Patch::Apply(&registry_copy(&name, &source)),
-        )
-        .await?;
+        .unwrap_or_else(|| ctx.config.default_registry_secret.clone())
+}
 
-    let [service_account, binding] = deployer(&name);
-    let sa_api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), &name);
-    sa_api
-        .patch(DEPLOYER, &apply_params(), &Patch::Apply(&service_account))
-        .await?;
-    let rb_api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
-        Api::namespaced(client.clone(), &name);
-    rb_api
-        .patch(DEPLOYER, &apply_params(), &Patch::Apply(&binding))
-        .await?;
+async fn read(project: &Project, ctx: &Context) -> Result<Observed, ReconcileError> {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let mut o = Observed {
+        namespace: namespaces.get_opt(&project.name_any()).await?,
+        registry_source: None,
+    };
+    if project.metadata.deletion_timestamp.is_none() {
+        let sources: Api<Secret> =
+            Api::namespaced(ctx.client.clone(), &ctx.config.registry_source_namespace);
+        o.registry_source = sources.get_opt(&registry_source_name(project, ctx)).await?;
+    }
+    Ok(o)
+}
+
+async fn apply(
+    project: &Project,
+    step: &Step,
+    o: &Observed,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let name = project.name_any();
+    let client = &ctx.client;
+    let projects: Api<Project> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    match step {
+        Step::Nothing
+        | Step::WaitForNamespace
+        | Step::NamespaceTaken { .. }
+        | Step::RegistrySourceMissing { .. } => {}
+        Step::AddFinalizer => super::jobs::add_finalizer(&projects, project, FINALIZER).await?,
+        Step::RemoveFinalizer => {
+            super::jobs::remove_finalizer(&projects, project, FINALIZER).await?;
+        }
+        Step::DeleteNamespace => {
+            namespaces
+                .delete(&name, &DeleteParams::background())
+                .await?;
+        }
+        Step::Ensure => {
+            let Some(source) = &o.registry_source else {
+                return Ok(());
+            };
+            namespaces
+                .patch(&name, &apply_params(), &Patch::Apply(&namespace(project)))
+                .await?;
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &name);
+            secrets
+                .patch(
+                    REGISTRY_SECRET,
+                    &apply_params(),
+                    &Patch::Apply(&registry_copy(&name, source)),
+                )
+                .await?;
+            let [service_account, binding] = deployer(&name);
+            let sa_api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                Api::namespaced(client.clone(), &name);
+            sa_api
+                .patch(DEPLOYER, &apply_params(), &Patch::Apply(&service_account))
+                .await?;
+            let rb_api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+                Api::namespaced(client.clone(), &name);
+            rb_api
+                .patch(DEPLOYER, &apply_params(), &Patch::Apply(&binding))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let observed = read(&project, &ctx).await?;
+    let source = registry_source_name(&project, &ctx);
+    let step = decide(&project, &observed, &source);
+    let source_namespace = &ctx.config.registry_source_namespace;
+    if let Some((phase, message)) = status_after(&step, source_namespace)
+        && phase == ProjectPhase::Terminating
+    {
+        // Said before the namespace goes, so the deletion is visible while it runs.
+        report(&project, phase, &message, &ctx).await?;
+    }
+    apply(&project, &step, &observed, &ctx).await?;
+    if let Some((phase, message)) = status_after(&step, source_namespace)
+        && phase != ProjectPhase::Terminating
+    {
+        report(&project, phase, &message, &ctx).await?;
+    }
+    match failure(&step, source_namespace) {
+        Some(error) => Err(error),
+        None => Ok(Action::await_change()),
+    }
+}
+
+/// Writes the status, and a Normal Event when the phase changes (failures get their Warning
+/// from the error policy).
+async fn report(
+    project: &Project,
+    phase: ProjectPhase,
+    message: &str,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let projects: Api<Project> = Api::all(ctx.client.clone());
+    let before = project.status.as_ref().and_then(|s| s.phase);
+    write_status(&projects, project, phase, message).await?;
+    if before != Some(phase) && phase != ProjectPhase::Failed {
+        let event = super::events::phase(&format!("{phase:?}"), message.to_string());
+        super::events::publish(&ctx.events, &project.object_ref(&()), event).await;
+    }
     Ok(())
 }
 
@@ -270,4 +353,147 @@ pub async fn run(ctx: Arc<Context>) {
             async {}
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(finalizer: bool, deleting: bool) -> Project {
+        let mut project: Project = serde_json::from_value(json!({
+            "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project",
+            "metadata": {"name": "shop"}, "spec": {}}))
+        .unwrap();
+        if finalizer {
+            project.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        }
+        if deleting {
+            project.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        }
+        project
+    }
+
+    fn namespace_labelled(owner: Option<&str>, terminating: bool) -> Namespace {
+        let mut ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+        if let Some(owner) = owner {
+            ns.labels_mut().insert(PROJECT_LABEL.into(), owner.into());
+        }
+        if terminating {
+            ns.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        }
+        ns
+    }
+
+    fn observed(namespace: Option<Namespace>, source: bool) -> Observed {
+        Observed {
+            namespace,
+            registry_source: source.then(Secret::default),
+        }
+    }
+
+    #[test]
+    fn a_project_gets_its_finalizer_then_its_objects() {
+        assert_eq!(
+            decide(
+                &project(false, false),
+                &observed(None, true),
+                "registry-creds"
+            ),
+            Step::AddFinalizer
+        );
+        let ready = project(true, false);
+        assert_eq!(
+            decide(&ready, &observed(None, true), "registry-creds"),
+            Step::Ensure
+        );
+        // Its own namespace already there: still ensured.
+        let own = Some(namespace_labelled(Some("shop"), false));
+        assert_eq!(
+            decide(&ready, &observed(own, true), "registry-creds"),
+            Step::Ensure
+        );
+        assert_eq!(
+            status_after(&Step::Ensure, "shapeblock"),
+            Some((ProjectPhase::Active, "Project setup completed".into()))
+        );
+    }
+
+    #[test]
+    fn a_foreign_namespace_is_never_taken_over() {
+        for label in [None, Some("other")] {
+            let taken = Some(namespace_labelled(label, false));
+            let step = decide(
+                &project(true, false),
+                &observed(taken, true),
+                "registry-creds",
+            );
+            assert_eq!(
+                step,
+                Step::NamespaceTaken {
+                    namespace: "shop".into()
+                }
+            );
+            let (phase, message) = status_after(&step, "shapeblock").unwrap();
+            assert_eq!(phase, ProjectPhase::Failed);
+            assert!(
+                message.contains("namespace shop already exists"),
+                "{message}"
+            );
+            assert!(matches!(
+                failure(&step, "shapeblock"),
+                Some(ReconcileError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_missing_registry_secret_fails_and_is_retried() {
+        let step = decide(
+            &project(true, false),
+            &observed(None, false),
+            "team-registry",
+        );
+        let error = failure(&step, "shapeblock").unwrap();
+        assert!(matches!(error, ReconcileError::Missing(_)));
+        assert!(
+            error
+                .to_string()
+                .contains("shapeblock/team-registry not found")
+        );
+    }
+
+    #[test]
+    fn deletion_removes_only_the_projects_own_namespace_then_lets_go() {
+        let deleting = project(true, true);
+        assert_eq!(
+            decide(&project(false, true), &observed(None, false), "r"),
+            Step::Nothing
+        );
+        let own = Some(namespace_labelled(Some("shop"), false));
+        assert_eq!(
+            decide(&deleting, &observed(own, false), "r"),
+            Step::DeleteNamespace
+        );
+        let terminating = Some(namespace_labelled(Some("shop"), true));
+        assert_eq!(
+            decide(&deleting, &observed(terminating, false), "r"),
+            Step::WaitForNamespace
+        );
+        // Someone else's namespace is left alone.
+        let foreign = Some(namespace_labelled(None, false));
+        assert_eq!(
+            decide(&deleting, &observed(foreign, false), "r"),
+            Step::RemoveFinalizer
+        );
+        assert_eq!(
+            decide(&deleting, &observed(None, false), "r"),
+            Step::RemoveFinalizer
+        );
+        assert_eq!(
+            status_after(&Step::DeleteNamespace, "shapeblock").map(|(p, _)| p),
+            Some(ProjectPhase::Terminating)
+        );
+        assert_eq!(status_after(&Step::RemoveFinalizer, "shapeblock"), None);
+    }
 }

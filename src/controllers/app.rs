@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -18,9 +18,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
+use super::jobs;
 use super::service::FINALIZER;
 use super::{Context, MANAGED_BY, ReconcileError};
 use crate::crd::{App, AppPhase, FIELD_MANAGER, GitSource};
+use crate::observed::{self, Outcome};
 
 /// Host keys shipped with the hub (ed25519 and ECDSA; fingerprints checked against each
 /// provider's published ones).
@@ -136,105 +138,325 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
-/// What a successful check found.
-struct Checked {
-    deploy_key: Option<String>,
+/// What the cluster holds for one App, read before anything is decided.
+#[derive(Default)]
+pub struct Observed {
+    /// The registry Secret the App names (or the Project's copy).
+    pub registry_secret: Option<Secret>,
+    /// The Secret of `spec.git.secretName`, when it names one.
+    pub git_secret: Option<Secret>,
+    /// The generated deploy key, for an SSH remote without `spec.git.secretName`.
+    pub deploy_key: Option<Secret>,
+    /// Deletion only: the release may exist (the App had an image, or Helm's storage holds it).
+    pub maybe_deployed: bool,
+    /// Deletion only: the namespace is going away (it takes the release with it).
+    pub namespace_terminating: bool,
+    /// Deletion only: the uninstall Job, and its helm output when it failed.
+    pub uninstall: Option<k8s_openapi::api::batch::v1::Job>,
+    pub uninstall_output: Option<String>,
 }
 
-async fn check(app: &App, ctx: &Context) -> Result<Checked, ReconcileError> {
-    let ns = app.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+/// The deploy key a Ready App shows in `status.deployKey`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeployKey {
+    /// Not an SSH remote, or the App brings its own key.
+    None,
+    /// Generated before: its public half.
+    Existing(String),
+    /// To be generated (once: an existing key is never replaced).
+    Generate,
+}
 
-    let registry_secret = app
-        .spec
+/// The one thing to do next for an App.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Deleted without our finalizer.
+    Nothing,
+    AddFinalizer,
+    /// The release is gone (or never was): let the App go.
+    RemoveFinalizer {
+        uninstall_job: Option<String>,
+    },
+    StartUninstall,
+    Uninstalling,
+    /// The uninstall failed: delete its Job and try again later.
+    UninstallFailed {
+        output: String,
+    },
+    /// The App can be built: write its known_hosts (SSH remotes) and show its deploy key.
+    Ready {
+        known_hosts: Option<String>,
+        deploy_key: DeployKey,
+    },
+    /// The App cannot be built as it stands; `missing` when something may still appear
+    /// (retried), otherwise it waits for a change.
+    Failed {
+        missing: bool,
+        message: String,
+    },
+}
+
+fn failed(missing: bool, message: String) -> Step {
+    Step::Failed { missing, message }
+}
+
+/// Name of the registry Secret an App's builds use.
+pub fn registry_secret_name(app: &App) -> String {
+    app.spec
         .registry
         .secret_name
         .clone()
-        .unwrap_or_else(|| "registry-creds".into());
-    match secrets.get_opt(&registry_secret).await? {
+        .unwrap_or_else(|| super::project::REGISTRY_SECRET.into())
+}
+
+/// Decides the next step (pure).
+pub fn decide(app: &App, o: &Observed) -> Step {
+    let has_finalizer = app.finalizers().iter().any(|f| f == FINALIZER);
+    if app.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Step::Nothing;
+        }
+        let uninstall_job = o.uninstall.as_ref().map(|j| j.name_any());
+        if o.namespace_terminating || (!o.maybe_deployed && o.uninstall.is_none()) {
+            return Step::RemoveFinalizer { uninstall_job };
+        }
+        return match o.uninstall.as_ref().map(observed::outcome) {
+            None => Step::StartUninstall,
+            Some(Outcome::Running) => Step::Uninstalling,
+            Some(Outcome::Succeeded) => Step::RemoveFinalizer { uninstall_job },
+            Some(Outcome::Failed { message, .. }) => Step::UninstallFailed {
+                output: o.uninstall_output.clone().unwrap_or(message),
+            },
+        };
+    }
+    if !has_finalizer {
+        return Step::AddFinalizer;
+    }
+    check(app, o)
+}
+
+/// Whether the App can be built: registry Secret, git credentials, pinned host keys (pure).
+fn check(app: &App, o: &Observed) -> Step {
+    let ns = app.namespace().unwrap_or_default();
+    let registry_secret = registry_secret_name(app);
+    match &o.registry_secret {
         None => {
-            return Err(ReconcileError::Missing(format!(
-                "registry secret {ns}/{registry_secret} not found (Projects copy registry-creds into their namespace)"
-            )));
+            return failed(
+                true,
+                format!(
+                    "registry secret {ns}/{registry_secret} not found (Projects copy registry-creds into their namespace)"
+                ),
+            );
         }
         Some(s) if s.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") => {
-            return Err(ReconcileError::Invalid(format!(
-                "registry secret {ns}/{registry_secret} must be of type kubernetes.io/dockerconfigjson"
-            )));
+            return failed(
+                false,
+                format!(
+                    "registry secret {ns}/{registry_secret} must be of type kubernetes.io/dockerconfigjson"
+                ),
+            );
         }
         Some(_) => {}
     }
-
     let Some(git) = &app.spec.git else {
-        return Ok(Checked { deploy_key: None });
+        return Step::Ready {
+            known_hosts: None,
+            deploy_key: DeployKey::None,
+        };
     };
     let remote = git_remote(&git.url);
-    let private = git.is_private.unwrap_or(false);
+    let mut known = None;
     if let GitRemote::Ssh { host, port } = &remote {
         let hosts = known_hosts(git);
         if !has_host_key(&hosts, host, *port) {
-            return Err(ReconcileError::Invalid(format!(
-                "no known host key for {host}; add its key to spec.git.knownHosts (host keys are never accepted on first use)"
-            )));
+            return failed(
+                false,
+                format!(
+                    "no known host key for {host}; add its key to spec.git.knownHosts (host keys are never accepted on first use)"
+                ),
+            );
         }
-        let config_map = json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": owned_metadata(app, &known_hosts_config_map(&app.name_any())),
-            "data": {"known_hosts": hosts},
-        });
-        Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-            .patch(
-                &known_hosts_config_map(&app.name_any()),
-                &apply_params(),
-                &Patch::Apply(&config_map),
-            )
-            .await?;
+        known = Some(hosts);
     }
+    let ready = |deploy_key| Step::Ready {
+        known_hosts: known.clone(),
+        deploy_key,
+    };
     match (&git.secret_name, &remote) {
         (Some(name), _) => {
-            let secret = secrets.get_opt(name).await?.ok_or_else(|| {
-                ReconcileError::Missing(format!("git secret {ns}/{name} (spec.git.secretName) not found"))
-            })?;
-            let data = secret.data.unwrap_or_default();
-            let usable = match remote {
-                GitRemote::Ssh { .. } => data.contains_key("ssh-privatekey"),
-                GitRemote::Other => data.contains_key("password") || data.contains_key("token"),
+            let Some(secret) = &o.git_secret else {
+                return failed(
+                    true,
+                    format!("git secret {ns}/{name} (spec.git.secretName) not found"),
+                );
+            };
+            let data = secret.data.clone().unwrap_or_default();
+            let (usable, needed) = match remote {
+                GitRemote::Ssh { .. } => (data.contains_key("ssh-privatekey"), "ssh-privatekey"),
+                GitRemote::Other => (
+                    data.contains_key("password") || data.contains_key("token"),
+                    "password or token",
+                ),
             };
             if !usable {
-                return Err(ReconcileError::Invalid(format!(
-                    "git secret {ns}/{name} needs the key {}",
-                    if matches!(remote, GitRemote::Ssh { .. }) { "ssh-privatekey" } else { "password or token" }
-                )));
+                return failed(false, format!("git secret {ns}/{name} needs the key {needed}"));
             }
-            Ok(Checked { deploy_key: None })
+            ready(DeployKey::None)
         }
-        (None, GitRemote::Ssh { .. }) => Ok(Checked { deploy_key: Some(ensure_deploy_key(app, &secrets).await?) }),
-        (None, GitRemote::Other) if private => Err(ReconcileError::Invalid(
+        (None, GitRemote::Ssh { .. }) => match &o.deploy_key {
+            None => ready(DeployKey::Generate),
+            Some(secret) => match public_key(secret) {
+                Some(public) => ready(DeployKey::Existing(public)),
+                None => failed(
+                    false,
+                    format!(
+                        "deploy key secret {} has no ssh-publickey",
+                        deploy_key_secret(&app.name_any())
+                    ),
+                ),
+            },
+        },
+        (None, GitRemote::Other) if git.is_private.unwrap_or(false) => failed(
+            false,
             "a private https repository needs spec.git.secretName (a Secret with username and password or token), or an SSH URL to use a generated deploy key".into(),
-        )),
-        (None, GitRemote::Other) => Ok(Checked { deploy_key: None }),
+        ),
+        (None, GitRemote::Other) => ready(DeployKey::None),
     }
 }
 
-/// Returns the App's deploy key, generating it once. An existing key is never replaced:
-/// users register its public half with their repository.
-async fn ensure_deploy_key(app: &App, secrets: &Api<Secret>) -> Result<String, ReconcileError> {
-    let name = deploy_key_secret(&app.name_any());
-    let public = |secret: &Secret| -> Option<String> {
-        let bytes = secret.data.as_ref()?.get("ssh-publickey")?;
-        String::from_utf8(bytes.0.clone()).ok()
-    };
-    if let Some(existing) = secrets.get_opt(&name).await? {
-        return public(&existing).ok_or_else(|| {
-            ReconcileError::Invalid(format!("deploy key secret {name} has no ssh-publickey"))
-        });
+fn public_key(secret: &Secret) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get("ssh-publickey")?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// Reads what the next decision needs.
+async fn read(app: &App, ctx: &Context) -> Result<Observed, ReconcileError> {
+    let ns = app.namespace().unwrap_or_default();
+    let name = app.name_any();
+    let mut o = Observed::default();
+    if !app.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(o);
     }
+    if app.metadata.deletion_timestamp.is_some() {
+        o.namespace_terminating = jobs::namespace_terminating(&ctx.client, &ns).await?;
+        if o.namespace_terminating {
+            return Ok(o);
+        }
+        let job_name = uninstall_job_name(&name);
+        let jobs_api: Api<k8s_openapi::api::batch::v1::Job> =
+            Api::namespaced(ctx.client.clone(), &ns);
+        o.uninstall = jobs_api.get_opt(&job_name).await?;
+        if let Some(Outcome::Failed { message, .. }) = o.uninstall.as_ref().map(observed::outcome) {
+            let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(ctx.client.clone(), &ns);
+            o.uninstall_output = Some(jobs::helm_failure(&pods, &job_name, &message).await?);
+        }
+        o.maybe_deployed = app
+            .status
+            .as_ref()
+            .is_some_and(|s| s.current_image.is_some())
+            || jobs::release_exists(&ctx.client, &ns, &name).await?;
+        return Ok(o);
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    o.registry_secret = secrets.get_opt(&registry_secret_name(app)).await?;
+    if let Some(git) = &app.spec.git {
+        match (&git.secret_name, git_remote(&git.url)) {
+            (Some(name), _) => o.git_secret = secrets.get_opt(name).await?,
+            (None, GitRemote::Ssh { .. }) => {
+                o.deploy_key = secrets.get_opt(&deploy_key_secret(&name)).await?;
+            }
+            (None, GitRemote::Other) => {}
+        }
+    }
+    Ok(o)
+}
+
+/// Carries out a step; returns the deploy key's public half when the step makes one known.
+async fn apply(app: &App, step: &Step, ctx: &Context) -> Result<Option<String>, ReconcileError> {
+    let ns = app.namespace().unwrap_or_default();
+    let name = app.name_any();
+    let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
+    let jobs_api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(ctx.client.clone(), &ns);
+    match step {
+        Step::Nothing | Step::Uninstalling | Step::Failed { .. } => {}
+        Step::AddFinalizer => jobs::add_finalizer(&apps, app, FINALIZER).await?,
+        Step::RemoveFinalizer { uninstall_job } => {
+            if let Some(job) = uninstall_job {
+                jobs_api.delete(job, &DeleteParams::background()).await.ok();
+            }
+            jobs::remove_finalizer(&apps, app, FINALIZER).await?;
+        }
+        Step::StartUninstall => {
+            let job_name = uninstall_job_name(&name);
+            let owner = app
+                .controller_owner_ref(&())
+                .and_then(|o| serde_json::to_value(o).ok());
+            let job = crate::render::jobs::helm_job(
+                &crate::render::jobs::HelmJob {
+                    name: &job_name,
+                    namespace: &ns,
+                    release: &name,
+                    action: crate::render::jobs::HelmAction::Uninstall,
+                    labels: vec![
+                        (crate::render::jobs::APP_LABEL, &name),
+                        (crate::render::jobs::STEP_LABEL, "uninstall"),
+                    ],
+                    owner,
+                    service_account: super::project::DEPLOYER,
+                },
+                &ctx.config.jobs,
+            );
+            jobs::create_once(&jobs_api, &job).await?;
+        }
+        // A retry starts afresh with a new Job.
+        Step::UninstallFailed { .. } => {
+            jobs_api
+                .delete(&uninstall_job_name(&name), &DeleteParams::background())
+                .await?;
+        }
+        Step::Ready {
+            known_hosts,
+            deploy_key,
+        } => {
+            if let Some(hosts) = known_hosts {
+                let config_map = json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": owned_metadata(app, &known_hosts_config_map(&name)),
+                    "data": {"known_hosts": hosts},
+                });
+                Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+                    .patch(
+                        &known_hosts_config_map(&name),
+                        &apply_params(),
+                        &Patch::Apply(&config_map),
+                    )
+                    .await?;
+            }
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            return Ok(match deploy_key {
+                DeployKey::None => None,
+                DeployKey::Existing(public) => Some(public.clone()),
+                DeployKey::Generate => Some(generate_deploy_key_secret(app, &secrets).await?),
+            });
+        }
+    }
+    Ok(None)
+}
+
+/// Creates the App's deploy key Secret, unless another reconcile created it first: then that
+/// key is kept (users register its public half with their repository).
+async fn generate_deploy_key_secret(
+    app: &App,
+    secrets: &Api<Secret>,
+) -> Result<String, ReconcileError> {
+    let name = deploy_key_secret(&app.name_any());
     let comment = format!(
         "shapeblock {}/{}",
         app.namespace().unwrap_or_default(),
         app.name_any()
     );
-    let (private_key, public_key) = generate_deploy_key(&comment)
+    let (private_key, public) = generate_deploy_key(&comment)
         .map_err(|e| ReconcileError::Internal(format!("generating a deploy key: {e}")))?;
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -251,14 +473,14 @@ async fn ensure_deploy_key(app: &App, secrets: &Api<Secret>) -> Result<String, R
                 ),
                 (
                     "ssh-publickey".to_string(),
-                    ByteString(public_key.clone().into_bytes()),
+                    ByteString(public.clone().into_bytes()),
                 ),
             ]
             .into(),
         ),
         ..secret
     };
-    // Create, never apply: if another reconcile created it first, keep that key.
+    // Create, never apply.
     match secrets
         .create(
             &PostParams {
@@ -269,77 +491,13 @@ async fn ensure_deploy_key(app: &App, secrets: &Api<Secret>) -> Result<String, R
         )
         .await
     {
-        Ok(_) => Ok(public_key),
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let existing = secrets.get(&name).await?;
-            public(&existing).ok_or_else(|| {
+        Ok(_) => Ok(public),
+        Err(kube::Error::Api(e)) if e.code == 409 => public_key(&secrets.get(&name).await?)
+            .ok_or_else(|| {
                 ReconcileError::Invalid(format!("deploy key secret {name} has no ssh-publickey"))
-            })
-        }
+            }),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Uninstalls the App's Helm release before the App goes (its AppBuilds, Jobs and Secrets
-/// follow through owner references).
-async fn delete(app: &App, ctx: &Context) -> Result<Action, ReconcileError> {
-    use super::jobs::{self, Uninstall};
-    let ns = app.namespace().unwrap_or_default();
-    let name = app.name_any();
-    let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
-    if !app.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Action::await_change());
-    }
-    let deployed = app
-        .status
-        .as_ref()
-        .is_some_and(|s| s.current_image.is_some())
-        || jobs::release_exists(&ctx.client, &ns, &name).await?;
-    if !deployed || jobs::namespace_terminating(&ctx.client, &ns).await? {
-        jobs::remove_finalizer(&apps, app, FINALIZER).await?;
-        return Ok(Action::await_change());
-    }
-    let job_name = uninstall_job_name(&name);
-    let owner = app
-        .controller_owner_ref(&())
-        .and_then(|o| serde_json::to_value(o).ok());
-    let job = crate::render::jobs::helm_job(
-        &crate::render::jobs::HelmJob {
-            name: &job_name,
-            namespace: &ns,
-            release: &name,
-            action: crate::render::jobs::HelmAction::Uninstall,
-            labels: vec![
-                (crate::render::jobs::APP_LABEL, &name),
-                (crate::render::jobs::STEP_LABEL, "uninstall"),
-            ],
-            owner,
-            service_account: super::project::DEPLOYER,
-        },
-        &ctx.config.jobs,
-    );
-    let (message, retry) = match jobs::uninstall(&ctx.client, &job, &job_name, &ns).await? {
-        Uninstall::Done => {
-            jobs::remove_finalizer(&apps, app, FINALIZER).await?;
-            return Ok(Action::await_change());
-        }
-        // The Job's end is a watched event.
-        Uninstall::Running => (format!("uninstalling release {name}"), false),
-        // The failed Job was deleted: nothing will change by itself, so try again later.
-        Uninstall::Failed(output) => (format!("helm uninstall failed; retrying\n{output}"), true),
-    };
-    if app.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
-        let patch = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
-            "status": {"phase": AppPhase::Initializing, "message": message,
-                "lastUpdated": Time(jiff::Timestamp::now())}});
-        apps.patch_status(&name, &apply_params(), &Patch::Apply(&patch))
-            .await?;
-    }
-    Ok(if retry {
-        Action::requeue(std::time::Duration::from_secs(30))
-    } else {
-        Action::await_change()
-    })
 }
 
 /// Name of the Job that uninstalls the App's release.
@@ -348,44 +506,73 @@ pub fn uninstall_job_name(app: &str) -> String {
 }
 
 async fn reconcile(app: Arc<App>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    if app.metadata.deletion_timestamp.is_some() {
-        return delete(&app, &ctx).await;
-    }
-    let ns = app.namespace().unwrap_or_default();
-    let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
-    if !app.finalizers().iter().any(|f| f == FINALIZER) {
-        super::jobs::add_finalizer(&apps, &app, FINALIZER).await?;
-        return Ok(Action::await_change());
-    }
-    let result = check(&app, &ctx).await;
-    let (phase, message, deploy_key) = match &result {
-        Ok(checked) => (
-            AppPhase::Ready,
-            "ready to build".to_string(),
-            checked.deploy_key.clone(),
+    let observed = read(&app, &ctx).await?;
+    let step = decide(&app, &observed);
+    let deploy_key = apply(&app, &step, &ctx).await?;
+    let name = app.name_any();
+    let (phase, message) = match &step {
+        Step::Ready { .. } => (AppPhase::Ready, "ready to build".to_string()),
+        Step::Failed { message, .. } => (AppPhase::Failed, message.clone()),
+        Step::Uninstalling => (
+            AppPhase::Initializing,
+            format!("uninstalling release {name}"),
         ),
-        Err(err) => (AppPhase::Failed, err.to_string(), None),
+        Step::UninstallFailed { output } => (
+            AppPhase::Initializing,
+            format!("helm uninstall failed; retrying\n{output}"),
+        ),
+        _ => return Ok(Action::await_change()),
     };
+    report(&app, phase, &message, deploy_key, &ctx).await?;
+    match step {
+        Step::Failed {
+            missing: true,
+            message,
+        } => Err(ReconcileError::Missing(message)),
+        Step::Failed {
+            missing: false,
+            message,
+        } => Err(ReconcileError::Invalid(message)),
+        // The failed uninstall Job was deleted: nothing changes by itself, so try again later.
+        Step::UninstallFailed { .. } => Ok(Action::requeue(std::time::Duration::from_secs(30))),
+        _ => Ok(Action::await_change()),
+    }
+}
+
+/// Writes the status unless unchanged, with a Normal Event when the App becomes Ready.
+async fn report(
+    app: &App,
+    phase: AppPhase,
+    message: &str,
+    deploy_key: Option<String>,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let apps: Api<App> = Api::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
     let current = app.status.as_ref();
     let unchanged = current.and_then(|s| s.phase) == Some(phase)
-        && current.and_then(|s| s.message.as_deref()) == Some(message.as_str())
+        && current.and_then(|s| s.message.as_deref()) == Some(message)
         && (deploy_key.is_none() || current.and_then(|s| s.deploy_key.clone()) == deploy_key)
         && current.and_then(|s| s.observed_generation) == app.metadata.generation;
-    if !unchanged {
-        let mut status = json!({
-            "phase": phase, "message": message,
-            "observedGeneration": app.metadata.generation,
-            "lastUpdated": Time(jiff::Timestamp::now()),
-        });
-        if let Some(key) = deploy_key {
-            status["deployKey"] = Value::String(key);
-        }
-        let patch =
-            json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "status": status});
-        apps.patch_status(&app.name_any(), &apply_params(), &Patch::Apply(&patch))
-            .await?;
+    if unchanged {
+        return Ok(());
     }
-    result.map(|_| Action::await_change())
+    let mut status = json!({
+        "phase": phase, "message": message,
+        "observedGeneration": app.metadata.generation,
+        "lastUpdated": Time(jiff::Timestamp::now()),
+    });
+    if let Some(key) = deploy_key {
+        status["deployKey"] = Value::String(key);
+    }
+    let patch =
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "status": status});
+    apps.patch_status(&app.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await?;
+    if phase == AppPhase::Ready && current.and_then(|s| s.phase) != Some(AppPhase::Ready) {
+        let event = super::events::phase("Ready", message.to_string());
+        super::events::publish(&ctx.events, &app.object_ref(&()), event).await;
+    }
+    Ok(())
 }
 
 /// Runs the App controller; stop it by dropping the future.
@@ -514,5 +701,209 @@ mod tests {
         assert!(public_a.ends_with("shapeblock ns/app"));
         let parsed = ssh_key::PrivateKey::from_openssh(&private_a).unwrap();
         assert_eq!(parsed.public_key().to_openssh().unwrap(), public_a);
+    }
+    fn app(git: Value, finalizer: bool, deleting: bool) -> App {
+        let mut app: App = serde_json::from_value(json!({
+            "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
+            "metadata": {"name": "web", "namespace": "p"},
+            "spec": {"displayName": "Web", "git": git, "registry": {"url": "r.example.com"},
+                "build": {"type": "dockerfile"}}}))
+        .unwrap();
+        if finalizer {
+            app.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        }
+        if deleting {
+            app.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        }
+        app
+    }
+
+    fn secret(type_: &str, keys: &[&str]) -> Secret {
+        Secret {
+            type_: Some(type_.into()),
+            data: Some(
+                keys.iter()
+                    .map(|k| (k.to_string(), ByteString(b"x".to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn with_registry() -> Observed {
+        Observed {
+            registry_secret: Some(secret(
+                "kubernetes.io/dockerconfigjson",
+                &[".dockerconfigjson"],
+            )),
+            ..Default::default()
+        }
+    }
+
+    fn failure(step: Step) -> (bool, String) {
+        match step {
+            Step::Failed { missing, message } => (missing, message),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    const HTTPS: &str = "https://git.example.com/org/web.git";
+
+    #[test]
+    fn an_app_gets_its_finalizer_then_is_checked() {
+        let new = app(json!({"url": HTTPS}), false, false);
+        assert_eq!(decide(&new, &with_registry()), Step::AddFinalizer);
+        let public = app(json!({"url": HTTPS}), true, false);
+        assert_eq!(
+            decide(&public, &with_registry()),
+            Step::Ready {
+                known_hosts: None,
+                deploy_key: DeployKey::None
+            }
+        );
+    }
+
+    #[test]
+    fn the_registry_secret_must_exist_and_be_a_dockerconfigjson() {
+        let a = app(json!({"url": HTTPS}), true, false);
+        let (missing, message) = failure(decide(&a, &Observed::default()));
+        assert!(missing && message.contains("registry secret p/registry-creds not found"));
+        let opaque = Observed {
+            registry_secret: Some(secret("Opaque", &["x"])),
+            ..Default::default()
+        };
+        let (missing, message) = failure(decide(&a, &opaque));
+        assert!(!missing && message.contains("must be of type kubernetes.io/dockerconfigjson"));
+    }
+
+    #[test]
+    fn https_credentials_need_a_password_or_token_and_private_repos_need_them() {
+        let named = app(json!({"url": HTTPS, "secretName": "creds"}), true, false);
+        let (missing, _) = failure(decide(&named, &with_registry()));
+        assert!(
+            missing,
+            "a named Secret that does not exist yet is waited for"
+        );
+        let mut o = with_registry();
+        o.git_secret = Some(secret("Opaque", &["username"]));
+        let (missing, message) = failure(decide(&named, &o));
+        assert!(
+            !missing && message.ends_with("needs the key password or token"),
+            "{message}"
+        );
+        o.git_secret = Some(secret("Opaque", &["username", "token"]));
+        assert!(matches!(decide(&named, &o), Step::Ready { .. }));
+        let private = app(json!({"url": HTTPS, "isPrivate": true}), true, false);
+        let (missing, message) = failure(decide(&private, &with_registry()));
+        assert!(
+            !missing && message.contains("needs spec.git.secretName"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn ssh_remotes_need_a_pinned_host_key_and_get_a_deploy_key_once() {
+        let unknown = app(
+            json!({"url": "git@git.example.com:org/web.git"}),
+            true,
+            false,
+        );
+        let (missing, message) = failure(decide(&unknown, &with_registry()));
+        assert!(!missing && message.contains("no known host key for git.example.com"));
+        let github = app(json!({"url": "git@github.com:org/web.git"}), true, false);
+        match decide(&github, &with_registry()) {
+            Step::Ready {
+                known_hosts: Some(hosts),
+                deploy_key: DeployKey::Generate,
+            } => assert!(hosts.contains("github.com ssh-ed25519")),
+            other => panic!("{other:?}"),
+        }
+        let mut o = with_registry();
+        let mut key = secret("kubernetes.io/ssh-auth", &["ssh-privatekey"]);
+        o.deploy_key = Some(key.clone());
+        let (_, message) = failure(decide(&github, &o));
+        assert!(message.contains("has no ssh-publickey"), "{message}");
+        key.data.as_mut().unwrap().insert(
+            "ssh-publickey".into(),
+            ByteString(b"ssh-ed25519 AAAA shapeblock".to_vec()),
+        );
+        o.deploy_key = Some(key);
+        assert!(matches!(
+            decide(&github, &o),
+            Step::Ready { deploy_key: DeployKey::Existing(k), .. } if k == "ssh-ed25519 AAAA shapeblock"
+        ));
+        // The App's own key: needs ssh-privatekey, and no deploy key is shown.
+        let own = app(
+            json!({"url": "git@github.com:org/web.git", "secretName": "mine"}),
+            true,
+            false,
+        );
+        let mut o = with_registry();
+        o.git_secret = Some(secret("Opaque", &["password"]));
+        assert!(
+            failure(decide(&own, &o))
+                .1
+                .ends_with("needs the key ssh-privatekey")
+        );
+        o.git_secret = Some(secret("kubernetes.io/ssh-auth", &["ssh-privatekey"]));
+        assert!(matches!(
+            decide(&own, &o),
+            Step::Ready {
+                deploy_key: DeployKey::None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn deletion_uninstalls_a_deployed_release_then_lets_go() {
+        let job = |conditions: Value| -> k8s_openapi::api::batch::v1::Job {
+            serde_json::from_value(json!({"metadata": {"name": "web-uninstall"},
+                "status": {"conditions": conditions}}))
+            .unwrap()
+        };
+        assert_eq!(
+            decide(
+                &app(json!({"url": HTTPS}), false, true),
+                &Observed::default()
+            ),
+            Step::Nothing
+        );
+        let deleting = app(json!({"url": HTTPS}), true, true);
+        assert_eq!(
+            decide(&deleting, &Observed::default()),
+            Step::RemoveFinalizer {
+                uninstall_job: None
+            }
+        );
+        let mut o = Observed {
+            maybe_deployed: true,
+            ..Default::default()
+        };
+        assert_eq!(decide(&deleting, &o), Step::StartUninstall);
+        o.uninstall = Some(job(json!([])));
+        assert_eq!(decide(&deleting, &o), Step::Uninstalling);
+        o.uninstall = Some(job(
+            json!([{"type": "Failed", "status": "True", "message": "m"}]),
+        ));
+        assert_eq!(
+            decide(&deleting, &o),
+            Step::UninstallFailed { output: "m".into() }
+        );
+        o.uninstall = Some(job(json!([{"type": "Complete", "status": "True"}])));
+        assert_eq!(
+            decide(&deleting, &o),
+            Step::RemoveFinalizer {
+                uninstall_job: Some("web-uninstall".into())
+            }
+        );
+        o.namespace_terminating = true;
+        o.uninstall = None;
+        assert_eq!(
+            decide(&deleting, &o),
+            Step::RemoveFinalizer {
+                uninstall_job: None
+            }
+        );
     }
 }

@@ -206,14 +206,6 @@ fn git_auth(app: &App) -> GitAuth {
     }
 }
 
-fn registry_secret(app: &App) -> String {
-    app.spec
-        .registry
-        .secret_name
-        .clone()
-        .unwrap_or_else(|| crate::controllers::project::REGISTRY_SECRET.into())
-}
-
 /// Starts relaying the build pod's log, once per build for the life of the hub (a reconcile
 /// may run on a cache that lags behind while the relay pushes back, so the record of a
 /// relayed log outlives its follower; records of builds that are gone are pruned).
@@ -427,7 +419,7 @@ async fn start_build(
         .build_node_affinity
         .as_ref()
         .map(|a| serde_json::to_value(a).unwrap_or(Value::Null));
-    let registry_secret = registry_secret(app);
+    let registry_secret = super::app::registry_secret_name(app);
     let spec = BuildJob {
         name: &job_name,
         namespace: &ns,
@@ -479,7 +471,7 @@ async fn start_deploy(
     let values_name = values_secret_name(&name);
     let values = helm_values(
         image,
-        &registry_secret(app),
+        &super::app::registry_secret_name(app),
         build.spec.helm_values.as_ref(),
     );
     let secret = render::values_secret(&values_name, &ns, &values, &labels, Some(owner.clone()));

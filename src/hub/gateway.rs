@@ -33,7 +33,7 @@ use tracing::Instrument;
 use super::metrics::{ClusterLabel, TunnelMetrics, VersionLabel};
 use super::registry::{ClusterId, Registry};
 use crate::secret::Secret;
-use crate::tunnel::{self, WsIo};
+use crate::tunnel::{self, ByteCounters, WsIo};
 
 /// Gateway settings: the tunnel keys at the top level of the hub's configuration file
 /// (flattened into it by [`crate::hub::config`], which rejects unknown keys and validates).
@@ -355,6 +355,8 @@ impl Gateway {
         self.metrics.last_seen.remove(&label);
         self.metrics.connects.remove(&label);
         self.metrics.disconnects.remove(&label);
+        self.metrics.sent_bytes.remove(&label);
+        self.metrics.received_bytes.remove(&label);
     }
 
     /// Closes every tunnel; used when the hub stops.
@@ -393,7 +395,19 @@ impl Gateway {
         let label = ClusterLabel {
             cluster: id.clone(),
         };
-        let handshake = tunnel::http2::client().handshake(TokioIo::new(WsIo::new(ws)));
+        let counters = ByteCounters {
+            sent: self.metrics.sent_bytes.get_or_create(&label).clone(),
+            received: self.metrics.received_bytes.get_or_create(&label).clone(),
+        };
+        // `forget` drops a deleted cluster's series after the registry dropped the cluster; a
+        // cluster deleted since this handshake was authenticated must not get them back (its
+        // tunnel is refused before it goes live, below).
+        if self.registry.get(&id).is_none() {
+            self.metrics.sent_bytes.remove(&label);
+            self.metrics.received_bytes.remove(&label);
+        }
+        let handshake =
+            tunnel::http2::client().handshake(TokioIo::new(WsIo::counted(ws, counters)));
         let (sender, connection) =
             match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
                 Ok(Ok(pair)) => pair,

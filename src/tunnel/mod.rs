@@ -41,7 +41,7 @@ use std::time::Duration;
 pub use backoff::Backoff;
 pub use dial::{ClientWebSocket, DialError, DialOptions, dial};
 pub use tls::{TlsError, Trust};
-pub use ws_io::WsIo;
+pub use ws_io::{ByteCounters, WsIo};
 
 /// Path the agent dials on the hub.
 pub const CONNECT_PATH: &str = "/agent/v1/connect";

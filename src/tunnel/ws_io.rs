@@ -60,10 +60,7 @@ fn to_io(err: WsError) -> io::Error {
     }
 }
 
-impl<S> AsyncRead for WsIo<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -100,10 +97,7 @@ where
     }
 }
 
-impl<S> AsyncWrite for WsIo<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -110,3 +110,30 @@ impl TunnelMetrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_bytes_are_counters_in_bytes_per_cluster() {
+        let metrics = std::sync::Arc::new(TunnelMetrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let label = ClusterLabel {
+            cluster: "c1".into(),
+        };
+        metrics.sent_bytes.get_or_create(&label).inc_by(10);
+        metrics.received_bytes.get_or_create(&label).inc_by(20);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("shapeblock_tunnel_sent_bytes_total{cluster=\"c1\"} 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shapeblock_tunnel_received_bytes_total{cluster=\"c1\"} 20"),
+            "{text}"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 //! The hub's connection to the ShapeBlock server: one task dials its websocket (`ws://` or
-//! `wss://` with rustls, by [`crate::tunnel::dial`]), sends a resync of the current state,
+//! `wss://` with rustls, by [`crate::tunnel::dial()`]), sends a resync of the current state,
 //! then every event in id order, and is the only writer on the connection. It pings, reads
 //! pongs and the server's frames, and reconnects with the tunnel's [`Backoff`] (exponential,
 //! full jitter).

@@ -1,8 +1,8 @@
 //! The tunnel's HTTP/2 settings, for both ends: the agent's server and the hub's client.
 //!
 //! hyper's client and server builders are different types with the same setters, so the
-//! settings both ends share are written once, in [`shared_settings!`], and each builder adds
-//! only what belongs to its role.
+//! settings both ends share are written once, in the `shared_settings!` macro below, and each
+//! builder adds only what belongs to its role.
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 

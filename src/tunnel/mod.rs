@@ -5,7 +5,7 @@
 //! websocket's binary messages into `AsyncRead + AsyncWrite`, and HTTP/2 runs on that.
 //!
 //! It is also the one home of the network edge the agent, the hub and the relay share:
-//! [`tls`] (rustls configurations), [`dial`] (a websocket over TCP or TLS), [`http2`] (the
+//! [`tls`] (rustls configurations), [`dial()`] (a websocket over TCP or TLS), [`http2`] (the
 //! tunnel's HTTP/2 settings, for both ends) and [`Backoff`] (reconnect delays).
 //! [`crate::agent`], [`crate::hub`] and [`crate::relay`] build on it.
 //!

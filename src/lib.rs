@@ -5,7 +5,8 @@
 //! which external crates it never uses; `tests/architecture.rs` enforces both):
 //! - [`crd`]: the ShapeBlock custom resource types; the CRD YAML is generated from them.
 //! - [`hub`]: the hub process: agent gateway, cluster registry, HTTP API.
-//! - [`tunnel`]: the wire shared by hub and agent: HTTP/2 over a websocket byte stream.
+//! - [`tunnel`]: the wire shared by hub and agent: HTTP/2 over a websocket byte stream; and
+//!   the network edge (rustls, websocket dial, reconnect backoff) the relay uses too.
 //! - [`agent`]: the tunnel agent that runs in each managed cluster.
 //! - [`render`]: pure builders of the Kubernetes objects the hub produces.
 //! - [`controllers`]: reconcilers of the ShapeBlock kinds, one set per connected cluster.

@@ -17,15 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use http::HeaderValue;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use http::{HeaderMap, HeaderValue};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::{self, WsIo};
+use crate::tunnel::{self, Backoff, DialError, DialOptions, Trust, WsIo};
 pub use config::{AgentArgs, AgentConfig, ConfigError};
 use proxy::{Policy, Proxy};
 
@@ -42,9 +38,13 @@ pub enum AgentError {
     #[error("cannot load Kubernetes credentials: {0}")]
     Kube(String),
     #[error("TLS set-up: {0}")]
-    Tls(String),
-    #[error("cannot reach the hub at {url}: {reason}")]
-    Dial { url: String, reason: String },
+    Tls(#[from] tunnel::TlsError),
+    #[error("cannot reach the hub at {url}: {source}")]
+    Dial {
+        url: String,
+        #[source]
+        source: DialError,
+    },
     #[error("the hub refused the tunnel: HTTP {status}{hint}")]
     Refused { status: u16, hint: &'static str },
     #[error("tunnel ended: {0}")]
@@ -126,8 +126,12 @@ pub async fn run_with_client(
             max_request_body_bytes: config.max_request_body_bytes,
         },
     ));
-    let tls = tls_connector(&config)?;
-    let mut failures: u32 = 0;
+    let trust = match &config.hub_ca_file {
+        Some(path) => Trust::Pinned(path),
+        None => Trust::WebPki,
+    };
+    let tls = tokio_rustls::TlsConnector::from(tunnel::tls::client_config(trust)?);
+    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     loop {
         let started = Instant::now();
         match session(&config, &tls, proxy.clone(), &shutdown).await {
@@ -138,10 +142,9 @@ pub async fn run_with_client(
             return Ok(());
         }
         if started.elapsed() >= HEALTHY_SESSION {
-            failures = 0;
+            backoff.reset();
         }
-        let delay = backoff_delay(config.reconnect_min, config.reconnect_max, failures);
-        failures = failures.saturating_add(1);
+        let delay = backoff.next_delay();
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -150,49 +153,6 @@ pub async fn run_with_client(
     }
 }
 
-/// Exponential backoff with full jitter: uniform in `[0, min(max, min·2^failures)]`, so a
-/// fleet that lost its hub at once does not come back at once.
-pub fn backoff_delay(min: Duration, max: Duration, failures: u32) -> Duration {
-    let ceiling = min
-        .saturating_mul(2u32.saturating_pow(failures.min(20)))
-        .min(max);
-    ceiling.mul_f64(rand::random::<f64>())
-}
-
-fn tls_connector(config: &AgentConfig) -> Result<tokio_rustls::TlsConnector, AgentError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.hub_ca_file {
-        Some(path) => {
-            use rustls_pki_types::pem::PemObject;
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| AgentError::Tls(format!("{}: {e}", path.display())))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| AgentError::Tls(format!("{}: {e}", path.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| AgentError::Tls(format!("{}: {e}", path.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(AgentError::Tls(format!(
-                    "{} holds no certificate",
-                    path.display()
-                )));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AgentError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
-}
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
 /// Dials the hub and serves the tunnel until it ends.
 async fn session(
     config: &AgentConfig,
@@ -200,12 +160,8 @@ async fn session(
     proxy: Arc<Proxy>,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
-    let url = config.connect_url.clone();
     let ws = tokio::select! {
-        result = tokio::time::timeout(DIAL_TIMEOUT, dial(config, tls)) => match result {
-            Ok(ws) => ws?,
-            Err(_) => return Err(AgentError::Dial { url, reason: format!("no handshake within {DIAL_TIMEOUT:?}") }),
-        },
+        ws = dial(config, tls) => ws?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(hub = %config.connect_url, "tunnel established");
@@ -213,16 +169,7 @@ async fn session(
         let proxy = proxy.clone();
         async move { proxy.handle(request).await }
     });
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(tunnel::H2_STREAM_WINDOW)
-        .initial_connection_window_size(tunnel::H2_CONNECTION_WINDOW)
-        .max_frame_size(tunnel::H2_MAX_FRAME)
-        .max_concurrent_streams(256)
-        .max_send_buf_size(tunnel::H2_STREAM_WINDOW as usize)
-        .keep_alive_interval(Some(tunnel::KEEPALIVE_INTERVAL))
-        .keep_alive_timeout(tunnel::KEEPALIVE_TIMEOUT)
-        .serve_connection(TokioIo::new(WsIo::new(ws)), service);
+    let connection = tunnel::http2::server().serve_connection(TokioIo::new(WsIo::new(ws)), service);
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => result.map_err(|e| AgentError::Session(e.to_string())),
@@ -234,64 +181,31 @@ async fn session(
     }
 }
 
+/// Dials the hub with the cluster token (re-read, so a rotated token file takes effect).
 async fn dial(
     config: &AgentConfig,
     tls: &tokio_rustls::TlsConnector,
-) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, AgentError> {
-    let url = config.connect_url.clone();
-    let dial_err = |reason: String| AgentError::Dial {
-        url: url.clone(),
-        reason,
-    };
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| dial_err(e.to_string()))?;
+) -> Result<tunnel::ClientWebSocket, AgentError> {
     let token = config.token.read()?;
     let bearer = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
         AgentError::Config(ConfigError::Invalid(
             "the cluster token has characters a header cannot carry".into(),
         ))
     })?;
-    request
-        .headers_mut()
-        .insert(http::header::AUTHORIZATION, bearer);
-    request.headers_mut().insert(
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, bearer);
+    headers.insert(
         tunnel::AGENT_VERSION_HEADER,
         HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
     );
-    let uri = request.uri().clone();
-    let host = uri
-        .host()
-        .ok_or_else(|| dial_err("no host".into()))?
-        .to_string();
-    let secure = uri.scheme_str() == Some("wss");
-    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
-        .await
-        .map_err(|e| dial_err(e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
-    let stream: Box<dyn Io> = if secure {
-        let name = rustls_pki_types::ServerName::try_from(
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-        )
-        .map_err(|e| dial_err(e.to_string()))?;
-        Box::new(
-            tls.connect(name, tcp)
-                .await
-                .map_err(|e| dial_err(format!("TLS: {e}")))?,
-        )
-    } else {
-        Box::new(tcp)
+    let options = DialOptions {
+        tls,
+        websocket: Some(tunnel::ws_config()),
+        timeout: DIAL_TIMEOUT,
     };
-    match tokio_tungstenite::client_async_with_config(request, stream, Some(tunnel::ws_config()))
-        .await
-    {
-        Ok((ws, _response)) => Ok(ws),
-        Err(tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
+    match tunnel::dial(&config.connect_url, headers, options).await {
+        Ok(ws) => Ok(ws),
+        Err(DialError::Refused { status }) => {
             let hint = match status {
                 401 => " (the token is wrong, unknown or revoked)",
                 429 => " (too many connection attempts; backing off)",
@@ -299,28 +213,9 @@ async fn dial(
             };
             Err(AgentError::Refused { status, hint })
         }
-        Err(err) => Err(dial_err(err.to_string())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_full_jitter() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        for failures in 0..40 {
-            let ceiling = min
-                .saturating_mul(2u32.saturating_pow(failures.min(20)))
-                .min(max);
-            for _ in 0..50 {
-                assert!(backoff_delay(min, max, failures) <= ceiling);
-            }
-        }
-        // Full jitter spreads delays over the whole range rather than bunching at the cap.
-        let samples: Vec<Duration> = (0..1000).map(|_| backoff_delay(min, max, 30)).collect();
-        assert!(samples.iter().any(|d| *d < Duration::from_secs(1)));
-        assert!(samples.iter().any(|d| *d > Duration::from_secs(4)));
+        Err(source) => Err(AgentError::Dial {
+            url: config.connect_url.clone(),
+            source,
+        }),
     }
 }

@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -33,7 +33,7 @@ use tracing::Instrument;
 use super::metrics::{ClusterLabel, TunnelMetrics, VersionLabel};
 use super::registry::{ClusterId, Registry};
 use crate::secret::Secret;
-use crate::tunnel::{self, WsIo};
+use crate::tunnel::{self, ByteCounters, WsIo};
 
 /// Gateway settings: the tunnel keys at the top level of the hub's configuration file
 /// (flattened into it by [`crate::hub::config`], which rejects unknown keys and validates).
@@ -355,6 +355,8 @@ impl Gateway {
         self.metrics.last_seen.remove(&label);
         self.metrics.connects.remove(&label);
         self.metrics.disconnects.remove(&label);
+        self.metrics.sent_bytes.remove(&label);
+        self.metrics.received_bytes.remove(&label);
     }
 
     /// Closes every tunnel; used when the hub stops.
@@ -390,16 +392,22 @@ impl Gateway {
         agent_version: Option<String>,
         remote: IpAddr,
     ) {
-        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(tunnel::H2_STREAM_WINDOW)
-            .initial_connection_window_size(tunnel::H2_CONNECTION_WINDOW)
-            .max_frame_size(tunnel::H2_MAX_FRAME)
-            .max_send_buf_size(tunnel::H2_STREAM_WINDOW as usize)
-            .keep_alive_interval(tunnel::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(tunnel::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(WsIo::new(ws)));
+        let label = ClusterLabel {
+            cluster: id.clone(),
+        };
+        let counters = ByteCounters {
+            sent: self.metrics.sent_bytes.get_or_create(&label).clone(),
+            received: self.metrics.received_bytes.get_or_create(&label).clone(),
+        };
+        // `forget` drops a deleted cluster's series after the registry dropped the cluster; a
+        // cluster deleted since this handshake was authenticated must not get them back (its
+        // tunnel is refused before it goes live, below).
+        if self.registry.get(&id).is_none() {
+            self.metrics.sent_bytes.remove(&label);
+            self.metrics.received_bytes.remove(&label);
+        }
+        let handshake =
+            tunnel::http2::client().handshake(TokioIo::new(WsIo::counted(ws, counters)));
         let (sender, connection) =
             match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
                 Ok(Ok(pair)) => pair,
@@ -455,9 +463,6 @@ impl Gateway {
         }
         drop(token);
         let now = SystemTime::now();
-        let label = ClusterLabel {
-            cluster: id.clone(),
-        };
         let (agent_version, previous_versions, versions) = {
             let mut state = slot.state();
             let previous = version_label(&id, &state);
@@ -570,37 +575,45 @@ async fn send_probe(
     send_via(id, tunnel.clone(), request).await
 }
 
-async fn kubernetes_version(id: &str, tunnel: &Tunnel) -> Result<String, String> {
-    let response = send_probe(id, tunnel, "/version")
-        .await
-        .map_err(|e| e.to_string())?;
+/// Why a request the hub itself sends through a tunnel (version probe, ping) failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error("reading the answer: {0}")]
+    Body(#[source] hyper::Error),
+    #[error("GET /version: HTTP {status}: {body}")]
+    Version { status: StatusCode, body: String },
+    #[error("GET /version: {0}")]
+    VersionJson(#[source] serde_json::Error),
+    #[error("agent answered ping with HTTP {0}")]
+    Ping(StatusCode),
+}
+
+async fn kubernetes_version(id: &str, tunnel: &Tunnel) -> Result<String, ProbeError> {
+    let response = send_probe(id, tunnel, "/version").await?;
     let status = response.status();
     let body = response
         .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(ProbeError::Body)?
         .to_bytes();
     if !status.is_success() {
-        return Err(format!(
-            "GET /version: HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+        return Err(ProbeError::Version {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
     }
-    let info: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let info: serde_json::Value = serde_json::from_slice(&body).map_err(ProbeError::VersionJson)?;
     Ok(info["gitVersion"].as_str().unwrap_or("unknown").to_string())
 }
 
-async fn ping(id: &str, tunnel: &Tunnel) -> Result<Duration, String> {
+async fn ping(id: &str, tunnel: &Tunnel) -> Result<Duration, ProbeError> {
     let start = Instant::now();
-    let response = send_probe(id, tunnel, tunnel::AGENT_PING_PATH)
-        .await
-        .map_err(|e| e.to_string())?;
+    let response = send_probe(id, tunnel, tunnel::AGENT_PING_PATH).await?;
     if response.status() != StatusCode::NO_CONTENT {
-        return Err(format!(
-            "agent answered ping with HTTP {}",
-            response.status()
-        ));
+        return Err(ProbeError::Ping(response.status()));
     }
     Ok(start.elapsed())
 }

@@ -4,7 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +44,10 @@ pub struct TunnelMetrics {
     pub disconnects: Family<ClusterLabel, Counter>,
     /// Websocket handshakes refused, by reason.
     pub handshakes_rejected: Family<ReasonLabel, Counter>,
+    /// Bytes of HTTP/2 the hub sent to the cluster's agent through its tunnels.
+    pub sent_bytes: Family<ClusterLabel, Counter>,
+    /// Bytes of HTTP/2 the hub received from the cluster's agent through its tunnels.
+    pub received_bytes: Family<ClusterLabel, Counter>,
 }
 
 impl TunnelMetrics {
@@ -85,11 +89,51 @@ impl TunnelMetrics {
             "Websocket handshakes refused, by reason",
             self.handshakes_rejected.clone(),
         );
+        // `_bytes_total`: the unit goes into the name, as Prometheus conventions ask.
+        sub.register_with_unit(
+            "sent",
+            "Bytes the hub sent to the cluster's agent through its tunnels",
+            Unit::Bytes,
+            self.sent_bytes.clone(),
+        );
+        sub.register_with_unit(
+            "received",
+            "Bytes the hub received from the cluster's agent through its tunnels",
+            Unit::Bytes,
+            self.received_bytes.clone(),
+        );
     }
 
     pub fn reject(&self, reason: &'static str) {
         self.handshakes_rejected
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_bytes_are_counters_in_bytes_per_cluster() {
+        let metrics = std::sync::Arc::new(TunnelMetrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let label = ClusterLabel {
+            cluster: "c1".into(),
+        };
+        metrics.sent_bytes.get_or_create(&label).inc_by(10);
+        metrics.received_bytes.get_or_create(&label).inc_by(20);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("shapeblock_tunnel_sent_bytes_total{cluster=\"c1\"} 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shapeblock_tunnel_received_bytes_total{cluster=\"c1\"} 20"),
+            "{text}"
+        );
     }
 }

@@ -42,7 +42,7 @@ pub enum HubError {
     },
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tunnel::TlsError),
     /// The controller shards (threads with their own runtimes) could not be started.
     #[error("starting the controller shards: {0}")]
     Shards(#[source] std::io::Error),
@@ -236,26 +236,6 @@ impl Hub {
 }
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, HubError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .and_then(|iter| iter.collect())
-        .map_err(|e| HubError::Tls(format!("{}: {e}", files.cert_file.display())))?;
-    if certs.is_empty() {
-        return Err(HubError::Tls(format!(
-            "{} holds no certificate",
-            files.cert_file.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
-        .map_err(|e| HubError::Tls(format!("{}: {e}", files.key_file.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HubError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| HubError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    let config = crate::tunnel::tls::server_config(&files.cert_file, &files.key_file)?;
+    Ok(tokio_rustls::TlsAcceptor::from(config))
 }

@@ -10,7 +10,7 @@
 //! flow control), and the only events ever discarded are those queued while the ShapeBlock
 //! server is unreachable, which the resync after reconnecting replaces.
 //!
-//! Depends on: crd, observed, secret.
+//! Depends on: crd, observed, secret, tunnel.
 //! Never uses: axum (the relay knows nothing of the hub's HTTP API).
 
 pub mod logs;

@@ -1,22 +1,29 @@
 //! The hub's connection to the ShapeBlock server: one task dials its websocket (`ws://` or
-//! `wss://` with rustls), sends a resync of the current state, then every event in id order,
-//! and is the only writer on the connection. It pings, reads pongs and the server's frames,
-//! and reconnects with exponential backoff and full jitter.
+//! `wss://` with rustls, by [`crate::tunnel::dial()`]), sends a resync of the current state,
+//! then every event in id order, and is the only writer on the connection. It pings, reads
+//! pongs and the server's frames, and reconnects with the tunnel's [`Backoff`] (exponential,
+//! full jitter).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
 use super::{Event, Journal};
 use crate::secret::Secret;
+use crate::tunnel::{self, Backoff, ClientWebSocket, DialError, DialOptions, TlsError, Trust};
+
+/// How long TCP connect, TLS and the websocket handshake may take together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Reconnect delays: from 250 ms doubling up to 30 s, fully jittered.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// The shortest wait between attempts, so that a jitter near zero does not retry at once.
+const RECONNECT_FLOOR: Duration = Duration::from_millis(50);
 
 /// Where and how to reach the ShapeBlock server.
 #[derive(Clone, Debug)]
@@ -35,31 +42,38 @@ pub struct RelayConfig {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-type Ws = WebSocketStream<Box<dyn Io>>;
-
-fn tls_config(config: &RelayConfig) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        use rustls_pki_types::pem::PemObject;
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(tls))
+/// Why the relay could not connect, or why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] TlsError),
+    #[error("the relay API key is not a valid header value")]
+    ApiKey,
+    #[error("relay URL {url}: {source}")]
+    Dial {
+        /// Without the API key.
+        url: String,
+        #[source]
+        source: DialError,
+    },
+    #[error("encoding an event: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("send: {0}")]
+    Send(#[source] tokio_tungstenite::tungstenite::Error),
+    #[error("the server took no frame for {0:?}")]
+    WriteTimeout(Duration),
+    #[error("closed by the server: {0:?}")]
+    Closed(Option<CloseFrame>),
+    #[error("read: {0}")]
+    Read(#[source] tokio_tungstenite::tungstenite::Error),
+    #[error("the server closed the connection")]
+    Eof,
+    #[error("no pong from the server")]
+    NoPong,
+    #[error("ping timed out")]
+    PingTimeout,
+    #[error("ping: {0}")]
+    Ping(#[source] tokio_tungstenite::tungstenite::Error),
 }
 
 /// The URL with `api_key` added to its query.
@@ -77,71 +91,58 @@ fn url_with_key(url: &str, key: &str) -> String {
     format!("{url}{separator}api_key={encoded}")
 }
 
-async fn connect(config: &RelayConfig) -> Result<Ws, String> {
-    let url = url_with_key(&config.url, config.api_key.expose());
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| format!("relay URL: {e}"))?;
+async fn connect(config: &RelayConfig) -> Result<ClientWebSocket, RelayError> {
+    // Built per attempt, so a replaced CA file takes effect at the next reconnect.
+    let trust = match &config.ca_file {
+        Some(path) => Trust::WebPkiAnd(path),
+        None => Trust::WebPki,
+    };
+    let tls = tokio_rustls::TlsConnector::from(tunnel::tls::client_config(trust)?);
+    let mut headers = http::HeaderMap::new();
     let bearer = format!("Bearer {}", config.api_key.expose());
-    request.headers_mut().insert(
+    headers.insert(
         http::header::AUTHORIZATION,
-        bearer
-            .parse()
-            .map_err(|_| "the relay API key is not a valid header value")?,
+        bearer.parse().map_err(|_| RelayError::ApiKey)?,
     );
-    request.headers_mut().insert(
+    headers.insert(
         http::header::USER_AGENT,
         http::HeaderValue::from_static(concat!("shapeblock-hub/", env!("CARGO_PKG_VERSION"))),
     );
-    let uri = request.uri().clone();
-    let host = uri.host().ok_or("relay URL has no host")?.to_string();
-    let tls = match uri.scheme_str() {
-        Some("wss") => true,
-        Some("ws") => false,
-        _ => return Err("relay URL must be wss:// or ws://".into()),
+    let options = DialOptions {
+        tls: &tls,
+        websocket: None,
+        timeout: CONNECT_TIMEOUT,
     };
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
+    let url = url_with_key(&config.url, config.api_key.expose());
+    tunnel::dial(&url, headers, options)
         .await
-        .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-    tcp.set_nodelay(true).ok();
-    let stream: Box<dyn Io> = if tls {
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("server name {host}: {e}"))?;
-        let connector = tokio_rustls::TlsConnector::from(tls_config(config)?);
-        Box::new(
-            connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS with {host}: {e}"))?,
-        )
-    } else {
-        Box::new(tcp)
-    };
-    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, None)
-        .await
-        .map_err(|e| format!("websocket handshake: {e}"))?;
-    Ok(ws)
+        .map_err(|source| RelayError::Dial {
+            url: config.url.clone(),
+            source,
+        })
 }
 
-async fn send(ws: &mut Ws, event: &Event, timeout: Duration) -> Result<(), String> {
-    let text = serde_json::to_string(event).map_err(|e| e.to_string())?;
+async fn send(
+    ws: &mut ClientWebSocket,
+    event: &Event,
+    timeout: Duration,
+) -> Result<(), RelayError> {
+    let text = serde_json::to_string(event)?;
     match tokio::time::timeout(timeout, ws.send(Message::text(text))).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("send: {e}")),
-        Err(_) => Err(format!("the server took no frame for {timeout:?}")),
+        Ok(Err(e)) => Err(RelayError::Send(e)),
+        Err(_) => Err(RelayError::WriteTimeout(timeout)),
     }
 }
 
 /// One connection: resync, then events in order, until it fails or the hub stops.
 async fn session(
-    mut ws: Ws,
+    mut ws: ClientWebSocket,
     journal: &Journal,
     events: &mut mpsc::Receiver<Arc<Event>>,
     config: &RelayConfig,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), RelayError> {
     let (snapshot, mark) = journal.snapshot().await;
     tracing::info!(
         resources = snapshot.len(),
@@ -164,19 +165,19 @@ async fn session(
             }
             frame = ws.next() => match frame {
                 Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
-                Some(Ok(Message::Close(frame))) => return Err(format!("closed by the server: {frame:?}")),
+                Some(Ok(Message::Close(frame))) => return Err(RelayError::Closed(frame)),
                 Some(Ok(_)) => {} // pings are answered by the library; other frames are ignored
-                Some(Err(e)) => return Err(format!("read: {e}")),
-                None => return Err("the server closed the connection".into()),
+                Some(Err(e)) => return Err(RelayError::Read(e)),
+                None => return Err(RelayError::Eof),
             },
             _ = ping.tick() => {
                 if last_pong.elapsed() > config.ping_interval * 3 {
-                    return Err("no pong from the server".into());
+                    return Err(RelayError::NoPong);
                 }
                 tokio::time::timeout(config.write_timeout, ws.send(Message::Ping(Vec::new().into())))
                     .await
-                    .map_err(|_| "ping timed out".to_string())?
-                    .map_err(|e| format!("ping: {e}"))?;
+                    .map_err(|_| RelayError::PingTimeout)?
+                    .map_err(RelayError::Ping)?;
             }
             _ = shutdown.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
@@ -193,18 +194,15 @@ pub async fn run(
     mut events: mpsc::Receiver<Arc<Event>>,
     shutdown: CancellationToken,
 ) {
-    let (min, max) = (Duration::from_millis(250), Duration::from_secs(30));
-    let mut delay = min;
+    let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     loop {
         let connected = tokio::select! {
-            result = tokio::time::timeout(Duration::from_secs(15), connect(&config)) => {
-                result.unwrap_or_else(|_| Err("connect timed out".into()))
-            }
+            result = connect(&config) => result,
             _ = shutdown.cancelled() => return,
         };
+        let wait = backoff_after(&mut backoff, connected.is_ok());
         match connected {
             Ok(ws) => {
-                delay = min;
                 journal.stats.connects.inc();
                 journal.stats.connected.set(1);
                 let ended = session(ws, &journal, &mut events, &config, &shutdown).await;
@@ -215,14 +213,11 @@ pub async fn run(
                 }
             }
             Err(reason) => {
-                tracing::warn!(%reason, retry_in = ?delay, "relay cannot reach the ShapeBlock server")
+                tracing::warn!(%reason, retry_in = ?wait, "relay cannot reach the ShapeBlock server")
             }
         }
         // Away from the server: what queues now is replaced by the resync on reconnect, so
         // keep the queue moving rather than stall the controllers.
-        let wait = delay
-            .mul_f64(rand::random::<f64>())
-            .max(Duration::from_millis(50));
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {
@@ -235,8 +230,15 @@ pub async fn run(
                 _ = shutdown.cancelled() => return,
             }
         }
-        delay = (delay * 2).min(max);
     }
+}
+
+/// The wait before the next attempt; a connection that was made starts the delays again.
+fn backoff_after(backoff: &mut Backoff, connected: bool) -> Duration {
+    if connected {
+        backoff.reset();
+    }
+    backoff.next_delay().max(RECONNECT_FLOOR)
 }
 
 #[cfg(test)]

@@ -2,9 +2,12 @@
 //! dials and is the HTTP/2 *server*; the hub is the HTTP/2 *client*).
 //!
 //! Nothing above this module knows the byte stream is a websocket: [`WsIo`] turns the
-//! websocket's binary messages into `AsyncRead + AsyncWrite`, and HTTP/2 runs on that. This
-//! module depends on no other module of the crate; both [`crate::agent`] and
-//! [`crate::hub`] build on it.
+//! websocket's binary messages into `AsyncRead + AsyncWrite`, and HTTP/2 runs on that.
+//!
+//! It is also the one home of the network edge the agent, the hub and the relay share:
+//! [`tls`] (rustls configurations), [`dial()`] (a websocket over TCP or TLS), [`http2`] (the
+//! tunnel's HTTP/2 settings, for both ends) and [`Backoff`] (reconnect delays).
+//! [`crate::agent`], [`crate::hub`] and [`crate::relay`] build on it.
 //!
 //! # Sizing for thousands of tunnels
 //!
@@ -27,11 +30,18 @@
 //! Depends on: nothing of this crate.
 //! Never uses: kube, k8s_openapi (the tunnel knows nothing of Kubernetes).
 
+mod backoff;
+pub mod dial;
+pub mod http2;
+pub mod tls;
 mod ws_io;
 
 use std::time::Duration;
 
-pub use ws_io::WsIo;
+pub use backoff::Backoff;
+pub use dial::{ClientWebSocket, DialError, DialOptions, dial};
+pub use tls::{TlsError, Trust};
+pub use ws_io::{ByteCounters, WsIo};
 
 /// Path the agent dials on the hub.
 pub const CONNECT_PATH: &str = "/agent/v1/connect";
@@ -55,6 +65,8 @@ pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Largest HTTP/2 frame payload (the protocol's minimum maximum, which keeps buffers small).
 pub const H2_MAX_FRAME: u32 = 16 * 1024;
+/// Requests the hub may have open through one tunnel at once (the agent refuses more).
+pub const H2_MAX_STREAMS: u32 = 256;
 /// How often each side sends an HTTP/2 PING when it has not heard from the other.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a PING may go unanswered before the tunnel is declared dead.

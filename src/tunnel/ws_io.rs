@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -20,6 +21,15 @@ pub struct WsIo<S> {
     ws: WebSocketStream<S>,
     /// The unread rest of the last binary message.
     pending: Bytes,
+    counters: Option<ByteCounters>,
+}
+
+/// Where a [`WsIo`] counts the bytes of the stream it carries: binary message payloads, not
+/// websocket framing or TLS. Counting is one atomic add per message, no allocation.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCounters {
+    pub sent: Counter,
+    pub received: Counter,
 }
 
 impl<S> WsIo<S> {
@@ -27,6 +37,15 @@ impl<S> WsIo<S> {
         Self {
             ws,
             pending: Bytes::new(),
+            counters: None,
+        }
+    }
+
+    /// Like [`WsIo::new`], counting every byte written and read into `counters`.
+    pub fn counted(ws: WebSocketStream<S>, counters: ByteCounters) -> Self {
+        Self {
+            counters: Some(counters),
+            ..Self::new(ws)
         }
     }
 }
@@ -41,10 +60,7 @@ fn to_io(err: WsError) -> io::Error {
     }
 }
 
-impl<S> AsyncRead for WsIo<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -58,7 +74,12 @@ where
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(Message::Binary(data))) => this.pending = data,
+                Some(Ok(Message::Binary(data))) => {
+                    if let Some(counters) = &this.counters {
+                        counters.received.inc_by(data.len() as u64);
+                    }
+                    this.pending = data;
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -76,10 +97,7 @@ where
     }
 }
 
-impl<S> AsyncWrite for WsIo<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -91,6 +109,9 @@ where
         Pin::new(&mut this.ws)
             .start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
             .map_err(to_io)?;
+        if let Some(counters) = &this.counters {
+            counters.sent.inc_by(n as u64);
+        }
         Poll::Ready(Ok(n))
     }
 
@@ -134,6 +155,26 @@ mod tests {
         server.read_to_end(&mut received).await.unwrap();
         writer.await.unwrap();
         assert_eq!(received, payload, "bytes lost or reordered");
+    }
+
+    #[tokio::test]
+    async fn counted_bytes_are_the_stream_bytes_each_way() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let config = Some(super::super::ws_config());
+        let client = WebSocketStream::from_raw_socket(a, Role::Client, config).await;
+        let server = WebSocketStream::from_raw_socket(b, Role::Server, config).await;
+        let (hub, agent) = (ByteCounters::default(), ByteCounters::default());
+        let mut client = WsIo::counted(client, hub.clone());
+        let mut server = WsIo::counted(server, agent.clone());
+        client.write_all(&[7u8; 100_000]).await.unwrap();
+        client.flush().await.unwrap();
+        let mut buf = vec![0u8; 100_000];
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut [0u8; 4]).await.unwrap();
+        assert_eq!((hub.sent.get(), hub.received.get()), (100_000, 4));
+        assert_eq!((agent.sent.get(), agent.received.get()), (4, 100_000));
     }
 
     #[tokio::test]

@@ -1,0 +1,196 @@
+//! rustls set-up for every TLS end of the hub and the agent: one crypto provider (ring, no
+//! OpenSSL) and one way to read PEM files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", path.display())]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{} holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Which certificate authorities a client trusts.
+#[derive(Clone, Copy, Debug)]
+pub enum Trust<'a> {
+    /// The public web PKI roots.
+    WebPki,
+    /// Only the CA certificates in this PEM file: a pinned CA.
+    Pinned(&'a Path),
+    /// The web PKI roots and, besides them, the CA certificates in this PEM file.
+    WebPkiAnd(&'a Path),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        path: path.to_path_buf(),
+        source,
+    };
+    CertificateDer::pem_file_iter(path)
+        .map_err(pem)?
+        .collect::<Result<_, _>>()
+        .map_err(pem)
+}
+
+/// A client configuration trusting `trust`.
+pub fn client_config(trust: Trust<'_>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (web_pki, file) = match trust {
+        Trust::WebPki => (true, None),
+        Trust::Pinned(path) => (false, Some(path)),
+        Trust::WebPkiAnd(path) => (true, Some(path)),
+    };
+    if web_pki {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = file {
+        for cert in certificates(path)? {
+            roots.add(cert).map_err(|source| TlsError::Certificate {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    // A pinned file without a certificate would make every handshake fail with an
+    // unhelpful "unknown issuer"; say what is wrong at start-up instead.
+    if roots.is_empty()
+        && let Some(path) = file
+    {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A server configuration presenting the certificate chain in `cert_file` with the key in
+/// `key_file`, offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = certificates(cert_file)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_path_buf(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::Pem {
+        path: key_file.to_path_buf(),
+        source,
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sb-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A client trusting a pinned CA completes a handshake with a server whose certificate
+    /// that CA issued; one trusting only the web PKI refuses the same server.
+    #[tokio::test]
+    async fn a_pinned_ca_is_trusted_instead_of_the_web_roots() {
+        let dir = temp_dir("pinned");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let ca_file = write(&dir, "ca.pem", &ca.pem());
+        let cert_file = write(&dir, "cert.pem", &cert.pem());
+        let key_file = write(&dir, "key.pem", &key.serialize_pem());
+
+        let server = server_config(&cert_file, &key_file).unwrap();
+        assert_eq!(
+            server.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let handshake = |client: Arc<rustls::ClientConfig>| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+            async move {
+                let (a, b) = tokio::io::duplex(64 * 1024);
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let connector = tokio_rustls::TlsConnector::from(client);
+                let (client, _server) =
+                    tokio::join!(connector.connect(name, a), acceptor.accept(b));
+                client.is_ok()
+            }
+        };
+        assert!(handshake(client_config(Trust::Pinned(&ca_file)).unwrap()).await);
+        assert!(handshake(client_config(Trust::WebPkiAnd(&ca_file)).unwrap()).await);
+        assert!(!handshake(client_config(Trust::WebPki).unwrap()).await);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_pinned_file_without_a_certificate_is_refused() {
+        let dir = temp_dir("empty");
+        let empty = write(&dir, "empty.pem", "");
+        assert!(matches!(
+            client_config(Trust::Pinned(&empty)),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        // Besides the web roots an empty extra file adds nothing and is no error (as the relay
+        // has always taken it).
+        assert!(client_config(Trust::WebPkiAnd(&empty)).is_ok());
+        assert!(matches!(
+            server_config(&empty, &empty),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        let missing = dir.join("missing.pem");
+        let err = client_config(Trust::Pinned(&missing)).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&missing.display().to_string()),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

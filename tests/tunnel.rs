@@ -656,6 +656,26 @@ async fn requests_to_one_cluster_are_held_to_its_budget() {
         took >= Duration::from_millis(2_900),
         "250 requests took {took:?}: the per-cluster budget did not pace them"
     );
+    // The waits are visible to an operator: most of the 150 requests past the burst waited
+    // (the bucket refills a little while requests are in flight), for about the 3 s the
+    // budget imposed.
+    let metrics = s.hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "shapeblock_tunnel_api_limiter_wait_seconds_{name} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no limiter wait {name} in:\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (waited, seconds) = (value("count"), value("sum"));
+    assert!(waited >= 100.0, "{waited} requests counted as waiting");
+    assert!(seconds >= 1.0, "the waits add up to {seconds} s");
 }
 
 #[tokio::test]

@@ -307,13 +307,22 @@ impl Gateway {
     pub fn client(&self, id: &str) -> kube::Client {
         let slot = self.slot(id);
         let limiter = self.api_limiter.clone();
+        let metrics = self.metrics.clone();
         let service = tower::service_fn(move |request| {
             let slot = slot.clone();
             let limiter = limiter.clone();
+            let metrics = metrics.clone();
             async move {
                 // Per-cluster request rate, so one busy cluster cannot flood its apiserver
-                // or the hub.
-                limiter.until_key_ready(&slot.id).await;
+                // or the hub. Only a request that must wait is timed (and costs a clock read).
+                if limiter.check_key(&slot.id).is_err() {
+                    let waiting = Instant::now();
+                    limiter.until_key_ready(&slot.id).await;
+                    metrics
+                        .api_limiter_wait
+                        .0
+                        .observe(waiting.elapsed().as_secs_f64());
+                }
                 slot.send(request).await
             }
         });

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
@@ -25,9 +26,22 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Time requests to a cluster waited for its API rate limit (`api_qps_per_cluster`), summed
+/// over clusters: zero while controllers keep within the limit, growing when one cluster is
+/// busier than its limit allows.
+pub struct LimiterWait(pub Histogram);
+
+impl Default for LimiterWait {
+    fn default() -> Self {
+        Self(Histogram::new([0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]))
+    }
+}
+
 /// Tunnel metrics, one series per cluster.
 #[derive(Default)]
 pub struct TunnelMetrics {
+    /// Requests that had to wait for their cluster's API rate limit, and for how long.
+    pub api_limiter_wait: LimiterWait,
     /// 1 while the cluster has a live tunnel.
     pub connected: Family<ClusterLabel, Gauge>,
     /// Unix time the current tunnel was established.
@@ -53,6 +67,11 @@ pub struct TunnelMetrics {
 impl TunnelMetrics {
     pub fn register(self: &std::sync::Arc<Self>, registry: &mut Registry) {
         let sub = registry.sub_registry_with_prefix("shapeblock_tunnel");
+        sub.register(
+            "api_limiter_wait_seconds",
+            "Time a request to a cluster waited for the cluster's API rate limit (requests that waited)",
+            self.api_limiter_wait.0.clone(),
+        );
         sub.register(
             "connected",
             "1 while the cluster has a live tunnel",

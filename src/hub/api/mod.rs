@@ -1,7 +1,7 @@
 //! The hub's HTTP API for the ShapeBlock server (and an operator with curl), one file per
-//! resource: [`clusters`] (registration, tokens, install manifests, connection status),
-//! [`resources`] (the ShapeBlock kinds inside a cluster, through its tunnel), [`events`] (the
-//! relay's events and build logs as streams) and [`health`] (liveness, readiness, metrics).
+//! resource: `clusters` (registration, tokens, install manifests, connection status),
+//! `resources` (the ShapeBlock kinds inside a cluster, through its tunnel), [`events`] (the
+//! relay's events and build logs as streams) and `health` (liveness, readiness, metrics).
 //! This file holds what they share: state, errors, authentication and the router. Documented
 //! by the OpenAPI document generated from the handlers (`GET /api/v1/openapi.json`, committed
 //! as `openapi.json`).

@@ -125,12 +125,13 @@ where
             let queued = Instant::now();
             let _permit = ctx.reconciles.clone().acquire_owned().await.ok();
             let started = Instant::now();
-            let key = failure_key(controller, object.as_ref());
-            let result = Box::pin(reconcile(object, ctx.clone())).await;
+            let result = Box::pin(reconcile(object.clone(), ctx.clone())).await;
             ctx.metrics
                 .observe(controller, started - queued, started.elapsed());
-            if result.is_ok() {
-                ctx.failures.remove(&key);
+            // Most reconciles run with no object failing: no key is built for them.
+            if result.is_ok() && !ctx.failures.is_empty() {
+                ctx.failures
+                    .remove(&failure_key(controller, object.as_ref()));
             }
             result
         })
@@ -340,4 +341,72 @@ where
         .boxed();
     let stream = reflector(writer, events).applied_objects();
     (store, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> ReconcileError {
+        ReconcileError::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        })))
+    }
+
+    #[test]
+    fn status_codes_and_variants_map_to_categories() {
+        assert_eq!(api_error(403).category(), ErrorCategory::Forbidden);
+        assert_eq!(api_error(409).category(), ErrorCategory::Conflict);
+        assert_eq!(api_error(422).category(), ErrorCategory::InvalidSpec);
+        assert_eq!(api_error(500).category(), ErrorCategory::Transient);
+        assert_eq!(api_error(404).category(), ErrorCategory::Transient);
+        assert_eq!(
+            ReconcileError::Missing("x".into()).category(),
+            ErrorCategory::MissingDependency
+        );
+        assert_eq!(
+            ReconcileError::Invalid("x".into()).category(),
+            ErrorCategory::InvalidSpec
+        );
+        assert_eq!(
+            ReconcileError::Internal("x".into()).category(),
+            ErrorCategory::Internal
+        );
+    }
+
+    #[test]
+    fn retries_double_per_failure_up_to_a_cap_and_invalid_specs_wait_for_a_change() {
+        assert_eq!(retry_delay(ErrorCategory::InvalidSpec, 1), None);
+        let transient: Vec<u64> = (1..=10)
+            .map(|n| retry_delay(ErrorCategory::Transient, n).unwrap().as_secs())
+            .collect();
+        assert_eq!(transient, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(
+            retry_delay(ErrorCategory::Forbidden, 1),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_delay(ErrorCategory::Forbidden, 100),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            retry_delay(ErrorCategory::Conflict, 1),
+            Some(Duration::from_millis(500))
+        );
+        // However many failures, no overflow, and the cap holds.
+        assert_eq!(
+            retry_delay(ErrorCategory::Internal, u32::MAX),
+            Some(Duration::from_secs(1800))
+        );
+    }
+
+    #[test]
+    fn jitter_takes_off_at_most_a_quarter() {
+        let delay = Duration::from_secs(100);
+        for _ in 0..1000 {
+            let j = jittered(delay);
+            assert!(j <= delay && j >= Duration::from_secs(75), "{j:?}");
+        }
+    }
 }

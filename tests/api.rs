@@ -850,3 +850,89 @@ async fn tunnel_handshake(addr: std::net::SocketAddr, token: &str) -> u16 {
         Err(other) => panic!("handshake failed: {other}"),
     }
 }
+
+/// Sends one HTTP/1.1 request with exactly the headers given (no Host unless given) and
+/// returns the status code.
+async fn raw_http1(addr: std::net::SocketAddr, head: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{head}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_request_whose_hub_url_cannot_be_derived_changes_nothing_and_http2_uses_its_authority() {
+    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let registered = hub
+        .api("POST", "/api/v1/clusters", Some(json!({"name": "kept"})))
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let id = registered.json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = registered.json()["token"].as_str().unwrap().to_string();
+
+    // A Host the hub URL cannot be made from: 400, and nothing registered or rotated.
+    let body = r#"{"name": "ghost"}"#;
+    let status = raw_http1(
+        hub.addr,
+        "POST /api/v1/clusters HTTP/1.1\r\nHost: bad_host!",
+        body,
+    )
+    .await;
+    assert_eq!(status, 400);
+    for path in [
+        format!("/api/v1/clusters/{id}/token"),
+        format!("/api/v1/clusters/{id}/agent-manifest"),
+    ] {
+        let head = format!("POST {path} HTTP/1.1\r\nHost: bad_host!");
+        assert_eq!(raw_http1(hub.addr, &head, "").await, 400, "{path}");
+    }
+    let names: Vec<String> = hub.registry.list().into_iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        ["kept"],
+        "a refused registration left a cluster behind"
+    );
+    assert_eq!(
+        hub.registry.authenticate(&token).as_deref(),
+        Some(id.as_str()),
+        "a refused rotation revoked the token"
+    );
+
+    // HTTP/2 has no Host header: the hub URL comes from :authority.
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/api/v1/clusters", hub.addr))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"name": "over-h2"}"#,
+        )))
+        .unwrap();
+    assert!(request.headers().get("host").is_none());
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 201);
+    use http_body_util::BodyExt;
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let created: Value = serde_json::from_slice(&body).unwrap();
+    let manifest = created["manifest"].as_str().unwrap();
+    assert!(
+        manifest.contains(&format!("ws://{}", hub.addr)),
+        "the manifest's hub URL is the request's authority:\n{manifest}"
+    );
+}

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, StatusCode, Uri, header};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
@@ -94,7 +94,10 @@ fn validate_registration(body: &RegisterCluster) -> Result<(), ApiError> {
 }
 
 /// The URL agents dial: the configured public URL, or the one this request came in on.
-fn hub_url(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+/// The URL agents dial, from `public_url` or the request: its `Host` header (HTTP/1.1) or its
+/// `:authority` (HTTP/2 has no `Host`). Computed before any change, so a request whose URL
+/// cannot be derived changes nothing (no cluster registered, no token rotated and lost).
+fn hub_url(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<String, ApiError> {
     if let Some(url) = &state.public_url {
         return Ok(url
             .replacen("https://", "wss://", 1)
@@ -103,12 +106,17 @@ fn hub_url(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .filter(|h| {
             !h.is_empty()
                 && h.chars()
                     .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
         })
-        .ok_or_else(|| ApiError::bad_request("no usable Host header; configure public_url"))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "no usable Host header or :authority to derive the hub URL agents dial; configure public_url",
+            )
+        })?;
     let forwarded_tls = headers
         .get("x-forwarded-proto")
         .is_some_and(|v| v == "https");
@@ -122,13 +130,13 @@ fn hub_url(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
 
 fn manifest(
     state: &ApiState,
-    headers: &HeaderMap,
+    hub_url: &str,
     cluster_id: &str,
     token: &str,
 ) -> Result<String, ApiError> {
     let params = AgentManifestParams {
         cluster_id: cluster_id.to_string(),
-        hub_url: hub_url(state, headers)?,
+        hub_url: hub_url.to_string(),
         image: state.agent_image.clone(),
         token: token.to_string(),
     };
@@ -172,15 +180,17 @@ pub(super) async fn list_clusters(State(state): Shared) -> Json<Vec<ClusterView>
 pub(super) async fn register_cluster(
     State(state): Shared,
     headers: HeaderMap,
+    uri: Uri,
     body: Result<Json<RegisterCluster>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ClusterWithToken>), ApiError> {
     let Json(body) = body?;
     validate_registration(&body)?;
+    let hub_url = hub_url(&state, &headers, &uri)?;
     let registry = state.registry.clone();
     let (record, token) =
         blocking(move || registry.register(body.name.trim(), body.labels)).await?;
     tracing::info!(cluster = %record.id, name = %record.name, "cluster registered");
-    let manifest = manifest(&state, &headers, &record.id, token.expose())?;
+    let manifest = manifest(&state, &hub_url, &record.id, token.expose())?;
     Ok((
         StatusCode::CREATED,
         Json(ClusterWithToken {
@@ -266,14 +276,16 @@ async fn rotate(state: &ApiState, cluster: &str) -> Result<String, ApiError> {
 /// Rotate a cluster's token. The old token stops working and the live tunnel is closed.
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/token", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, body = RotatedToken), (status = 404, body = ApiError)))]
+    responses((status = 200, body = RotatedToken), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 pub(super) async fn rotate_token(
     State(state): Shared,
     headers: HeaderMap,
+    uri: Uri,
     Path(cluster): Path<String>,
 ) -> Result<Json<RotatedToken>, ApiError> {
+    let hub_url = hub_url(&state, &headers, &uri)?;
     let token = rotate(&state, &cluster).await?;
-    let manifest = manifest(&state, &headers, &cluster, &token)?;
+    let manifest = manifest(&state, &hub_url, &cluster, &token)?;
     Ok(Json(RotatedToken { token, manifest }))
 }
 
@@ -281,13 +293,15 @@ pub(super) async fn rotate_token(
 /// token (the previous one stops working), since the hub keeps only token hashes.
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/agent-manifest", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, content_type = "application/yaml", body = String), (status = 404, body = ApiError)))]
+    responses((status = 200, content_type = "application/yaml", body = String), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 pub(super) async fn agent_manifest_yaml(
     State(state): Shared,
     headers: HeaderMap,
+    uri: Uri,
     Path(cluster): Path<String>,
 ) -> Result<Response, ApiError> {
+    let hub_url = hub_url(&state, &headers, &uri)?;
     let token = rotate(&state, &cluster).await?;
-    let yaml = manifest(&state, &headers, &cluster, &token)?;
+    let yaml = manifest(&state, &hub_url, &cluster, &token)?;
     Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
 }

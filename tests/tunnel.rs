@@ -746,3 +746,132 @@ async fn two_clusters_each_reach_only_their_own_apiserver() {
     assert_eq!(names(admin_a).await, ["written-through-a"]);
     assert_eq!(names(admin_b).await, ["written-through-b"]);
 }
+
+/// A hostile agent: dials the hub with a valid token, then serves HTTP/2 on the tunnel and
+/// answers the hub's `/version` probe with whatever `version_body` streams (everything else
+/// with an empty 200). Counts the bytes of `/version` the hub pulled.
+async fn hostile_agent(
+    hub: &TestHub,
+    token: &str,
+    version_body: fn(usize) -> Option<bytes::Bytes>,
+) -> Arc<std::sync::atomic::AtomicUsize> {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    headers.insert(
+        shapeblock::tunnel::AGENT_VERSION_HEADER,
+        "v0.0.0\u{1b}[31mforged"
+            .parse()
+            .unwrap_or_else(|_| "x".repeat(5000).parse().unwrap()),
+    );
+    let tls = tokio_rustls::TlsConnector::from(
+        shapeblock::tunnel::tls::client_config(shapeblock::tunnel::tls::Trust::WebPki).unwrap(),
+    );
+    let url = format!("ws://{}{}", hub.addr, shapeblock::tunnel::CONNECT_PATH);
+    let ws = shapeblock::tunnel::dial::dial(
+        &url,
+        headers,
+        shapeblock::tunnel::dial::DialOptions {
+            tls: &tls,
+            websocket: Some(shapeblock::tunnel::ws_config()),
+            timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let counter = counter.clone();
+            async move {
+                let body = if request.uri().path() == "/version" {
+                    let chunks = futures::stream::unfold(0usize, move |n| {
+                        let counter = counter.clone();
+                        async move {
+                            let chunk = version_body(n)?;
+                            counter.fetch_add(chunk.len(), Ordering::SeqCst);
+                            Some((Ok::<_, std::convert::Infallible>(Frame::data(chunk)), n + 1))
+                        }
+                    });
+                    BodyExt::boxed(StreamBody::new(chunks))
+                } else {
+                    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+                };
+                let status = if request.uri().path() == shapeblock::tunnel::AGENT_PING_PATH {
+                    204
+                } else {
+                    200
+                };
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder().status(status).body(body).unwrap(),
+                )
+            }
+        });
+    let io = hyper_util::rt::TokioIo::new(shapeblock::tunnel::WsIo::new(ws));
+    tokio::spawn(shapeblock::tunnel::http2::server().serve_connection(io, service));
+    pulled
+}
+
+#[tokio::test]
+async fn a_hostile_agent_cannot_make_the_hub_buffer_or_store_unbounded_answers() {
+    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+
+    // A 150 MB /version answer: the hub reads a bounded prefix and gives up on that tunnel.
+    let (flood, token) = hub.registry.register("flood", Default::default()).unwrap();
+    let pulled = hostile_agent(&hub, token.expose(), |n| {
+        (n < 150 * 16).then(|| bytes::Bytes::from(vec![b' '; 64 * 1024]))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pulled = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        pulled < 4 * 1024 * 1024,
+        "the hub pulled {pulled} bytes of a 150 MB /version answer"
+    );
+    assert!(!hub.gateway.status(&flood.id).connected);
+    assert!(
+        hub.registry
+            .get(&flood.id)
+            .unwrap()
+            .kubernetes_version
+            .is_none()
+    );
+
+    // A 5 MB gitVersion (a valid JSON answer): stored, listed and exported as `unknown`.
+    let (huge, token) = hub
+        .registry
+        .register("huge-version", Default::default())
+        .unwrap();
+    hostile_agent(&hub, token.expose(), |n| {
+        (n == 0).then(|| {
+            bytes::Bytes::from(format!(
+                r#"{{"gitVersion": "v1.{}"}}"#,
+                "9".repeat(5_000_000)
+            ))
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = hub.gateway.status(&huge.id);
+    assert_ne!(
+        status.kubernetes_version.as_deref().map(str::len),
+        Some(5_000_005),
+        "a 5 MB version was kept"
+    );
+    if status.connected {
+        assert_eq!(status.kubernetes_version.as_deref(), Some("unknown"));
+    }
+    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    assert!(
+        metrics.len() < 1_000_000,
+        "/metrics is {} bytes",
+        metrics.len()
+    );
+    assert!(
+        !metrics.contains("forged"),
+        "the agent's version header reached /metrics raw"
+    );
+}

@@ -590,7 +590,7 @@ enum ProbeError {
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
     #[error("reading the answer: {0}")]
-    Body(#[source] hyper::Error),
+    Body(String),
     #[error("GET /version: HTTP {status}: {body}")]
     Version { status: StatusCode, body: String },
     #[error("GET /version: {0}")]
@@ -599,23 +599,43 @@ enum ProbeError {
     Ping(StatusCode),
 }
 
+/// The most the hub reads of an agent's `/version` answer (a real one is under 1 KiB): an
+/// agent, or whatever answers in its place, cannot make the hub buffer more.
+const VERSION_BODY_LIMIT: usize = 64 * 1024;
+
 async fn kubernetes_version(id: &str, tunnel: &Tunnel) -> Result<String, ProbeError> {
     let response = send_probe(id, tunnel, "/version").await?;
     let status = response.status();
-    let body = response
-        .into_body()
+    let body = http_body_util::Limited::new(response.into_body(), VERSION_BODY_LIMIT)
         .collect()
         .await
-        .map_err(ProbeError::Body)?
+        .map_err(|e| ProbeError::Body(e.to_string()))?
         .to_bytes();
     if !status.is_success() {
+        let text = String::from_utf8_lossy(&body);
         return Err(ProbeError::Version {
             status,
-            body: String::from_utf8_lossy(&body).into_owned(),
+            body: text.chars().take(256).collect(),
         });
     }
     let info: serde_json::Value = serde_json::from_slice(&body).map_err(ProbeError::VersionJson)?;
-    Ok(info["gitVersion"].as_str().unwrap_or("unknown").to_string())
+    Ok(reported_version(info["gitVersion"].as_str()))
+}
+
+/// A version as the hub stores, lists and exports it: at most 64 characters of those a
+/// version is made of, else `unknown` (pure). The agent reports it, so it is input.
+pub fn reported_version(reported: Option<&str>) -> String {
+    match reported {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._+-~".contains(c)) =>
+        {
+            v.to_string()
+        }
+        _ => "unknown".to_string(),
+    }
 }
 
 async fn ping(id: &str, tunnel: &Tunnel) -> Result<Duration, ProbeError> {
@@ -698,7 +718,7 @@ async fn connect(
     let agent_version = headers
         .get(tunnel::AGENT_VERSION_HEADER)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(64).collect::<String>());
+        .map(|v| reported_version(Some(v)));
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(request);
     let timeout = gateway.config.handshake_timeout;

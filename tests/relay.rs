@@ -560,6 +560,26 @@ async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
     }
     ws.close(None).await.ok();
 
+    // A cursor the hub cannot honour gets RESET and a fresh snapshot, never a silent gap: one
+    // ahead of the newest event (a client confused, or a hub that lost its numbering), and one
+    // from before this hub process (ids are unique across restarts: they start at the
+    // process's start time in microseconds).
+    for cursor in [previous + 1_000_000, 1] {
+        let mut ws = connect(&format!("?cursor={cursor}")).await;
+        let first = next(&mut ws).await;
+        assert_eq!(first["type"], "RESET", "cursor {cursor}: {first}");
+        let resync = next(&mut ws).await;
+        assert_eq!(
+            resync["resync"], true,
+            "a snapshot follows the RESET: {resync}"
+        );
+        ws.close(None).await.ok();
+    }
+    assert!(
+        mark > 1_000_000_000_000_000,
+        "ids start at the process's start time: {mark}"
+    );
+
     // Only a websocket is served there.
     let response = hub.api("GET", "/api/v1/events", None).await;
     assert_eq!(response.status, 400, "{}", response.text());

@@ -183,6 +183,8 @@ type Key = (String, &'static str, String, String);
 type Listed = HashSet<(String, String)>;
 
 struct State {
+    /// The id of this process's first event (see [`first_id`]).
+    first_id: u64,
     next_id: u64,
     ring: VecDeque<Arc<Event>>,
     current: HashMap<Key, Arc<Event>>,
@@ -249,10 +251,30 @@ pub struct Journal {
     pub stats: JournalStats,
 }
 
-/// A cursor older than the oldest event kept.
+/// A cursor the journal cannot resume from without a gap: older than the events kept, from
+/// before this hub process started, or ahead of the newest event.
 #[derive(Debug, thiserror::Error)]
-#[error("cursor {0} is older than the events kept (oldest {1}); start from a snapshot")]
-pub struct CursorTooOld(pub u64, pub u64);
+pub enum CursorUnusable {
+    #[error("cursor {0} is older than the events kept (oldest {1}); start from a snapshot")]
+    TooOld(u64, u64),
+    #[error(
+        "cursor {0} is from before this hub process started (its first event is {1}); start from a snapshot"
+    )]
+    BeforeStart(u64, u64),
+    #[error("cursor {0} is ahead of the newest event ({1}); start from a snapshot")]
+    Ahead(u64, u64),
+}
+
+/// The first event id of a journal made now: microseconds since the Unix epoch. Ids then grow
+/// by one per event, so a restarted hub's ids stay above every id of the process before it
+/// (as long as that process numbered fewer than a million events a second on average, and the
+/// clock does not go back), and a consumer's cursor from before a restart is recognised and
+/// answered with RESET, never taken for a position in the new numbering. Below 2^53 until the
+/// year 2255, so the ids survive JSON numbers in JavaScript.
+pub fn first_id() -> u64 {
+    let micros = jiff::Timestamp::now().as_microsecond();
+    u64::try_from(micros).unwrap_or(1).max(1)
+}
 
 fn now() -> String {
     jiff::Timestamp::now().to_string()
@@ -261,11 +283,22 @@ fn now() -> String {
 impl Journal {
     /// A journal keeping `capacity` recent events, feeding `outbound` when given.
     pub fn new(capacity: usize, outbound: Option<mpsc::Sender<Arc<Event>>>) -> Arc<Self> {
+        Self::starting_at(first_id(), capacity, outbound)
+    }
+
+    /// A journal whose first event has id `first`.
+    pub fn starting_at(
+        first: u64,
+        capacity: usize,
+        outbound: Option<mpsc::Sender<Arc<Event>>>,
+    ) -> Arc<Self> {
+        let first = first.max(1);
         let (live, _) = broadcast::channel(1024);
         Arc::new(Self {
             order: Mutex::new(()),
             state: Mutex::new(State {
-                next_id: 1,
+                first_id: first,
+                next_id: first,
                 ring: VecDeque::with_capacity(capacity.min(4096)),
                 current: HashMap::new(),
             }),
@@ -426,14 +459,21 @@ impl Journal {
         (events, state.next_id - 1)
     }
 
-    /// Status events after `cursor`, oldest first.
-    pub async fn since(&self, cursor: u64) -> Result<(Vec<Arc<Event>>, u64), CursorTooOld> {
+    /// Status events after `cursor`, oldest first, and the newest id; an error when the events
+    /// after `cursor` are not all here.
+    pub async fn since(&self, cursor: u64) -> Result<(Vec<Arc<Event>>, u64), CursorUnusable> {
         let state = self.state.lock().await;
         let last = state.next_id - 1;
+        if cursor > last {
+            return Err(CursorUnusable::Ahead(cursor, last));
+        }
+        if cursor + 1 < state.first_id {
+            return Err(CursorUnusable::BeforeStart(cursor, state.first_id));
+        }
         if let Some(oldest) = state.ring.front()
             && cursor + 1 < oldest.id
         {
-            return Err(CursorTooOld(cursor, oldest.id));
+            return Err(CursorUnusable::TooOld(cursor, oldest.id));
         }
         Ok((
             state
@@ -519,7 +559,7 @@ mod tests {
     #[tokio::test]
     async fn transitions_are_numbered_once_and_repeats_are_skipped() {
         let (tx, mut rx) = mpsc::channel(16);
-        let journal = Journal::new(100, Some(tx));
+        let journal = Journal::starting_at(1, 100, Some(tx));
         journal
             .status("c1", "AppBuild", "ns", "b1", status("Pending"))
             .await;
@@ -552,7 +592,7 @@ mod tests {
 
     #[tokio::test]
     async fn cursors_resume_or_say_they_are_too_old() {
-        let journal = Journal::new(3, None);
+        let journal = Journal::starting_at(1, 3, None);
         for phase in ["A", "B", "C", "D", "E"] {
             journal.status("c", "App", "ns", "a", status(phase)).await;
         }
@@ -564,11 +604,44 @@ mod tests {
             journal.since(2).await.is_ok(),
             "3 is the oldest kept: resuming after 2 is whole"
         );
+        assert!(
+            matches!(journal.since(6).await, Err(CursorUnusable::Ahead(6, 5))),
+            "a cursor ahead of the newest event is never accepted"
+        );
+    }
+
+    #[tokio::test]
+    async fn ids_continue_above_the_previous_process_and_its_cursors_are_refused() {
+        let before = Journal::new(10, None);
+        before.status("c", "App", "ns", "a", status("A")).await;
+        let (_, cursor) = before.snapshot().await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        // The hub restarts: a new journal, nothing relayed yet.
+        let after = Journal::new(10, None);
+        assert!(
+            matches!(
+                after.since(cursor).await,
+                Err(CursorUnusable::BeforeStart(..))
+            ),
+            "nothing relayed yet in the new process, and still the old cursor is refused"
+        );
+        after.status("c", "App", "ns", "a", status("B")).await;
+        let (events, newest) = after.snapshot().await;
+        assert!(events[0].id > cursor, "{} after {cursor}", events[0].id);
+        assert!(
+            matches!(
+                after.since(cursor).await,
+                Err(CursorUnusable::BeforeStart(..))
+            ),
+            "a cursor from the previous process gets RESET, not a silent gap"
+        );
+        assert!(after.since(newest).await.is_ok());
+        assert!(newest < 1 << 53, "ids fit a JavaScript number");
     }
 
     #[tokio::test]
     async fn deletions_and_relists_remove_state() {
-        let journal = Journal::new(10, None);
+        let journal = Journal::starting_at(1, 10, None);
         journal.status("c", "App", "ns", "a", status("Ready")).await;
         journal.status("c", "App", "ns", "b", status("Ready")).await;
         journal.deleted("c", "App", "ns", "a").await;
@@ -586,7 +659,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_makes_producers_wait_instead_of_dropping() {
         let (tx, mut rx) = mpsc::channel(2);
-        let journal = Journal::new(100, Some(tx));
+        let journal = Journal::starting_at(1, 100, Some(tx));
         let producer = {
             let journal = journal.clone();
             tokio::spawn(async move {
@@ -612,7 +685,7 @@ mod tests {
         // The relay takes a snapshot when it reconnects, while a producer may be waiting for
         // room in the queue only the relay empties: that must not deadlock.
         let (tx, mut rx) = mpsc::channel(1);
-        let journal = Journal::new(100, Some(tx));
+        let journal = Journal::starting_at(1, 100, Some(tx));
         journal.status("c", "App", "ns", "a", status("A")).await;
         let producer = {
             let journal = journal.clone();

@@ -120,7 +120,7 @@ async fn stream(mut ws: Ws, journal: &Journal, query: EventsQuery) -> Result<(),
                 }
                 last.max(cursor)
             }
-            Err(too_old) => reset(&mut ws, journal, cluster, &too_old.to_string()).await?,
+            Err(unusable) => reset(&mut ws, journal, cluster, &unusable.to_string()).await?,
         },
     };
     loop {
@@ -141,7 +141,7 @@ async fn stream(mut ws: Ws, journal: &Journal, query: EventsQuery) -> Result<(),
                             }
                             newest.max(last)
                         }
-                        Err(too_old) => reset(&mut ws, journal, cluster, &too_old.to_string()).await?,
+                        Err(unusable) => reset(&mut ws, journal, cluster, &unusable.to_string()).await?,
                     };
                 }
                 Err(RecvError::Closed) => return Ok(()),

@@ -630,6 +630,65 @@ async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
     ];
     // The build container runs (followed) until the pod ends.
     tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Followers whose client went away end with it, even while the pod is quiet: each one's
+    // log request through the tunnel is gone within seconds (the apiserver counts them).
+    let hub = cluster.hub.as_ref().unwrap();
+    let log_requests = async || -> u64 {
+        let metrics = admin
+            .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("apiserver_longrunning_requests{")
+                    && l.contains("resource=\"pods\"")
+                    && l.contains("subresource=\"log\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let before = log_requests().await;
+    let mut abandoned = Vec::new();
+    for _ in 0..5 {
+        let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get(format!(
+            "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/web-logs/logs?follow=true",
+            cluster.cluster_id
+        ))
+        .header("host", "localhost")
+        .header(
+            "authorization",
+            format!("Bearer {}", support::hub::ADMIN_TOKEN),
+        )
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        abandoned.push((response, connection));
+    }
+    wait_for("5 more log requests through the tunnel", WAIT, async || {
+        (log_requests().await >= before + 5).then_some(())
+    })
+    .await;
+    for (response, connection) in abandoned {
+        drop(response);
+        connection.abort();
+    }
+    wait_for(
+        "abandoned log requests gone",
+        Duration::from_secs(15),
+        async || (log_requests().await <= before).then_some(()),
+    )
+    .await;
     let end = PodEnd {
         phase: "Succeeded",
         init: vec![
@@ -700,4 +759,17 @@ async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
         )
         .await;
     assert_eq!(missing.status, 404, "{}", missing.text());
+    // A name that decodes to a path never reaches the tunnel.
+    let slashed = hub
+        .api(
+            "GET",
+            &format!(
+                "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/..%2F..%2Fsecrets%2Fx/logs",
+                cluster.cluster_id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(slashed.status, 400, "{}", slashed.text());
+    assert!(slashed.text().contains("not a valid Kubernetes name"));
 }

@@ -179,6 +179,8 @@ pub async fn build_logs(
 ) -> Result<Response, ApiError> {
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, ListParams};
+    super::check_name("namespace", &namespace)?;
+    super::check_name("AppBuild", &name)?;
     state
         .registry
         .get(&cluster)
@@ -209,11 +211,17 @@ pub async fn build_logs(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
     tokio::spawn(async move {
-        let result = crate::relay::logs::follow_pod(&pods, &pod, query.follow, |_, line| {
-            let tx = tx.clone();
+        let lines = tx.clone();
+        let follow = crate::relay::logs::follow_pod(&pods, &pod, query.follow, |_, line| {
+            let tx = lines.clone();
             async move { tx.send(line.into()).await.is_ok() }
-        })
-        .await;
+        });
+        // The client may go while the pod is quiet: then no send fails, so watch for it, and
+        // end the follow (and its requests through the tunnel) at once.
+        let result = tokio::select! {
+            result = follow => result,
+            _ = tx.closed() => return,
+        };
         if let Err(err) = result {
             let _ = tx
                 .send(format!("error reading the log: {err}\n").into())

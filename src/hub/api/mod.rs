@@ -176,6 +176,25 @@ impl From<kube::Error> for ApiError {
     }
 }
 
+/// Refuses a path segment that is not a Kubernetes name before it reaches a cluster (a `%2F`
+/// decoded to `/` would otherwise change the path the tunnel is asked for).
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} {name:?} is not a valid Kubernetes name"
+        )))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Authentication
 

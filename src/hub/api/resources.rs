@@ -8,7 +8,7 @@ use http::{Method, StatusCode, header};
 use serde_json::Value;
 use std::sync::Arc;
 
-use super::{ApiError, ApiState, Shared};
+use super::{ApiError, ApiState, Shared, check_name};
 
 const FIELD_MANAGER: &str = "shapeblock-api";
 
@@ -33,23 +33,6 @@ fn collection_path(namespace: Option<&str>, plural: &str) -> String {
 
 /// A DNS-1123 subdomain, as the apiserver requires of names; checked here so a bad name
 /// cannot alter the request path.
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "{what} {name:?} is not a valid Kubernetes name"
-        )))
-    }
-}
-
 struct Target {
     client: kube::Client,
     kind: &'static str,

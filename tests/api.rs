@@ -880,6 +880,13 @@ async fn a_request_whose_hub_url_cannot_be_derived_changes_nothing_and_http2_use
         .to_string();
     let token = registered.json()["token"].as_str().unwrap().to_string();
 
+    // A second cluster of the same name is refused, not registered silently beside the first.
+    let duplicate = hub
+        .api("POST", "/api/v1/clusters", Some(json!({"name": "kept"})))
+        .await;
+    assert_eq!(duplicate.status, 409, "{}", duplicate.text());
+    assert_eq!(duplicate.json()["reason"], "AlreadyExists");
+
     // A Host the hub URL cannot be made from: 400, and nothing registered or rotated.
     let body = r#"{"name": "ghost"}"#;
     let status = raw_http1(

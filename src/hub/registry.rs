@@ -77,6 +77,9 @@ pub enum StoreError {
          two hubs on one store would overwrite each other's changes"
     )]
     InUse { path: PathBuf },
+    /// Another cluster has this name: names are how people tell clusters apart.
+    #[error("a cluster named {0:?} is already registered; choose another name")]
+    NameTaken(String),
 }
 
 /// The clusters the hub accepts tunnels from.
@@ -215,8 +218,12 @@ impl Registry {
             token_hash: hash(token.expose()),
         };
         let stored = record.clone();
-        self.change(move |clusters| {
+        self.try_change(move |clusters| {
+            if clusters.values().any(|c| c.name == stored.name) {
+                return Err(StoreError::NameTaken(stored.name));
+            }
             clusters.insert(id, stored);
+            Ok(())
         })?;
         Ok((record, token))
     }
@@ -324,14 +331,14 @@ impl Registry {
         });
     }
 
-    /// Applies `edit` to a copy of the state, persists the copy, then makes it current.
-    fn change<T>(
+    /// Like [`Self::change`], for an edit that may refuse: then nothing is written.
+    fn try_change<T>(
         &self,
-        edit: impl FnOnce(&mut HashMap<ClusterId, ClusterRecord>) -> T,
+        edit: impl FnOnce(&mut HashMap<ClusterId, ClusterRecord>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = self.read().clone();
-        let result = edit(&mut next);
+        let result = edit(&mut next)?;
         if let Some(dir) = &self.dir {
             let persisted = persist(dir, &next);
             self.write_failed
@@ -340,6 +347,14 @@ impl Registry {
         }
         *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(result)
+    }
+
+    /// Applies `edit` to a copy of the state, persists the copy, then makes it current.
+    fn change<T>(
+        &self,
+        edit: impl FnOnce(&mut HashMap<ClusterId, ClusterRecord>) -> T,
+    ) -> Result<T, StoreError> {
+        self.try_change(|clusters| Ok(edit(clusters)))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ClusterId, ClusterRecord>> {

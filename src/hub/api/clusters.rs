@@ -176,7 +176,7 @@ pub(super) async fn list_clusters(State(state): Shared) -> Json<Vec<ClusterView>
 /// Register a cluster. The response carries its token and install manifest, once.
 #[utoipa::path(post, path = "/api/v1/clusters", tag = "clusters", request_body = RegisterCluster,
     responses((status = 201, body = ClusterWithToken), (status = 400, body = ApiError),
-              (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 422, body = ApiError)))]
+              (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 409, body = ApiError), (status = 422, body = ApiError)))]
 pub(super) async fn register_cluster(
     State(state): Shared,
     headers: HeaderMap,

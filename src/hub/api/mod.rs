@@ -125,6 +125,9 @@ impl From<JsonRejection> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        if let StoreError::NameTaken(_) = err {
+            return Self::new(StatusCode::CONFLICT, "AlreadyExists", err.to_string());
+        }
         tracing::error!(error = %err, "cluster store write failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

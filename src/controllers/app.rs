@@ -570,7 +570,7 @@ async fn report(
         .await?;
     if phase == AppPhase::Ready && current.and_then(|s| s.phase) != Some(AppPhase::Ready) {
         let event = super::events::phase("Ready", message.to_string());
-        super::events::publish(&ctx.events, &app.object_ref(&()), event).await;
+        super::events::publish(&ctx.client, &app.object_ref(&()), event).await;
     }
     Ok(())
 }

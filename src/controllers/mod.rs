@@ -63,8 +63,6 @@ pub struct Context {
     /// Consecutive failures of each object that is failing (`controller/namespace/name`),
     /// which set its backoff; an entry goes when the object reconciles.
     pub failures: dashmap::DashMap<String, u32>,
-    /// Publishes Kubernetes Events on the reconciled objects.
-    pub events: kube::runtime::events::Recorder,
 }
 
 impl Context {
@@ -78,7 +76,6 @@ impl Context {
         reconciles: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         Self {
-            events: events::recorder(client.clone()),
             client,
             cluster,
             config,
@@ -279,9 +276,9 @@ where
     if category != ErrorCategory::Transient && category != ErrorCategory::Conflict {
         let reference = object.object_ref(&());
         let note = error.to_string();
-        let recorder = ctx.events.clone();
+        let client = ctx.client.clone();
         tokio::spawn(async move {
-            events::publish(&recorder, &reference, events::warning(category, note)).await;
+            events::publish(&client, &reference, events::warning(category, note)).await;
         });
     }
     match retry_delay(category, failures) {

@@ -307,7 +307,7 @@ async fn report(
     write_status(&projects, project, phase, message).await?;
     if before != Some(phase) && phase != ProjectPhase::Failed {
         let event = super::events::phase(&format!("{phase:?}"), message.to_string());
-        super::events::publish(&ctx.events, &project.object_ref(&()), event).await;
+        super::events::publish(&ctx.client, &project.object_ref(&()), event).await;
     }
     Ok(())
 }

@@ -453,7 +453,7 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
                 ServicePhase::Failed => super::events::failed("Failed", note),
                 phase => super::events::phase(&format!("{phase:?}"), note),
             };
-            super::events::publish(&ctx.events, &service.object_ref(&()), event).await;
+            super::events::publish(&ctx.client, &service.object_ref(&()), event).await;
         }
     }
     Ok(match step {

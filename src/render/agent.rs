@@ -74,8 +74,8 @@ pub fn agent_rules() -> Value {
         {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["batch"], "resources": ["jobs"],
          "verbs": ["get", "list", "watch", "create", "delete"]},
-        // Events on the ShapeBlock objects (`kubectl describe`); patch folds repeats into a series.
-        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        // Events on the ShapeBlock objects (`kubectl describe`), created once each.
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": applied},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
          "resourceNames": [DEPLOYER_ROLE], "verbs": ["bind"]},

@@ -518,7 +518,7 @@ async fn report(
         (Some(phase), _) => super::events::phase(&format!("{phase:?}"), note),
         (None, _) => return Ok(()),
     };
-    super::events::publish(&ctx.events, &build.object_ref(&()), event).await;
+    super::events::publish(&ctx.client, &build.object_ref(&()), event).await;
     Ok(())
 }
 

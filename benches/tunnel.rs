@@ -9,26 +9,22 @@
 //! then measures direct vs tunnelled latency and throughput, agent RSS idle and under load,
 //! and hub memory per idle tunnel.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
-use shapeblock::hub::Registry;
 use support::TestNamespace;
+use support::figures::percentile;
 use support::hub::{AgentProcess, TestHub, agent_identity, scratch_dir};
 
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
+/// Tunnel round trips are sub-millisecond: three decimals.
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
@@ -88,7 +84,7 @@ async fn run() {
         api_qps: 1_000_000,
         ..support::hub::test_gateway_config()
     };
-    let hub = TestHub::start_tls_gateway(&dir, Arc::new(Registry::in_memory()), gateway).await;
+    let hub = TestHub::builder().tls(&dir).gateway(gateway).start().await;
     let (record, token) = hub.registry.register("bench", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
@@ -302,7 +298,7 @@ async fn hub_per_idle_tunnel(
     let mut clusters = Vec::new();
     for i in 0..100 {
         let body = serde_json::to_vec(&serde_json::json!({"name": format!("idle-{i}")})).unwrap();
-        let response = support::hub::http_request(
+        let response = support::hub::try_http_request(
             addr,
             None,
             "POST",
@@ -310,7 +306,8 @@ async fn hub_per_idle_tunnel(
             Some(support::hub::ADMIN_TOKEN),
             Some(body),
         )
-        .await;
+        .await
+        .expect("hub request");
         let json = response.json();
         clusters.push((
             json["cluster"]["id"].as_str().unwrap().to_string(),
@@ -329,7 +326,9 @@ async fn hub_per_idle_tunnel(
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let response = support::hub::http_request(addr, None, "GET", "/readyz", None, None).await;
+        let response = support::hub::try_http_request(addr, None, "GET", "/readyz", None, None)
+            .await
+            .expect("hub request");
         if response.json()["connected"].as_u64() == Some(100) {
             break;
         }

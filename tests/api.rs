@@ -3,7 +3,9 @@
 //! ServiceAccount), manage ShapeBlock resources through the tunnel, rotate the token; bad
 //! requests change nothing; the registry survives restarts and `kill -9` during writes.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,8 +17,8 @@ use shapeblock::crd::Project;
 use shapeblock::hub::Registry;
 use support::TestNamespace;
 use support::hub::{
-    ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, http_request, scratch_dir,
-    service_account_kubeconfig,
+    ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, scratch_dir, service_account_kubeconfig,
+    try_http_request,
 };
 
 /// Applies every object of a multi-document YAML manifest with server-side apply.
@@ -49,7 +51,11 @@ async fn register_install_connect_create_rotate() {
         .await
         .unwrap();
     let registry = Arc::new(Registry::open(&dir.join("data")).unwrap());
-    let hub = TestHub::start_tls(&dir, registry, None).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry)
+        .start()
+        .await;
 
     let registered = hub
         .api(
@@ -232,7 +238,11 @@ type BadRequest<'a> = (
 async fn bad_requests_get_clear_errors_and_change_nothing() {
     let dir = scratch_dir("api-bad");
     let registry = Arc::new(Registry::open(&dir.join("data")).unwrap());
-    let hub = TestHub::start_tls(&dir, registry, None).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry)
+        .start()
+        .await;
     let store = dir.join("data/clusters.json");
     let registered = hub
         .api(
@@ -454,7 +464,7 @@ async fn resource_bodies_are_validated_strictly() {
         .unwrap();
     let ns = TestNamespace::new("api-strict").await;
     let identity = support::hub::agent_identity(&dir, &ns.name, "agent", None).await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let hub = TestHub::builder().tls(&dir).start().await;
     let (record, token) = hub.registry.register("strict", Default::default()).unwrap();
     let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
@@ -560,7 +570,9 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     let _ = std::fs::remove_dir_all(dir.join("shapeblock-data"));
     let hub = spawn_hub(&dir, free_port(), &[]).await;
     for path in ["/healthz", "/readyz"] {
-        let response = http_request(hub.addr, None, "GET", path, None, None).await;
+        let response = try_http_request(hub.addr, None, "GET", path, None, None)
+            .await
+            .expect("hub request");
         assert_eq!(response.status, 200, "{path}: {}", response.text());
     }
     let token_file = dir.join("shapeblock-data/admin-token");
@@ -568,7 +580,7 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "admin token file mode {mode:o}");
-    let listed = http_request(
+    let listed = try_http_request(
         hub.addr,
         None,
         "GET",
@@ -576,7 +588,8 @@ async fn the_hub_starts_with_its_embedded_defaults() {
         Some(token.trim()),
         None,
     )
-    .await;
+    .await
+    .expect("hub request");
     assert_eq!(listed.status, 200, "{}", listed.text());
     assert_eq!(listed.json(), json!([]));
     // A second hub on the same data directory refuses to start instead of overwriting the
@@ -599,7 +612,7 @@ async fn the_hub_starts_with_its_embedded_defaults() {
 #[tokio::test]
 async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
     let dir = scratch_dir("api-revoke");
-    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let hub = TestHub::builder().start().await;
     let registered = hub
         .api("POST", "/api/v1/clusters", Some(json!({"name": "revoked"})))
         .await;
@@ -683,7 +696,7 @@ async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
 }
 
 async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {
-    let response = http_request(
+    let response = try_http_request(
         addr,
         None,
         "GET",
@@ -691,7 +704,8 @@ async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {
         Some(ADMIN_TOKEN),
         None,
     )
-    .await;
+    .await
+    .expect("hub request");
     assert_eq!(response.status, 200, "{}", response.text());
     response
         .json()

@@ -2,7 +2,9 @@
 //! objects against the real test apiserver (strict server-side validation, and the agent
 //! chart applied for real). The agent chart must render exactly the hub's install manifest.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -23,6 +23,7 @@ use kube::runtime::watcher;
 use support::TestNamespace;
 use support::figures::percentile;
 use support::hub::{AgentProcess, TestHub, agent_identity, scratch_dir};
+use support::hub_process::HubBinary;
 
 /// Tunnel round trips are sub-millisecond: three decimals.
 fn ms(d: Duration) -> String {
@@ -263,38 +264,35 @@ async fn hub_per_idle_tunnel(
     });
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("hub-data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", support::process::free_port())
+        .parse()
+        .unwrap();
     let config = dir.join("hub.yaml");
     std::fs::write(
         &config,
         format!("controllers: {controllers}\nhandshakes_per_second_per_ip: 200\n"),
     )
     .unwrap();
-    let mut hub_process = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--admin-tokens",
-            support::hub::ADMIN_TOKEN,
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let hub_pid = hub_process.id().unwrap();
+    let args = [
+        "--config".into(),
+        config.display().to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--admin-tokens".into(),
+        support::hub::ADMIN_TOKEN.into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    let hub_process = HubBinary::spawn(
+        &support::process::sibling_binary("shapeblock-hub"),
+        &dir,
+        addr,
+        &args,
+        &[],
+        &dir.join("hub.log"),
+    )
+    .await;
+    let hub_pid = hub_process.pid;
     let mut clusters = Vec::new();
     for i in 0..100 {
         let body = serde_json::to_vec(&serde_json::json!({"name": format!("idle-{i}")})).unwrap();
@@ -358,5 +356,5 @@ async fn hub_per_idle_tunnel(
         agent_rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0
     );
     drop(agents);
-    let _ = hub_process.start_kill();
+    hub_process.kill();
 }

@@ -20,6 +20,8 @@ use support::hub::{
     ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, scratch_dir, service_account_kubeconfig,
     try_http_request,
 };
+use support::hub_process::HubBinary;
+use support::process::{free_port, sibling_binary};
 
 /// Applies every object of a multi-document YAML manifest with server-side apply.
 async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
@@ -509,20 +511,7 @@ async fn resource_bodies_are_validated_strictly() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct HubProcess {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubProcess {
+async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubBinary {
     let args = [
         "--data-dir".into(),
         data_dir.display().to_string(),
@@ -534,32 +523,20 @@ async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubProcess 
 
 /// Starts the hub binary in `dir` listening on `port` with `args`, its output in
 /// `dir/hub-<port>.log` (appended to, so restarts keep the earlier logs).
-async fn spawn_hub(dir: &std::path::Path, port: u16, args: &[String]) -> HubProcess {
+async fn spawn_hub(dir: &std::path::Path, port: u16, args: &[String]) -> HubBinary {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    std::fs::create_dir_all(dir).unwrap();
+    let mut all = vec!["--listen".to_string(), addr.to_string()];
+    all.extend_from_slice(args);
     let log = dir.join(format!("hub-{port}.log"));
-    let out = support::hub::append_log(&log);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--listen")
-        .arg(addr.to_string())
-        .args(args)
-        .current_dir(dir)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        let exited = child.try_wait().unwrap();
-        assert!(
-            Instant::now() < deadline && exited.is_none(),
-            "hub process did not listen ({exited:?}); its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    HubProcess { child, addr }
+    HubBinary::spawn(
+        &sibling_binary("shapeblock-hub"),
+        dir,
+        addr,
+        &all,
+        &[],
+        &log,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -772,9 +749,7 @@ async fn the_registry_survives_restarts_and_kill_9_during_writes() {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(300 + 150 * round)).await;
-        let mut hub = hub;
-        hub.child.start_kill().unwrap(); // SIGKILL
-        let _ = hub.child.wait().await;
+        hub.kill();
         for writer in writers {
             acknowledged.extend(writer.await.unwrap());
         }
@@ -791,10 +766,7 @@ async fn the_registry_survives_restarts_and_kill_9_during_writes() {
         "{} acknowledged registrations survived 3 kill -9 restarts",
         acknowledged.len()
     );
-    let pid = hub.child.id().unwrap();
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let mut hub = hub;
-    let _ = hub.child.wait().await;
+    hub.stop(); // SIGTERM
     let hub = start_hub_process(&data, port).await;
     assert_eq!(list_ids(hub.addr).await.len(), ids.len());
 }

@@ -1,10 +1,12 @@
-//! The hub under load: the real `shapeblock-hub` binary in its own process (so its memory and
-//! CPU are its own), with TLS from a CA made for the run, and a client for its API.
+//! The real `shapeblock-hub` binary in its own process (so its memory and CPU are its own, and
+//! its start-up, signals and data directory are the product's): [`HubBinary`] for any command
+//! line, [`HubProcess`] for the load test's hub with TLS from a CA made for the run, and a
+//! client for its API.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -47,9 +49,96 @@ pub struct HubSettings {
     pub extra: String,
 }
 
-/// A running hub process.
-pub struct HubProcess {
+/// A running hub binary, killed when dropped.
+pub struct HubBinary {
     child: Child,
+    pub pid: u32,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its stdout and stderr, appended to (restarts keep earlier logs).
+    pub log: PathBuf,
+}
+
+impl HubBinary {
+    /// Starts `binary` with `args` and `env` in the working directory `dir` and waits until it
+    /// listens on `addr`; fails the test with its log if it exits first or does not listen
+    /// within 30 s.
+    pub async fn spawn(
+        binary: &Path,
+        dir: &Path,
+        addr: SocketAddr,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> HubBinary {
+        std::fs::create_dir_all(dir).expect("hub directory");
+        let out = crate::process::append_log(log);
+        let child = Command::new(binary)
+            .args(args)
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("hub log"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let mut hub = HubBinary {
+            pid: child.id(),
+            child,
+            addr,
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            hub.assert_running(deadline, "listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        hub
+    }
+
+    /// Fails the test when the hub exited or `deadline` passed before it did `what`.
+    pub fn assert_running(&mut self, deadline: Instant, what: &str) {
+        let exited: Option<ExitStatus> = self.child.try_wait().ok().flatten();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "the hub did not {what} ({}); its log:\n{}",
+            exited.map_or("still running".to_string(), |s| s.to_string()),
+            crate::process::log_tail(&self.log, 50)
+        );
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would; waits for the process to end.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to end (SIGKILL after 20 s).
+    pub fn stop(mut self) {
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HubBinary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The load test's hub: TLS, the relay, JSON logs, configured by a file.
+pub struct HubProcess {
+    binary: HubBinary,
     pub pid: u32,
     pub api: Api,
     pub log: PathBuf,
@@ -76,67 +165,32 @@ impl HubProcess {
         )
         .expect("writing the hub configuration");
         let log = settings.dir.join("hub.log");
-        let child = Command::new(&settings.binary)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("hub log"))
-            .stderr(
-                std::fs::File::options()
-                    .append(true)
-                    .open(&log)
-                    .expect("hub log"),
-            )
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", settings.binary.display()));
-        let pid = child.id();
+        let mut binary = HubBinary::spawn(
+            &settings.binary,
+            &settings.dir,
+            SocketAddr::from(([127, 0, 0, 1], settings.port)),
+            &["--config".into(), config.display().to_string()],
+            &[("RUST_LOG", "warn")],
+            &log,
+        )
+        .await;
         let api = Api::new(settings.port, &settings.admin_token, &pki.ca_file);
-        let mut hub = HubProcess {
-            child,
-            pid,
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.get("/healthz").await.is_err() {
+            binary.assert_running(deadline, "answer /healthz");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        HubProcess {
+            pid: binary.pid,
+            binary,
             api,
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if hub.api.get("/healthz").await.is_ok() {
-                return hub;
-            }
-            if let Ok(Some(status)) = hub.child.try_wait() {
-                panic!("the hub exited ({status}); see {}", hub.log.display());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the hub did not answer /healthz within 30 s; see {}",
-                hub.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// SIGTERM, then waits for the process to end.
-    pub fn stop(mut self) {
-        // SAFETY: plain signal to our own child.
-        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for HubProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn stop(self) {
+        self.binary.stop();
     }
 }
 

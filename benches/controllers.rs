@@ -7,7 +7,7 @@
 //!    a hub in this process and one agent: AppBuild created → build Job created; build Job
 //!    Complete → AppBuild Deploying; deploy Job Complete → AppBuild Completed. Times come from
 //!    watch events, so they are what a client of the cluster would see. The build pods are
-//!    ended by the benchmark as the kubelet would (see `tests/support`), which is not timed.
+//!    ended by the benchmark as the kubelet would (see `test-support/`), which is not timed.
 //! 2. Memory: a fresh hub with 10 clusters, each its own etcd + kube-apiserver with an agent,
 //!    each with a Project and 20 Apps: the process's RSS before the hub starts, with the
 //!    clusters connected, and with every App Ready.

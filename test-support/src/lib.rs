@@ -890,3 +890,30 @@ fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     let _ = stream.read_to_string(&mut body);
     body.contains(needle)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The product never depends on the test support or the load test: only the hub package's
+    /// dev-dependencies and the load test name them.
+    #[test]
+    fn the_product_does_not_depend_on_test_code() {
+        let manifest = std::fs::read_to_string(super::process::repository().join("Cargo.toml"))
+            .expect("the hub's Cargo.toml");
+        let mut section = "";
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                section = line;
+                continue;
+            }
+            if section != "[dev-dependencies]" && section != "[workspace]" {
+                for crate_name in ["shapeblock-test-support", "shapeblock-loadtest"] {
+                    assert!(
+                        !line.starts_with(crate_name),
+                        "{section} of the hub names {crate_name}: {line}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -91,10 +91,21 @@ pub struct ConnectedCluster {
     pub cluster_id: String,
     dir: PathBuf,
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
-    _agent: AgentProcess,
+    agent: Option<AgentProcess>,
 }
 
 impl ConnectedCluster {
+    /// Kills the agent (SIGKILL, as a node failure would) and waits until the hub sees the
+    /// tunnel gone.
+    pub async fn kill_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.kill().await;
+        }
+        if let Some(hub) = &self.hub {
+            hub.wait_disconnected(&self.cluster_id).await;
+        }
+    }
+
     /// Stops the hub (as a crash would, it keeps nothing but the registry) and starts a new one
     /// on the same address; the agent reconnects on its own.
     pub async fn restart_hub(&mut self) {
@@ -165,7 +176,7 @@ pub async fn connected_cluster_relaying(
         cluster_id: record.id,
         dir,
         relay,
-        _agent: agent,
+        agent: Some(agent),
     }
 }
 

@@ -7,13 +7,14 @@
 //!    a hub in this process and one agent: AppBuild created → build Job created; build Job
 //!    Complete → AppBuild Deploying; deploy Job Complete → AppBuild Completed. Times come from
 //!    watch events, so they are what a client of the cluster would see. The build pods are
-//!    ended by the benchmark as the kubelet would (see `tests/support`), which is not timed.
+//!    ended by the benchmark as the kubelet would (see `test-support/`), which is not timed.
 //! 2. Memory: a fresh hub with 10 clusters, each its own etcd + kube-apiserver with an agent,
 //!    each with a Project and 20 Apps: the process's RSS before the hub starts, with the
 //!    clusters connected, and with every App Ready.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,25 +32,13 @@ use shapeblock::hub::Registry;
 use support::cluster::{
     active_project, connected_cluster, phase, ready_app, registry_secret, shapeblock, wait_for,
 };
+use support::figures::{mib, ms, percentile};
 use support::hub::{AgentProcess, TestHub, scratch_dir};
 use support::{PodEnd, finish_job_pod};
 
 const BUILDS: usize = 40;
 const CLUSTERS: usize = 10;
 const APPS: usize = 20;
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
 
 /// Records when each event is first seen: `job:<name>`, `done:<name>`, `<Phase>:<build>`.
 fn record_events(admin: &Client, ns: &str) -> Arc<DashMap<String, Instant>> {
@@ -186,7 +175,12 @@ async fn memory() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = support::rss_kib(std::process::id());
     let registry = Arc::new(Registry::in_memory());
-    let hub = TestHub::start_tls_controllers(&dir, registry.clone()).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry.clone())
+        .controllers()
+        .start()
+        .await;
     let mut agents = Vec::new();
     let mut admins = Vec::new();
     for (i, (config, kubeconfig)) in planes.iter().enumerate() {

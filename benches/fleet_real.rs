@@ -11,24 +11,11 @@
 //! phase change is stamped when a watch of the test sees it (a little after the apiserver
 //! committed it); in the simulated ones when it is committed.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[allow(dead_code)]
-#[path = "../loadtest/src/fleet.rs"]
-mod fleet;
-#[allow(dead_code)]
-#[path = "../loadtest/src/hub.rs"]
-mod hub;
-#[allow(dead_code)]
-#[path = "../loadtest/src/relay.rs"]
-mod relay;
-#[allow(dead_code)]
-#[path = "../loadtest/src/report.rs"]
-mod report;
-#[allow(dead_code)]
-#[path = "../loadtest/src/sim.rs"]
-mod sim;
+use shapeblock_loadtest::{fleet, relay, sim};
+use shapeblock_test_support::hub_process as hub;
+use shapeblock_test_support::{self as support, figures, process};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -75,7 +62,7 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) -> Duration {
 /// Waits until no reconcile ran for 2 s, then samples the hub's RSS.
 async fn quiet_rss(hub: &hub::HubProcess) -> u64 {
     hub.api.until_quiet().await;
-    hub::sample(hub.pid).rss_kib
+    process::sample(hub.pid).rss_kib
 }
 
 /// The end both runs share: time to every App Ready (from `started`), memory once quiet, the
@@ -114,9 +101,9 @@ async fn setup(dir: &Path) -> Setup {
     let received = Arc::new(relay::Received::default());
     let relay_url = relay::start(phases.clone(), received.clone()).await;
     let settings = hub::HubSettings {
-        binary: hub::sibling_binary("shapeblock-hub"),
+        binary: process::sibling_binary("shapeblock-hub"),
         dir: dir.to_path_buf(),
-        port: hub::free_port(),
+        port: process::free_port(),
         relay_url,
         admin_token: "fleet-real-admin-token-0123456789".into(),
         extra: String::new(),
@@ -159,7 +146,7 @@ async fn real(n: usize, dir: &Path, pki: &hub::Pki) -> Outcome {
     let setup = setup(dir).await;
     let hub = hub::HubProcess::start(&setup.settings, pki).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let baseline_kib = hub::sample(hub.pid).rss_kib;
+    let baseline_kib = process::sample(hub.pid).rss_kib;
     let hub_url = format!("wss://127.0.0.1:{}", setup.settings.port);
     let agent = Path::new(env!("CARGO_BIN_EXE_shapeblock-agent"));
     let mut clients = vec![];
@@ -280,7 +267,7 @@ async fn simulated(n: usize, dir: &Path, pki: &hub::Pki) -> Outcome {
     let setup = setup(dir).await;
     let hub = hub::HubProcess::start(&setup.settings, pki).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let baseline_kib = hub::sample(hub.pid).rss_kib;
+    let baseline_kib = process::sample(hub.pid).rss_kib;
     let mut registered = vec![];
     for i in 0..n {
         registered.push(hub.api.register(&format!("sim-{i}")).await);
@@ -321,8 +308,8 @@ fn print(label: &str, n: usize, outcome: &mut Outcome) {
         (Duration::ZERO, Duration::ZERO)
     } else {
         (
-            report::percentile(&mut outcome.latencies, 0.5),
-            report::percentile(&mut outcome.latencies, 0.99),
+            figures::percentile(&mut outcome.latencies, 0.5),
+            figures::percentile(&mut outcome.latencies, 0.99),
         )
     };
     println!(

@@ -9,26 +9,23 @@
 //! then measures direct vs tunnelled latency and throughput, agent RSS idle and under load,
 //! and hub memory per idle tunnel.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
-use shapeblock::hub::Registry;
 use support::TestNamespace;
+use support::figures::percentile;
 use support::hub::{AgentProcess, TestHub, agent_identity, scratch_dir};
+use support::hub_process::HubBinary;
 
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
+/// Tunnel round trips are sub-millisecond: three decimals.
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
@@ -88,7 +85,7 @@ async fn run() {
         api_qps: 1_000_000,
         ..support::hub::test_gateway_config()
     };
-    let hub = TestHub::start_tls_gateway(&dir, Arc::new(Registry::in_memory()), gateway).await;
+    let hub = TestHub::builder().tls(&dir).gateway(gateway).start().await;
     let (record, token) = hub.registry.register("bench", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
@@ -267,42 +264,39 @@ async fn hub_per_idle_tunnel(
     });
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("hub-data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", support::process::free_port())
+        .parse()
+        .unwrap();
     let config = dir.join("hub.yaml");
     std::fs::write(
         &config,
         format!("controllers: {controllers}\nhandshakes_per_second_per_ip: 200\n"),
     )
     .unwrap();
-    let mut hub_process = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--admin-tokens",
-            support::hub::ADMIN_TOKEN,
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let hub_pid = hub_process.id().unwrap();
+    let args = [
+        "--config".into(),
+        config.display().to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--admin-tokens".into(),
+        support::hub::ADMIN_TOKEN.into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    let hub_process = HubBinary::spawn(
+        &support::process::sibling_binary("shapeblock-hub"),
+        &dir,
+        addr,
+        &args,
+        &[],
+        &dir.join("hub.log"),
+    )
+    .await;
+    let hub_pid = hub_process.pid;
     let mut clusters = Vec::new();
     for i in 0..100 {
         let body = serde_json::to_vec(&serde_json::json!({"name": format!("idle-{i}")})).unwrap();
-        let response = support::hub::http_request(
+        let response = support::hub::try_http_request(
             addr,
             None,
             "POST",
@@ -310,7 +304,8 @@ async fn hub_per_idle_tunnel(
             Some(support::hub::ADMIN_TOKEN),
             Some(body),
         )
-        .await;
+        .await
+        .expect("hub request");
         let json = response.json();
         clusters.push((
             json["cluster"]["id"].as_str().unwrap().to_string(),
@@ -329,7 +324,9 @@ async fn hub_per_idle_tunnel(
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let response = support::hub::http_request(addr, None, "GET", "/readyz", None, None).await;
+        let response = support::hub::try_http_request(addr, None, "GET", "/readyz", None, None)
+            .await
+            .expect("hub request");
         if response.json()["connected"].as_u64() == Some(100) {
             break;
         }
@@ -359,5 +356,5 @@ async fn hub_per_idle_tunnel(
         agent_rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0
     );
     drop(agents);
-    let _ = hub_process.start_kill();
+    hub_process.kill();
 }

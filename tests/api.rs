@@ -3,7 +3,9 @@
 //! ServiceAccount), manage ShapeBlock resources through the tunnel, rotate the token; bad
 //! requests change nothing; the registry survives restarts and `kill -9` during writes.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +17,11 @@ use shapeblock::crd::Project;
 use shapeblock::hub::Registry;
 use support::TestNamespace;
 use support::hub::{
-    ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, http_request, scratch_dir,
-    service_account_kubeconfig,
+    ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, scratch_dir, service_account_kubeconfig,
+    try_http_request,
 };
+use support::hub_process::HubBinary;
+use support::process::{free_port, sibling_binary};
 
 /// Applies every object of a multi-document YAML manifest with server-side apply.
 async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
@@ -49,7 +53,11 @@ async fn register_install_connect_create_rotate() {
         .await
         .unwrap();
     let registry = Arc::new(Registry::open(&dir.join("data")).unwrap());
-    let hub = TestHub::start_tls(&dir, registry, None).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry)
+        .start()
+        .await;
 
     let registered = hub
         .api(
@@ -232,7 +240,11 @@ type BadRequest<'a> = (
 async fn bad_requests_get_clear_errors_and_change_nothing() {
     let dir = scratch_dir("api-bad");
     let registry = Arc::new(Registry::open(&dir.join("data")).unwrap());
-    let hub = TestHub::start_tls(&dir, registry, None).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry)
+        .start()
+        .await;
     let store = dir.join("data/clusters.json");
     let registered = hub
         .api(
@@ -454,7 +466,7 @@ async fn resource_bodies_are_validated_strictly() {
         .unwrap();
     let ns = TestNamespace::new("api-strict").await;
     let identity = support::hub::agent_identity(&dir, &ns.name, "agent", None).await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let hub = TestHub::builder().tls(&dir).start().await;
     let (record, token) = hub.registry.register("strict", Default::default()).unwrap();
     let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
@@ -499,20 +511,7 @@ async fn resource_bodies_are_validated_strictly() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct HubProcess {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubProcess {
+async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubBinary {
     let args = [
         "--data-dir".into(),
         data_dir.display().to_string(),
@@ -524,32 +523,20 @@ async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubProcess 
 
 /// Starts the hub binary in `dir` listening on `port` with `args`, its output in
 /// `dir/hub-<port>.log` (appended to, so restarts keep the earlier logs).
-async fn spawn_hub(dir: &std::path::Path, port: u16, args: &[String]) -> HubProcess {
+async fn spawn_hub(dir: &std::path::Path, port: u16, args: &[String]) -> HubBinary {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    std::fs::create_dir_all(dir).unwrap();
+    let mut all = vec!["--listen".to_string(), addr.to_string()];
+    all.extend_from_slice(args);
     let log = dir.join(format!("hub-{port}.log"));
-    let out = support::hub::append_log(&log);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--listen")
-        .arg(addr.to_string())
-        .args(args)
-        .current_dir(dir)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        let exited = child.try_wait().unwrap();
-        assert!(
-            Instant::now() < deadline && exited.is_none(),
-            "hub process did not listen ({exited:?}); its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    HubProcess { child, addr }
+    HubBinary::spawn(
+        &sibling_binary("shapeblock-hub"),
+        dir,
+        addr,
+        &all,
+        &[],
+        &log,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -560,7 +547,9 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     let _ = std::fs::remove_dir_all(dir.join("shapeblock-data"));
     let hub = spawn_hub(&dir, free_port(), &[]).await;
     for path in ["/healthz", "/readyz"] {
-        let response = http_request(hub.addr, None, "GET", path, None, None).await;
+        let response = try_http_request(hub.addr, None, "GET", path, None, None)
+            .await
+            .expect("hub request");
         assert_eq!(response.status, 200, "{path}: {}", response.text());
     }
     let token_file = dir.join("shapeblock-data/admin-token");
@@ -568,7 +557,7 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "admin token file mode {mode:o}");
-    let listed = http_request(
+    let listed = try_http_request(
         hub.addr,
         None,
         "GET",
@@ -576,7 +565,8 @@ async fn the_hub_starts_with_its_embedded_defaults() {
         Some(token.trim()),
         None,
     )
-    .await;
+    .await
+    .expect("hub request");
     assert_eq!(listed.status, 200, "{}", listed.text());
     assert_eq!(listed.json(), json!([]));
 
@@ -634,7 +624,7 @@ async fn the_hub_starts_with_its_embedded_defaults() {
 #[tokio::test]
 async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
     let dir = scratch_dir("api-revoke");
-    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let hub = TestHub::builder().start().await;
     let registered = hub
         .api("POST", "/api/v1/clusters", Some(json!({"name": "revoked"})))
         .await;
@@ -718,7 +708,7 @@ async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
 }
 
 async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {
-    let response = http_request(
+    let response = try_http_request(
         addr,
         None,
         "GET",
@@ -726,7 +716,8 @@ async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {
         Some(ADMIN_TOKEN),
         None,
     )
-    .await;
+    .await
+    .expect("hub request");
     assert_eq!(response.status, 200, "{}", response.text());
     response
         .json()
@@ -793,9 +784,7 @@ async fn the_registry_survives_restarts_and_kill_9_during_writes() {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(300 + 150 * round)).await;
-        let mut hub = hub;
-        hub.child.start_kill().unwrap(); // SIGKILL
-        let _ = hub.child.wait().await;
+        hub.kill();
         for writer in writers {
             acknowledged.extend(writer.await.unwrap());
         }
@@ -812,10 +801,7 @@ async fn the_registry_survives_restarts_and_kill_9_during_writes() {
         "{} acknowledged registrations survived 3 kill -9 restarts",
         acknowledged.len()
     );
-    let pid = hub.child.id().unwrap();
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let mut hub = hub;
-    let _ = hub.child.wait().await;
+    hub.stop(); // SIGTERM
     let hub = start_hub_process(&data, port).await;
     assert_eq!(list_ids(hub.addr).await.len(), ids.len());
 }

@@ -5,7 +5,9 @@
 //! termination messages the real containers write (the commit SHA from `git log --output`,
 //! kaniko's `--digest-file`, git's and helm's output through `FallbackToLogsOnError`).
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::time::{Duration, Instant};
 

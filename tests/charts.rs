@@ -2,7 +2,9 @@
 //! objects against the real test apiserver (strict server-side validation, and the agent
 //! chart applied for real). The agent chart must render exactly the hub's install manifest.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -214,5 +216,232 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
             container["securityContext"]["readOnlyRootFilesystem"],
             json!(true)
         );
+    }
+}
+
+/// Minimal CustomResourceDefinitions of the Prometheus Operator's ServiceMonitor and
+/// PrometheusRule: structural schemas of exactly the fields the hub chart writes, with the
+/// types and required fields of the operator's own CRDs (monitoring.coreos.com/v1), so strict
+/// server-side validation rejects a misspelt or misplaced field.
+fn monitoring_crds() -> Vec<Value> {
+    let string = json!({"type": "string"});
+    let string_map = json!({"type": "object", "additionalProperties": {"type": "string"}});
+    let crd = |kind: &str, plural: &str, spec: Value| {
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.monitoring.coreos.com")},
+            "spec": {
+                "group": "monitoring.coreos.com", "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
+                          "listKind": format!("{kind}List")},
+                "versions": [{"name": "v1", "served": true, "storage": true, "schema": {
+                    "openAPIV3Schema": {"type": "object", "required": ["spec"], "properties": {
+                        "apiVersion": string, "kind": string, "metadata": {"type": "object"},
+                        "spec": spec}}}}]
+            }
+        })
+    };
+    let service_monitor = json!({"type": "object", "required": ["selector"], "properties": {
+        "selector": {"type": "object", "properties": {"matchLabels": string_map}},
+        "endpoints": {"type": "array", "items": {"type": "object", "properties": {
+            "port": string, "path": string, "interval": string, "scrapeTimeout": string}}}
+    }});
+    let prometheus_rule = json!({"type": "object", "properties": {
+        "groups": {"type": "array", "items": {"type": "object", "required": ["name", "rules"],
+            "properties": {"name": string, "rules": {"type": "array", "items": {
+                "type": "object", "required": ["expr"], "properties": {
+                    "alert": string, "record": string, "for": string,
+                    "expr": {"x-kubernetes-int-or-string": true},
+                    "labels": string_map, "annotations": string_map}}}}}}
+    }});
+    vec![
+        crd("ServiceMonitor", "servicemonitors", service_monitor),
+        crd("PrometheusRule", "prometheusrules", prometheus_rule),
+    ]
+}
+
+/// The metric names a hub exposes, from its real `/metrics`: every sample's name, and every
+/// declared metric's as Prometheus stores it (a counter's as `<name>_total`).
+fn exposed_metric_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            names.insert(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_string(),
+            });
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+/// The hub's metric names a PromQL expression reads.
+fn metric_names_in(expr: &str) -> Vec<&str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("shapeblock_"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_hub_chart_monitoring_is_off_by_default_and_valid_when_on() {
+    let chart = repo().join("charts/shapeblock-hub");
+    let default_kinds: Vec<String> =
+        documents(&run_helm(&["template", "hub", chart.to_str().unwrap()]))
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap().to_string())
+            .collect();
+    assert!(
+        !default_kinds
+            .iter()
+            .any(|k| k == "ServiceMonitor" || k == "PrometheusRule"),
+        "{default_kinds:?}"
+    );
+
+    let client = support::client().await;
+    let ns = TestNamespace::new("hub-chart-monitoring").await;
+    let objects = documents(&run_helm(&[
+        "template",
+        "hub",
+        chart.to_str().unwrap(),
+        "--namespace",
+        ns.name.as_str(),
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.dashboard.enabled=true,metrics.serviceMonitor.labels.release=prometheus",
+    ]));
+    let find = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+    };
+    let service_monitor = find("ServiceMonitor", "hub");
+    let rule = find("PrometheusRule", "hub");
+    let dashboard = find("ConfigMap", "hub-dashboard");
+    assert_eq!(
+        service_monitor["metadata"]["labels"]["release"],
+        "prometheus"
+    );
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+
+    // The ServiceMonitor selects the chart's Service and scrapes a port it has.
+    let service = objects.iter().find(|o| o["kind"] == "Service").unwrap();
+    let selector = service_monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    for (key, value) in selector {
+        assert_eq!(&service["metadata"]["labels"][key], value, "selector {key}");
+    }
+    let port = service_monitor["spec"]["endpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port),
+        "the Service has no port {port}"
+    );
+    assert_eq!(service_monitor["spec"]["endpoints"][0]["path"], "/metrics");
+
+    // Every object is accepted by the apiserver, the monitoring ones against the operator's
+    // schema (CRDs installed first).
+    for crd in monitoring_crds() {
+        support::apply_object(&client, &crd, "default", false).await;
+    }
+    let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        kube::Api::all(client.clone());
+    for name in [
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ] {
+        support::cluster::wait_for(
+            &format!("CRD {name} Established"),
+            std::time::Duration::from_secs(30),
+            async || {
+                let crd = crds.get(name).await.ok()?;
+                let established = crd
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            },
+        )
+        .await;
+    }
+    for object in &objects {
+        support::apply_object(&client, object, &ns.name, true).await;
+    }
+
+    // Every metric an alert or a dashboard panel reads is one the hub really exposes (a
+    // labelled family without series is not exposed at all).
+    // The per-cluster and per-controller series appear with what they count: a connected
+    // cluster, a reconciled Project, a refused handshake, a lost tunnel.
+    let mut cluster = support::cluster::connected_cluster("chart-metrics").await;
+    support::cluster::active_project(&cluster.admin, "metrics").await;
+    let hub = cluster.hub.as_ref().unwrap();
+    let refused = hub.api_raw(None, "GET", "/agent/v1/connect", None).await;
+    assert!(refused.status >= 400, "{}", refused.status);
+    cluster.kill_agent().await;
+    let metrics = cluster
+        .hub
+        .as_ref()
+        .unwrap()
+        .api("GET", "/metrics", None)
+        .await;
+    assert_eq!(metrics.status, 200);
+    let exposed = exposed_metric_names(&metrics.text());
+    drop(cluster);
+    let mut expressions: Vec<(String, String)> = Vec::new();
+    for group in rule["spec"]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let alert = rule["alert"].as_str().unwrap().to_string();
+            expressions.push((alert, rule["expr"].as_str().unwrap().to_string()));
+        }
+    }
+    let alerts: Vec<&str> = expressions.iter().map(|(a, _)| a.as_str()).collect();
+    for wanted in [
+        "ShapeBlockClusterDisconnected",
+        "ShapeBlockReconcileFailures",
+        "ShapeBlockRelayBacklog",
+    ] {
+        assert!(alerts.contains(&wanted), "no alert {wanted}: {alerts:?}");
+    }
+    let board: Value =
+        serde_json::from_str(dashboard["data"]["shapeblock-hub.json"].as_str().unwrap())
+            .expect("the dashboard is JSON");
+    assert_eq!(board["uid"], "shapeblock-hub");
+    for panel in board["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            expressions.push((
+                format!("panel {}", panel["title"]),
+                target["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    for variable in board["templating"]["list"].as_array().unwrap() {
+        if let Some(query) = variable["definition"].as_str() {
+            expressions.push((format!("variable {}", variable["name"]), query.to_string()));
+        }
+    }
+    for (what, expr) in &expressions {
+        let names = metric_names_in(expr);
+        assert!(!names.is_empty(), "{what} reads no hub metric: {expr}");
+        for name in names {
+            assert!(
+                exposed.contains(name),
+                "{what} reads {name}, which the hub does not expose: {expr}\nexposed: {exposed:?}"
+            );
+        }
     }
 }

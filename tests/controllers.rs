@@ -2,7 +2,9 @@
 //! kube-controller-manager, which namespace deletion needs). The agent runs as the install
 //! manifest's own ServiceAccount, so every write also proves the least-privilege role.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,9 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use shapeblock::crd::{Project, ProjectPhase};
-use support::cluster::{active_project, connected_cluster, phase, registry_secret, wait_for};
+use support::cluster::{
+    active_project, connected_cluster, phase, project_active, registry_secret, wait_for,
+};
 
 #[tokio::test]
 async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_with_it() {
@@ -155,12 +159,7 @@ async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_w
         )
         .await
         .unwrap();
-    wait_for("Project recovered", Duration::from_secs(60), async || {
-        phase(&projects, &waiting)
-            .await
-            .filter(|(p, _)| *p == ProjectPhase::Active)
-    })
-    .await;
+    project_active(&projects, &waiting, "Project recovered").await;
 
     // Deleting a Project deletes its namespace, then the Project itself goes.
     for project in [&name, &waiting] {

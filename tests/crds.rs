@@ -2,7 +2,9 @@
 //! the seed document's samples are accepted, every validation rule rejects a matching invalid
 //! object with its message, and server-side apply round-trips each kind with no field lost.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,9 @@
 //! The test control plane runs Jobs: kube-controller-manager creates the pod, kube-scheduler
 //! binds it to the kwok node, kwok runs it to completion, and the Job completes.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::time::Duration;
 

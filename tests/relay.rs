@@ -4,7 +4,9 @@
 //! backpressure and every event; `/api/v1/events` resumes from a cursor or starts from a
 //! snapshot.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

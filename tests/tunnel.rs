@@ -2,7 +2,9 @@
 //! real test control plane behind it. Every request in these tests travels
 //! hub client → HTTP/2 → websocket (TLS) → agent → kube-apiserver.
 
-mod support;
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -71,7 +73,7 @@ async fn setup(name: &str) -> Setup {
     let dir = scratch_dir(name);
     let ns = TestNamespace::new(name).await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let hub = TestHub::builder().tls(&dir).start().await;
     let (record, token) = hub.registry.register(name, Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent");
     hub.wait_connected(&record.id).await;
@@ -271,7 +273,11 @@ async fn watches_survive_agent_and_hub_restarts() {
     let ns = TestNamespace::new("restarts").await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
     let registry = Arc::new(Registry::in_memory());
-    let hub = TestHub::start_tls(&dir, registry.clone(), None).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry.clone())
+        .start()
+        .await;
     let (record, token) = registry.register("restarts", Default::default()).unwrap();
     let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &identity.kubeconfig, "agent-1");
     hub.wait_connected(&record.id).await;
@@ -316,7 +322,12 @@ async fn watches_survive_agent_and_hub_restarts() {
     let addr = hub.addr;
     hub.stop().await;
     drop(events);
-    let hub = TestHub::start_tls(&dir, registry.clone(), Some(addr)).await;
+    let hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry.clone())
+        .addr(addr)
+        .start()
+        .await;
     hub.wait_connected(&record.id).await;
     let tunnelled: Api<ConfigMap> = Api::namespaced(hub.gateway.client(&record.id), &ns.name);
     let mut events = watcher(tunnelled, watcher::Config::default()).boxed();
@@ -435,7 +446,7 @@ async fn clusters_are_isolated_and_agents_use_only_their_own_credentials() {
     let ns_b = TestNamespace::new("iso-b").await;
     let id_a = agent_identity(&dir, &home.name, "agent-a", Some(&ns_a.name)).await;
     let id_b = agent_identity(&dir, &home.name, "agent-b", Some(&ns_b.name)).await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let hub = TestHub::builder().tls(&dir).start().await;
     let (a, token_a) = hub.registry.register("a", Default::default()).unwrap();
     let (b, token_b) = hub.registry.register("b", Default::default()).unwrap();
     let _agent_a = AgentProcess::spawn(&dir, &hub, token_a.expose(), &id_a.kubeconfig, "agent-a");
@@ -498,7 +509,7 @@ async fn wrong_unknown_or_revoked_tokens_get_no_tunnel() {
     let dir = scratch_dir("tokens");
     let ns = TestNamespace::new("tokens").await;
     let identity = agent_identity(&dir, &ns.name, "agent", None).await;
-    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let hub = TestHub::builder().start().await;
     let (record, token) = hub.registry.register("tokens", Default::default()).unwrap();
     let wrong_secret = format!("sbt_{}_{}", record.id, "0".repeat(64));
     let unknown = format!("sbt_c0000000000000000_{}", "1".repeat(64));
@@ -618,7 +629,7 @@ async fn a_newer_tunnel_replaces_the_older() {
 
 #[tokio::test]
 async fn handshakes_are_rate_limited_before_authentication() {
-    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let hub = TestHub::builder().start().await;
     // The per-address burst is five seconds' worth of the per-address rate (20/s): 100.
     let mut statuses = BTreeMap::new();
     for _ in 0..150 {
@@ -687,7 +698,7 @@ async fn two_clusters_each_reach_only_their_own_apiserver() {
     let admin_a = support::client().await;
     let admin_b = Client::try_from(config_b).unwrap();
     let kubeconfig_a = support::kubeconfig_path().await;
-    let hub = TestHub::start_tls(&dir, Arc::new(Registry::in_memory()), None).await;
+    let hub = TestHub::builder().tls(&dir).start().await;
     let (a, token_a) = hub.registry.register("a", Default::default()).unwrap();
     let (b, token_b) = hub.registry.register("b", Default::default()).unwrap();
     let _agent_a = AgentProcess::spawn(&dir, &hub, token_a.expose(), &kubeconfig_a, "agent-a");

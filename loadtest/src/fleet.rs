@@ -3,7 +3,7 @@
 //! that reach their simulated cluster over loopback HTTP, to measure the agent's own memory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,22 +95,18 @@ pub fn clusters(
         .collect()
 }
 
-fn agent_args(hub_url: &str, token: &str, ca: &Path) -> Vec<String> {
-    vec![
+/// Runs the agent code in this process for a member until `shutdown`.
+pub fn start_agent(member: &Member, hub_url: &str, ca: &Path, shutdown: CancellationToken) {
+    let args = shapeblock::agent::AgentArgs::try_parse_from([
         "shapeblock-agent".into(),
         "--hub-url".into(),
         hub_url.into(),
         "--token".into(),
-        token.into(),
+        member.token.clone(),
         "--hub-ca-file".into(),
         ca.display().to_string(),
-    ]
-}
-
-/// Runs the agent code in this process for a member until `shutdown`.
-pub fn start_agent(member: &Member, hub_url: &str, ca: &Path, shutdown: CancellationToken) {
-    let args = shapeblock::agent::AgentArgs::try_parse_from(agent_args(hub_url, &member.token, ca))
-        .expect("agent arguments");
+    ])
+    .expect("agent arguments");
     let config = shapeblock::agent::AgentConfig::load(args).expect("agent configuration");
     let cluster = member.cluster.clone();
     tokio::spawn(async move {
@@ -160,20 +156,22 @@ impl AgentProcess {
         kubeconfig: &Path,
         dir: &Path,
     ) -> AgentProcess {
-        let log = dir.join(format!(
-            "agent-{}.log",
-            kubeconfig.file_stem().unwrap_or_default().to_string_lossy()
-        ));
-        let child = Command::new(binary)
-            .args(&agent_args(hub_url, token, ca)[1..])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("agent log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        let stem = kubeconfig.file_stem().unwrap_or_default().to_string_lossy();
+        let log = dir.join(format!("agent-{stem}.log"));
+        let token_file = dir.join(format!("agent-{stem}.token"));
+        std::fs::write(&token_file, token).expect("writing an agent token");
+        let child = shapeblock_test_support::process::agent_command(
+            binary,
+            hub_url,
+            Some(ca),
+            &token_file,
+            kubeconfig,
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("agent log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         AgentProcess {
             pid: child.id(),
             child,

@@ -9,10 +9,12 @@ use clap::Parser;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use shapeblock_loadtest::fleet::{self, AgentProcess, Member};
-use shapeblock_loadtest::hub::{self, HubProcess, HubSettings, Pki, ProcSample};
-use shapeblock_loadtest::report::{Figures, mib, percentile};
+use shapeblock_loadtest::report::Figures;
 use shapeblock_loadtest::sim::JobTimings;
 use shapeblock_loadtest::{WATCHES_PER_CLUSTER, relay};
+use shapeblock_test_support::figures::{mib, percentile};
+use shapeblock_test_support::hub_process::{HubProcess, HubSettings, Pki};
+use shapeblock_test_support::process::{self, ProcSample};
 use tokio_util::sync::CancellationToken;
 
 /// Connects simulated clusters to a real hub process and measures it.
@@ -104,14 +106,14 @@ async fn run(args: Args) {
     let hub_binary = args
         .hub_binary
         .clone()
-        .unwrap_or_else(|| hub::sibling_binary("shapeblock-hub"));
+        .unwrap_or_else(|| process::sibling_binary("shapeblock-hub"));
     let agent_binary = args.agent_binary.clone().unwrap_or_else(|| {
-        let sized =
-            hub::sibling_binary("shapeblock-loadtest").with_file_name("../agent/shapeblock-agent");
+        let sized = process::sibling_binary("shapeblock-loadtest")
+            .with_file_name("../agent/shapeblock-agent");
         if sized.exists() {
             sized
         } else {
-            hub::sibling_binary("shapeblock-agent")
+            process::sibling_binary("shapeblock-agent")
         }
     });
     let pki = Pki::create(&work);
@@ -162,9 +164,9 @@ fn total_memory_mib() -> u64 {
 /// reconciles that ran in the window (none, when the fleet is really idle).
 async fn window(hub: &HubProcess, seconds: u64) -> (ProcSample, f64) {
     let counts = hub.api.reconciles().await;
-    let before = hub::sample(hub.pid);
+    let before = process::sample(hub.pid);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let after = hub::sample(hub.pid);
+    let after = process::sample(hub.pid);
     let ran: Vec<String> = hub
         .api
         .reconciles()
@@ -178,7 +180,7 @@ async fn window(hub: &HubProcess, seconds: u64) -> (ProcSample, f64) {
     if !ran.is_empty() {
         println!("  reconciles in the {seconds} s window: {}", ran.join("; "));
     }
-    (after, hub::cores(&before, &after))
+    (after, process::cores(&before, &after))
 }
 
 async fn scenario(
@@ -202,14 +204,14 @@ async fn scenario(
     let settings = HubSettings {
         binary: hub_binary.to_path_buf(),
         dir: dir.to_path_buf(),
-        port: hub::free_port(),
+        port: process::free_port(),
         relay_url,
         admin_token: ADMIN_TOKEN.into(),
         extra: HUB_EXTRA.into(),
     };
     let hub = HubProcess::start(&settings, pki).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    figures.baseline_kib = hub::sample(hub.pid).rss_kib;
+    figures.baseline_kib = process::sample(hub.pid).rss_kib;
     println!("hub started: RSS {}", mib(figures.baseline_kib));
 
     // Register the fleet through the API, 16 at a time.
@@ -283,7 +285,7 @@ async fn scenario(
     figures.idle_cores = idle_cores;
     figures.agent_idle_kib = processes
         .iter()
-        .map(|p| hub::sample(p.pid).rss_kib)
+        .map(|p| process::sample(p.pid).rss_kib)
         .max()
         .unwrap_or(0);
     println!(
@@ -334,7 +336,7 @@ async fn scenario(
 
     // A steady rate of builds across the fleet.
     received.measuring.store(true, Ordering::Relaxed);
-    let before = hub::sample(hub.pid);
+    let before = process::sample(hub.pid);
     let interval = Duration::from_secs_f64(1.0 / args.build_rate.max(0.01));
     let mut ticker = tokio::time::interval(interval);
     let deadline = Instant::now() + Duration::from_secs(args.build_seconds);
@@ -349,11 +351,11 @@ async fn scenario(
             created += 1;
         }
         if created.is_multiple_of(10) {
-            peak = peak.max(hub::sample(hub.pid).rss_kib);
+            peak = peak.max(process::sample(hub.pid).rss_kib);
             agent_peak = agent_peak.max(
                 processes
                     .iter()
-                    .map(|p| hub::sample(p.pid).rss_kib)
+                    .map(|p| process::sample(p.pid).rss_kib)
                     .max()
                     .unwrap_or(0),
             );
@@ -369,13 +371,13 @@ async fn scenario(
         },
     )
     .await;
-    let after = hub::sample(hub.pid);
+    let after = process::sample(hub.pid);
     received.measuring.store(false, Ordering::Relaxed);
     let (done, failed) = fleet::finished_builds(&members);
     let mut latencies = received.take_latencies("AppBuild");
     figures.builds = created;
     figures.builds_failed = failed;
-    figures.build_cores = hub::cores(&before, &after);
+    figures.build_cores = process::cores(&before, &after);
     figures.build_peak_kib = peak.max(after.rss_kib);
     figures.agent_busy_kib = agent_peak;
     figures.relay_samples = latencies.len();
@@ -481,7 +483,7 @@ async fn restart(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let storm = hub::sample(pid);
+    let storm = process::sample(pid);
     figures.restart = Some((
         connected.unwrap_or_default().as_secs_f64(),
         watching.unwrap_or_default().as_secs_f64(),
@@ -489,7 +491,7 @@ async fn restart(
         storm.hwm_kib,
     ));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    figures.restart_settled_kib = hub::sample(pid).rss_kib;
+    figures.restart_settled_kib = process::sample(pid).rss_kib;
     println!(
         "restart: all {n} reconnected after {:.1} s, all watching after {:.1} s, all {expected} Projects/Apps relayed after {:.1} s; \
          peak hub RSS {} during the storm, {} 10 s later",

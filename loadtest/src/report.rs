@@ -2,15 +2,7 @@
 
 use std::time::Duration;
 
-/// The `p` quantile (0..=1) of some samples (sorts them).
-pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-pub fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
+use shapeblock_test_support::figures::mib;
 
 /// Everything measured for one fleet size.
 #[derive(Debug, Default)]

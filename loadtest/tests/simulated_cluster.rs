@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use serde_json::json;
 use shapeblock_loadtest::fleet::{self, PROJECT};
-use shapeblock_loadtest::hub::{self, HubProcess, HubSettings, Pki};
 use shapeblock_loadtest::sim::{COMMIT, Cluster, JobTimings};
 use shapeblock_loadtest::{WATCHES_PER_CLUSTER, relay};
+use shapeblock_test_support::hub_process::{HubProcess, HubSettings, Pki};
+use shapeblock_test_support::process;
 use tokio_util::sync::CancellationToken;
 
 async fn wait(what: &str, mut done: impl FnMut() -> bool) {
@@ -35,9 +36,9 @@ async fn the_hub_runs_a_build_in_a_simulated_cluster() {
     let phases: Arc<DashMap<String, Instant>> = Arc::default();
     let received = Arc::new(relay::Received::default());
     let settings = HubSettings {
-        binary: hub::sibling_binary("shapeblock-hub"),
+        binary: process::sibling_binary("shapeblock-hub"),
         dir: dir.clone(),
-        port: hub::free_port(),
+        port: process::free_port(),
         relay_url: relay::start(phases.clone(), received.clone()).await,
         admin_token: "simulated-cluster-test-token".into(),
         extra: String::new(),

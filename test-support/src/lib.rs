@@ -1,4 +1,9 @@
-//! Test support: a real Kubernetes control plane for integration tests.
+//! Test support for the hub's integration tests, benchmarks and load test: a real Kubernetes
+//! control plane (this file), its certificates ([`pki`]), hubs in this process and agents as
+//! real processes ([`hub`]), a hub with controllers and one connected cluster ([`cluster`]),
+//! the hub binary in its own process with an API client ([`hub_process`]), and what every
+//! harness needs of processes: free ports, memory and CPU samples, logs ([`process`]).
+//! Depends on the hub's library; nothing in the product depends on it.
 //!
 //! Each test binary starts its own etcd + kube-apiserver on free loopback ports, with
 //! certificates generated for the run, the first time a test asks for it; later tests in the
@@ -17,11 +22,21 @@
 //! `SHAPEBLOCK_TEST_BINS`). Nothing here skips: a control plane that cannot start fails the
 //! test with the reason and the tail of the component's log.
 
-#![allow(dead_code)] // each test binary uses a different part of this module
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cluster;
+pub mod figures;
+pub mod hub;
+pub mod hub_process;
+pub mod pki;
+pub mod process;
+
+pub use process::rss_kib;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -312,7 +327,7 @@ fn binaries() -> Result<PathBuf, String> {
     if let Ok(dir) = std::env::var("SHAPEBLOCK_TEST_BINS") {
         return Ok(PathBuf::from(dir));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/control-plane/build.sh");
+    let script = process::repository().join("tests/control-plane/build.sh");
     let out = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
@@ -336,7 +351,7 @@ fn binaries() -> Result<PathBuf, String> {
 /// Creates this run's directory and removes earlier runs whose process is gone, keeping
 /// only the logs of runs in which a test failed.
 fn run_dir() -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("control-plane");
+    let root = process::target_tmp().join("control-plane");
     fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
     if let Ok(entries) = fs::read_dir(&root) {
         for entry in entries.flatten() {
@@ -435,11 +450,7 @@ fn supervise(
 }
 
 fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
+    process::try_free_port().map_err(|e| format!("free port: {e}"))
 }
 
 /// Spawns a component with its output in `logs/<name>.log`, killed when this thread dies.
@@ -463,9 +474,7 @@ fn spawn(dir: &Path, bin: &Path, name: &str, args: &[String]) -> Result<Child, S
 }
 
 fn log_tail(dir: &Path, name: &str) -> String {
-    let text = fs::read_to_string(dir.join("logs").join(format!("{name}.log"))).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    process::log_tail(&dir.join("logs").join(format!("{name}.log")), 30)
 }
 
 fn check_alive(child: &mut Child, dir: &Path, name: &str) -> Result<(), String> {
@@ -475,6 +484,36 @@ fn check_alive(child: &mut Child, dir: &Path, name: &str) -> Result<(), String> 
             log_tail(dir, name)
         )),
         _ => Ok(()),
+    }
+}
+
+/// Polls `ready` every `interval_ms` until it passes. Fails as soon as one of the `watched`
+/// components exits, or after [`START_TIMEOUT`] with the last reason `ready` gave and the tail
+/// of the last watched component's log.
+async fn wait_ready(
+    dir: &Path,
+    watched: &mut [(&mut Child, &str)],
+    what: &str,
+    interval_ms: u64,
+    mut ready: impl AsyncFnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        for (child, name) in watched.iter_mut() {
+            check_alive(child, dir, name)?;
+        }
+        let last_error = match ready().await {
+            Ok(()) => return Ok(()),
+            Err(reason) => reason,
+        };
+        if Instant::now() > deadline {
+            let log = watched.last().map_or("", |(_, name)| *name);
+            return Err(format!(
+                "{what} after {START_TIMEOUT:?} ({last_error}):\n{}",
+                log_tail(dir, log)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
 }
 
@@ -505,20 +544,18 @@ async fn start_apiserver(
             "--log-level=warn".into(),
         ],
     )?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        check_alive(&mut etcd, dir, "etcd")?;
-        if http_get_contains(etcd_port, "/health", "\"health\":\"true\"") {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "etcd not healthy after {START_TIMEOUT:?}:\n{}",
-                log_tail(dir, "etcd")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(
+        dir,
+        &mut [(&mut etcd, "etcd")],
+        "etcd not healthy",
+        100,
+        async || {
+            http_get_contains(etcd_port, "/health", "\"health\":\"true\"")
+                .then_some(())
+                .ok_or_else(|| "/health does not say so".to_string())
+        },
+    )
+    .await?;
     children.push(etcd);
 
     let api_port = free_port()?;
@@ -557,37 +594,32 @@ async fn start_apiserver(
         .map_err(|e| format!("kubeconfig: {e}"))?;
     let client = Client::try_from(config.clone()).map_err(|e| format!("client: {e}"))?;
 
-    let deadline = Instant::now() + START_TIMEOUT;
-    let mut last_error: String;
-    loop {
-        check_alive(&mut apiserver, dir, "kube-apiserver")?;
-        // Ready means /readyz passes and the bootstrap controllers created `default`.
-        let readyz = client
-            .request_text(
-                http::Request::get("/readyz")
-                    .body(Vec::new())
-                    .map_err(|e| e.to_string())?,
-            )
-            .await;
-        match readyz {
-            Ok(_) => match Api::<Namespace>::all(client.clone())
-                .get_opt("default")
-                .await
-            {
-                Ok(Some(_)) => break,
-                Ok(None) => last_error = "namespace default not created yet".into(),
-                Err(e) => last_error = e.to_string(),
-            },
-            Err(e) => last_error = e.to_string(),
+    // Ready means /readyz passes and the bootstrap controllers created `default`.
+    let ready = async || {
+        let readyz = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        client
+            .request_text(readyz)
+            .await
+            .map_err(|e| e.to_string())?;
+        match Api::<Namespace>::all(client.clone())
+            .get_opt("default")
+            .await
+        {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("namespace default not created yet".to_string()),
+            Err(e) => Err(e.to_string()),
         }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "kube-apiserver not ready after {START_TIMEOUT:?} ({last_error}):\n{}",
-                log_tail(dir, "kube-apiserver")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    wait_ready(
+        dir,
+        &mut [(&mut apiserver, "kube-apiserver")],
+        "kube-apiserver not ready",
+        200,
+        ready,
+    )
+    .await?;
     children.push(apiserver);
     Ok(config)
 }
@@ -601,17 +633,23 @@ async fn start_jobs(
 ) -> Result<(), String> {
     let kc = kubeconfig.display().to_string();
     let p = |f: &str| dir.join("pki").join(f).display().to_string();
-    let mut kcm = spawn(
-        dir,
-        &bins.join("kube-controller-manager"),
-        "kube-controller-manager",
-        &[
+    // What kube-controller-manager and kube-scheduler share: the admin kubeconfig for
+    // everything, their own endpoint on a free loopback port, no leader election.
+    let controller = |name: &str, extra: &[String]| -> Result<Child, String> {
+        let mut args = vec![
             format!("--kubeconfig={kc}"),
             format!("--authentication-kubeconfig={kc}"),
             format!("--authorization-kubeconfig={kc}"),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={}", free_port()?),
             "--leader-elect=false".into(),
+        ];
+        args.extend_from_slice(extra);
+        spawn(dir, &bins.join(name), name, &args)
+    };
+    let mut kcm = controller(
+        "kube-controller-manager",
+        &[
             format!("--root-ca-file={}", p("ca.crt")),
             format!("--service-account-private-key-file={}", p("sa.key")),
             "--use-service-account-credentials=false".into(),
@@ -619,19 +657,7 @@ async fn start_jobs(
             "--kube-api-burst=1000".into(),
         ],
     )?;
-    let mut scheduler = spawn(
-        dir,
-        &bins.join("kube-scheduler"),
-        "kube-scheduler",
-        &[
-            format!("--kubeconfig={kc}"),
-            format!("--authentication-kubeconfig={kc}"),
-            format!("--authorization-kubeconfig={kc}"),
-            "--bind-address=127.0.0.1".into(),
-            format!("--secure-port={}", free_port()?),
-            "--leader-elect=false".into(),
-        ],
-    )?;
+    let mut scheduler = controller("kube-scheduler", &[])?;
     let stages = hub_pods_wait_for_the_test(&bins.join("kwok-stages.yaml"), dir)?;
     let kwok_port = free_port()?;
     let mut kwok = spawn(
@@ -687,33 +713,29 @@ async fn start_jobs(
         .await
         .map_err(|e| format!("create fake node: {e}"))?;
 
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        check_alive(&mut kcm, dir, "kube-controller-manager")?;
-        check_alive(&mut scheduler, dir, "kube-scheduler")?;
-        check_alive(&mut kwok, dir, "kwok")?;
-        let ready = nodes
-            .get("kwok-node-0")
-            .await
-            .ok()
-            .and_then(|n| n.status)
-            .and_then(|s| s.conditions)
-            .is_some_and(|conds| {
-                conds
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            });
-        if ready {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "fake node not Ready after {START_TIMEOUT:?}:\n{}",
-                log_tail(dir, "kwok")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let node_ready = async || {
+        let node = nodes.get("kwok-node-0").await.map_err(|e| e.to_string())?;
+        let ready = node.status.and_then(|s| s.conditions).is_some_and(|conds| {
+            conds
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        ready
+            .then_some(())
+            .ok_or_else(|| "no Ready condition".to_string())
+    };
+    wait_ready(
+        dir,
+        &mut [
+            (&mut kcm, "kube-controller-manager"),
+            (&mut scheduler, "kube-scheduler"),
+            (&mut kwok, "kwok"),
+        ],
+        "fake node not Ready",
+        200,
+        node_ready,
+    )
+    .await?;
     children.extend([kcm, scheduler, kwok]);
     Ok(())
 }
@@ -813,36 +835,33 @@ pub async fn finish_job_pod(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let now = jiff::Timestamp::now().to_string();
-    let state = |code: i32, reason: &str, message: &str| {
-        serde_json::json!({"terminated": {"exitCode": code, "reason": reason, "message": message,
-            "startedAt": now, "finishedAt": now}})
-    };
-    let image = |name: &str| -> String {
+    // One container status, as the kubelet writes it for a terminated container.
+    let terminated = |name: &str, code: i32, reason: &str, message: &str| {
         let spec = pod.spec.as_ref().expect("pod spec");
-        spec.init_containers
+        let image = spec
+            .init_containers
             .iter()
             .flatten()
             .chain(spec.containers.iter())
             .find(|c| c.name == name)
             .and_then(|c| c.image.clone())
-            .unwrap_or_else(|| panic!("pod of {job} has no container {name}"))
+            .unwrap_or_else(|| panic!("pod of {job} has no container {name}"));
+        serde_json::json!({"name": name, "image": image, "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": code, "reason": reason,
+            "message": message, "startedAt": now, "finishedAt": now}}})
     };
     let init: Vec<_> = end
         .init
         .iter()
         .map(|(name, code, message)| {
             let reason = if *code == 0 { "Completed" } else { "Error" };
-            serde_json::json!({"name": name, "image": image(name), "imageID": "", "ready": false,
-                "restartCount": 0, "state": state(*code, reason, message)})
+            terminated(name, *code, reason, message)
         })
         .collect();
     let containers: Vec<_> = end
         .containers
         .iter()
-        .map(|(name, code, reason, message)| {
-            serde_json::json!({"name": name, "image": image(name), "imageID": "", "ready": false,
-                "restartCount": 0, "state": state(*code, reason, message)})
-        })
+        .map(|(name, code, reason, message)| terminated(name, *code, reason, message))
         .collect();
     let mut status = serde_json::json!({"phase": end.phase, "initContainerStatuses": init});
     if !containers.is_empty() {
@@ -856,18 +875,6 @@ pub async fn finish_job_pod(
     .await
     .expect("writing the pod's end");
     pod.name_any()
-}
-
-/// Resident memory of a process, in KiB (0 when it cannot be read).
-pub fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// Plain HTTP/1.0 GET on loopback; true when the body contains `needle`.
@@ -884,6 +891,29 @@ fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     body.contains(needle)
 }
 
-pub mod cluster;
-pub mod hub;
-pub mod pki;
+#[cfg(test)]
+mod tests {
+    /// The product never depends on the test support or the load test: only the hub package's
+    /// dev-dependencies and the load test name them.
+    #[test]
+    fn the_product_does_not_depend_on_test_code() {
+        let manifest = std::fs::read_to_string(super::process::repository().join("Cargo.toml"))
+            .expect("the hub's Cargo.toml");
+        let mut section = "";
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                section = line;
+                continue;
+            }
+            if section != "[dev-dependencies]" && section != "[workspace]" {
+                for crate_name in ["shapeblock-test-support", "shapeblock-loadtest"] {
+                    assert!(
+                        !line.starts_with(crate_name),
+                        "{section} of the hub names {crate_name}: {line}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! A hub and real agent processes for tunnel tests: the hub runs in the test process on a
-//! loopback port (TLS from a test CA, or plain HTTP), each agent is the real
-//! `shapeblock-agent` binary with a ServiceAccount token of the test control plane.
+//! loopback port (TLS from a test CA, or plain HTTP), started by [`TestHub::builder`]; each
+//! agent is the real `shapeblock-agent` binary with a ServiceAccount token of the test control
+//! plane; and a small HTTP client for the hub's API and websockets.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,17 +17,16 @@ use shapeblock::hub::{GatewayConfig, Hub, HubConfig, Registry, TlsFiles};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::pki::TestCa;
+use crate::pki::TestCa;
+pub use crate::process::append_log;
 
 /// Files of a test run (certificates, tokens, kubeconfigs, agent logs).
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("tunnel")
-        .join(format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            super::random_suffix()
-        ));
+    let dir = crate::process::target_tmp().join("tunnel").join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        super::random_suffix()
+    ));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
@@ -81,114 +81,78 @@ fn test_hub_tls(dir: &std::path::Path) -> (PathBuf, TlsFiles) {
     )
 }
 
-impl TestHub {
-    /// Starts a hub with TLS: a certificate for localhost/127.0.0.1 from a test CA, created in
-    /// `dir` the first time and reused after (so a restarted hub keeps its identity).
-    pub async fn start_tls(
-        dir: &std::path::Path,
-        registry: Arc<Registry>,
-        addr: Option<SocketAddr>,
-    ) -> Self {
-        Self::start_tls_with(dir, registry, addr, false, None).await
+/// How a [`TestHub`] is started: plain HTTP, an in-memory registry, no controllers, no relay,
+/// [`test_gateway_config`], a free port, unless told otherwise.
+pub struct TestHubBuilder {
+    registry: Option<Arc<Registry>>,
+    tls_dir: Option<PathBuf>,
+    addr: Option<SocketAddr>,
+    controllers: bool,
+    relay: Option<shapeblock::relay::outbound::RelayConfig>,
+    gateway: GatewayConfig,
+}
+
+impl TestHubBuilder {
+    /// The hub's registry (a restart passes the one of the hub before).
+    pub fn registry(mut self, registry: Arc<Registry>) -> Self {
+        self.registry = Some(registry);
+        self
     }
 
-    /// Like [`TestHub::start_tls`], with gateway settings of the caller's (a benchmark lifts
-    /// the per-cluster request budget to measure the tunnel itself).
-    pub async fn start_tls_gateway(
-        dir: &std::path::Path,
-        registry: Arc<Registry>,
-        gateway: GatewayConfig,
-    ) -> Self {
-        let (ca_file, tls) = test_hub_tls(dir);
-        Self::start(
-            registry,
-            None,
-            Some(tls),
-            Some(ca_file),
-            false,
-            None,
-            gateway,
-        )
-        .await
+    /// TLS with a certificate for localhost/127.0.0.1 from a test CA, created in `dir` the
+    /// first time and reused after (so a restarted hub keeps its identity).
+    pub fn tls(mut self, dir: &std::path::Path) -> Self {
+        self.tls_dir = Some(dir.to_path_buf());
+        self
     }
 
-    /// Like [`TestHub::start_tls`], running the controllers for connected clusters.
-    pub async fn start_tls_controllers(dir: &std::path::Path, registry: Arc<Registry>) -> Self {
-        Self::start_tls_with(dir, registry, None, true, None).await
+    /// Listens on `addr` (a restart on the address of the hub before).
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
     }
 
-    /// Like [`TestHub::start_tls_controllers`], on a given address (a restart).
-    pub async fn start_tls_controllers_at(
-        dir: &std::path::Path,
-        registry: Arc<Registry>,
-        addr: Option<SocketAddr>,
-    ) -> Self {
-        Self::start_tls_with(dir, registry, addr, true, None).await
+    /// Runs the controllers for connected clusters.
+    pub fn controllers(mut self) -> Self {
+        self.controllers = true;
+        self
     }
 
-    /// Like [`TestHub::start_tls_controllers_at`], relaying to a ShapeBlock server.
-    pub async fn start_tls_controllers_relaying(
-        dir: &std::path::Path,
-        registry: Arc<Registry>,
-        addr: Option<SocketAddr>,
-        relay: shapeblock::relay::outbound::RelayConfig,
-    ) -> Self {
-        Self::start_tls_with(dir, registry, addr, true, Some(relay)).await
+    /// Relays to a ShapeBlock server.
+    pub fn relay(mut self, relay: shapeblock::relay::outbound::RelayConfig) -> Self {
+        self.relay = Some(relay);
+        self
     }
 
-    async fn start_tls_with(
-        dir: &std::path::Path,
-        registry: Arc<Registry>,
-        addr: Option<SocketAddr>,
-        controllers: bool,
-        relay: Option<shapeblock::relay::outbound::RelayConfig>,
-    ) -> Self {
-        let (ca_file, tls) = test_hub_tls(dir);
-        Self::start(
-            registry,
-            addr,
-            Some(tls),
-            Some(ca_file),
-            controllers,
-            relay,
-            test_gateway_config(),
-        )
-        .await
+    /// Gateway settings of the caller's (a benchmark lifts the per-cluster request budget to
+    /// measure the tunnel itself).
+    pub fn gateway(mut self, gateway: GatewayConfig) -> Self {
+        self.gateway = gateway;
+        self
     }
 
-    /// Starts a plain-HTTP hub.
-    pub async fn start_plain(registry: Arc<Registry>) -> Self {
-        Self::start(
-            registry,
-            None,
-            None,
-            None,
-            false,
-            None,
-            test_gateway_config(),
-        )
-        .await
-    }
-
-    async fn start(
-        registry: Arc<Registry>,
-        addr: Option<SocketAddr>,
-        tls: Option<TlsFiles>,
-        ca_file: Option<PathBuf>,
-        controllers: bool,
-        relay: Option<shapeblock::relay::outbound::RelayConfig>,
-        gateway: GatewayConfig,
-    ) -> Self {
+    /// Binds the hub and serves it on this runtime until [`TestHub::stop`] or the test's end.
+    pub async fn start(self) -> TestHub {
+        let registry = self
+            .registry
+            .unwrap_or_else(|| Arc::new(Registry::in_memory()));
+        let (ca_file, tls) = match &self.tls_dir {
+            Some(dir) => {
+                let (ca_file, tls) = test_hub_tls(dir);
+                (Some(ca_file), Some(tls))
+            }
+            None => (None, None),
+        };
         let config = HubConfig {
-            relay,
-            listen: addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
+            relay: self.relay,
+            listen: self.addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             tls,
-            gateway,
+            gateway: self.gateway,
             admin_tokens: vec![TokenHash(hash_token(ADMIN_TOKEN))],
             viewer_tokens: vec![TokenHash(hash_token(VIEWER_TOKEN))],
             agent_image: "shapeblock-agent:test".into(),
             max_request_body_bytes: 64 * 1024,
-            controllers,
+            controllers: self.controllers,
             ..HubConfig::default()
         };
         let hub = Hub::bind(&config, registry.clone())
@@ -199,7 +163,7 @@ impl TestHub {
         let journal = hub.journal.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(hub.serve(shutdown.clone()));
-        Self {
+        TestHub {
             addr,
             registry,
             gateway,
@@ -207,6 +171,20 @@ impl TestHub {
             ca_file,
             shutdown,
             task,
+        }
+    }
+}
+
+impl TestHub {
+    /// Starts nothing yet: say how the hub runs, then [`TestHubBuilder::start`].
+    pub fn builder() -> TestHubBuilder {
+        TestHubBuilder {
+            registry: None,
+            tls_dir: None,
+            addr: None,
+            controllers: false,
+            relay: None,
+            gateway: test_gateway_config(),
         }
     }
 
@@ -345,15 +323,6 @@ fn pem(der: &[u8]) -> String {
     )
 }
 
-/// `path` opened for a child process's output, appended to (restarts keep earlier logs).
-pub fn append_log(path: &std::path::Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
-
 /// A running `shapeblock-agent` process, killed when dropped.
 pub struct AgentProcess {
     child: Child,
@@ -392,31 +361,15 @@ impl AgentProcess {
         let log = dir.join(format!("{tag}.log"));
         let out = append_log(&log);
         let err = out.try_clone().unwrap();
-        // SHAPEBLOCK_AGENT_BIN runs another build of the agent (the benchmark uses the
-        // size-optimised `agent` profile that the images ship).
-        let binary = std::env::var("SHAPEBLOCK_AGENT_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_shapeblock-agent").into());
-        let mut cmd = Command::new(binary);
-        cmd.arg("--hub-url")
-            .arg(url)
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--reconnect-min-ms=100")
+        let binary = crate::process::agent_binary();
+        let mut cmd = crate::process::agent_command(&binary, url, ca_file, &token_file, kubeconfig);
+        cmd.arg("--reconnect-min-ms=100")
             .arg("--reconnect-max-ms=1000")
             .env("RUST_LOG", "info")
             .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true);
-        match ca_file {
-            Some(ca) => {
-                cmd.arg("--hub-ca-file").arg(ca);
-            }
-            None => {
-                cmd.arg("--allow-plaintext=true");
-            }
-        }
+            .stderr(err);
+        let mut cmd = Command::from(cmd);
+        cmd.kill_on_drop(true);
         let child = cmd.spawn().expect("start shapeblock-agent");
         Self { child, log }
     }
@@ -458,21 +411,6 @@ impl ApiResponse {
     }
 }
 
-/// One HTTP/1.1 request to a hub at `addr` (over TLS when `ca_file` is given).
-pub async fn http_request(
-    addr: SocketAddr,
-    ca_file: Option<&std::path::Path>,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Vec<u8>>,
-) -> ApiResponse {
-    try_http_request(addr, ca_file, method, path, token, body)
-        .await
-        .expect("hub request")
-}
-
-/// Like [`http_request`], but a connection failure is an error, not a panic.
 /// A connection to a test hub: TLS pinned to its CA when given, else plain TCP.
 pub async fn connect_hub(
     addr: SocketAddr,
@@ -524,6 +462,8 @@ pub async fn hub_websocket(
     ws
 }
 
+/// One HTTP/1.1 request to a hub at `addr` (over TLS when `ca_file` is given); a connection
+/// failure is an error, for tests that expect one.
 pub async fn try_http_request(
     addr: SocketAddr,
     ca_file: Option<&std::path::Path>,
@@ -583,15 +523,7 @@ impl TestHub {
         body: Option<serde_json::Value>,
     ) -> ApiResponse {
         let body = body.map(|b| serde_json::to_vec(&b).unwrap());
-        http_request(
-            self.addr,
-            self.ca_file.as_deref(),
-            method,
-            path,
-            Some(token),
-            body,
-        )
-        .await
+        self.api_raw(Some(token), method, path, body).await
     }
 
     /// Calls the API with raw bytes (and no token when `token` is None).
@@ -602,7 +534,7 @@ impl TestHub {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> ApiResponse {
-        http_request(
+        try_http_request(
             self.addr,
             self.ca_file.as_deref(),
             method,
@@ -611,6 +543,7 @@ impl TestHub {
             body,
         )
         .await
+        .expect("hub request")
     }
 }
 

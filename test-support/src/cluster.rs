@@ -91,18 +91,36 @@ pub struct ConnectedCluster {
     pub cluster_id: String,
     dir: PathBuf,
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
-    _agent: AgentProcess,
+    agent: Option<AgentProcess>,
 }
 
 impl ConnectedCluster {
+    /// Kills the agent (SIGKILL, as a node failure would) and waits until the hub sees the
+    /// tunnel gone.
+    pub async fn kill_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.kill().await;
+        }
+        if let Some(hub) = &self.hub {
+            hub.wait_disconnected(&self.cluster_id).await;
+        }
+    }
+
     /// Stops the hub (as a crash would, it keeps nothing but the registry) and starts a new one
     /// on the same address; the agent reconnects on its own.
     pub async fn restart_hub(&mut self) {
         let hub = self.hub.take().expect("hub running");
         let addr: SocketAddr = hub.addr;
         hub.stop().await;
-        let hub =
-            TestHub::start_tls_controllers_at(&self.dir, self.registry.clone(), Some(addr)).await;
+        let mut hub = TestHub::builder()
+            .tls(&self.dir)
+            .registry(self.registry.clone())
+            .addr(addr)
+            .controllers();
+        if let Some(relay) = &self.relay {
+            hub = hub.relay(relay.clone());
+        }
+        let hub = hub.start().await;
         hub.wait_connected(&self.cluster_id).await;
         self.hub = Some(hub);
     }
@@ -121,13 +139,14 @@ pub async fn connected_cluster_relaying(
     let admin = super::client().await;
     let dir = scratch_dir(name);
     let registry = Arc::new(Registry::in_memory());
-    let hub = match &relay {
-        Some(relay) => {
-            TestHub::start_tls_controllers_relaying(&dir, registry.clone(), None, relay.clone())
-                .await
-        }
-        None => TestHub::start_tls_controllers(&dir, registry.clone()).await,
-    };
+    let mut hub = TestHub::builder()
+        .tls(&dir)
+        .registry(registry.clone())
+        .controllers();
+    if let Some(relay) = &relay {
+        hub = hub.relay(relay.clone());
+    }
+    let hub = hub.start().await;
     let (record, token) = hub.registry.register(name, Default::default()).unwrap();
     let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
     let shapeblock: Namespace =
@@ -157,7 +176,7 @@ pub async fn connected_cluster_relaying(
         cluster_id: record.id,
         dir,
         relay,
-        _agent: agent,
+        agent: Some(agent),
     }
 }
 
@@ -174,13 +193,18 @@ pub async fn active_project(admin: &Client, prefix: &str) -> String {
         .create(&PostParams::default(), &project)
         .await
         .unwrap();
-    wait_for("Project Active", Duration::from_secs(60), async || {
-        phase(&projects, &name)
+    project_active(&projects, &name, "Project Active").await;
+    name
+}
+
+/// Waits until Project `name` is Active (`what` names the wait in a failure).
+pub async fn project_active(projects: &Api<Project>, name: &str, what: &str) {
+    wait_for(what, Duration::from_secs(60), async || {
+        phase(projects, name)
             .await
             .filter(|(p, _)| *p == ProjectPhase::Active)
     })
     .await;
-    name
 }
 
 /// A ShapeBlock object of `kind` named `name` with this spec.

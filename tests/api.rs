@@ -855,7 +855,10 @@ async fn raw_http1(addr: std::net::SocketAddr, head: &str, body: &str) -> u16 {
 
 #[tokio::test]
 async fn a_request_whose_hub_url_cannot_be_derived_changes_nothing_and_http2_uses_its_authority() {
-    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let hub = TestHub::builder()
+        .registry(Arc::new(Registry::in_memory()))
+        .start()
+        .await;
     let registered = hub
         .api("POST", "/api/v1/clusters", Some(json!({"name": "kept"})))
         .await;
@@ -928,4 +931,18 @@ async fn a_request_whose_hub_url_cannot_be_derived_changes_nothing_and_http2_use
         manifest.contains(&format!("ws://{}", hub.addr)),
         "the manifest's hub URL is the request's authority:\n{manifest}"
     );
+}
+
+/// One request to the hub, which must get an answer.
+async fn http_request(
+    addr: std::net::SocketAddr,
+    ca_file: Option<&std::path::Path>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> support::hub::ApiResponse {
+    try_http_request(addr, ca_file, method, path, token, body)
+        .await
+        .expect("hub request")
 }

@@ -828,7 +828,10 @@ async fn hostile_agent(
 
 #[tokio::test]
 async fn a_hostile_agent_cannot_make_the_hub_buffer_or_store_unbounded_answers() {
-    let hub = TestHub::start_plain(Arc::new(Registry::in_memory())).await;
+    let hub = TestHub::builder()
+        .registry(Arc::new(Registry::in_memory()))
+        .start()
+        .await;
 
     // A 150 MB /version answer: the hub reads a bounded prefix and gives up on that tunnel.
     let (flood, token) = hub.registry.register("flood", Default::default()).unwrap();

@@ -575,31 +575,19 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     // it is not ready, naming why; once the store can be written again, it is ready again.
     let data = dir.join("shapeblock-data");
     std::fs::rename(&data, dir.join("moved-away")).unwrap();
-    let register = |name: &str| serde_json::to_vec(&json!({ "name": name })).unwrap();
-    let refused = http_request(
-        hub.addr,
-        None,
-        "POST",
-        "/api/v1/clusters",
-        Some(token.trim()),
-        Some(register("lost-volume")),
-    )
-    .await;
+    let register = async |name: &str| {
+        let body = serde_json::to_vec(&json!({ "name": name })).unwrap();
+        let path = "/api/v1/clusters";
+        http_request(hub.addr, None, "POST", path, Some(token.trim()), Some(body)).await
+    };
+    let refused = register("lost-volume").await;
     assert_eq!(refused.status, 500, "{}", refused.text());
     assert_eq!(refused.json()["reason"], "StoreFailed");
     let ready = http_request(hub.addr, None, "GET", "/readyz", None, None).await;
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert!(ready.text().contains("registry"), "{}", ready.text());
     std::fs::rename(dir.join("moved-away"), &data).unwrap();
-    let registered = http_request(
-        hub.addr,
-        None,
-        "POST",
-        "/api/v1/clusters",
-        Some(token.trim()),
-        Some(register("volume-back")),
-    )
-    .await;
+    let registered = register("volume-back").await;
     assert_eq!(registered.status, 201, "{}", registered.text());
     let ready = http_request(hub.addr, None, "GET", "/readyz", None, None).await;
     assert_eq!(ready.status, 200, "{}", ready.text());

@@ -286,7 +286,7 @@ async fn record_deploy(
     Ok(())
 }
 
-/// The field path of every condition this controller sets.
+/// The types of the two conditions an AppBuild carries: its image is built, and deployed.
 pub const BUILT: &str = "Built";
 pub const DEPLOYED: &str = "Deployed";
 

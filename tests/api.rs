@@ -882,6 +882,19 @@ async fn a_request_whose_hub_url_cannot_be_derived_changes_nothing_and_http2_use
     assert_eq!(duplicate.status, 409, "{}", duplicate.text());
     assert_eq!(duplicate.json()["reason"], "AlreadyExists");
 
+    // The scheme of Authorization is case-insensitive.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+        let request = format!(
+            "GET /api/v1/clusters HTTP/1.1\r\nHost: localhost\r\nAuthorization: bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
     // A Host the hub URL cannot be made from: 400, and nothing registered or rotated.
     let body = r#"{"name": "ghost"}"#;
     let status = raw_http1(

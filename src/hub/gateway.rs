@@ -706,7 +706,7 @@ async fn connect(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::secret::bearer_token)
         .map(str::trim);
     let Some((cluster, token)) =
         token.and_then(|t| Some((gateway.registry.authenticate(t)?, Secret::new(t))))

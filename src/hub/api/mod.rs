@@ -220,7 +220,7 @@ async fn authenticate(State(state): Shared, request: Request, next: Next) -> Res
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::secret::bearer_token)
         .map(|t| hash_token(t.trim()));
     let role = match presented {
         Some(h) if matches_any(&h, &state.admin_tokens) => Role::Admin,

@@ -1,9 +1,12 @@
 //! Pure readers of what Kubernetes reports about Jobs and Pods: how a Job ended, which
-//! containers started or terminated and with what message. Shared by the controllers (which
+//! containers started or terminated and with what message; and, in [`workload`], how an
+//! App's Deployment and pods are doing. Shared by the controllers (which
 //! decide from them) and the relay (which follows build logs), so neither imports the other.
 //!
 //! Depends on: nothing of this crate (k8s-openapi types only).
 //! Never uses: kube, tokio (no client, no I/O).
+
+pub mod workload;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};

@@ -35,6 +35,9 @@ pub struct ControllerConfig {
     pub default_registry_secret: String,
     /// Images, chart and limits of build and Helm Jobs.
     pub jobs: crate::render::jobs::JobSettings,
+    /// How Apps are deployed and reached: the chart, the TLS issuer, the ingress class, the
+    /// builds kept.
+    pub apps: crate::render::app::AppSettings,
 }
 
 impl Default for ControllerConfig {
@@ -43,6 +46,7 @@ impl Default for ControllerConfig {
             registry_source_namespace: "shapeblock".into(),
             default_registry_secret: "registry-creds".into(),
             jobs: Default::default(),
+            apps: Default::default(),
         }
     }
 }

@@ -425,6 +425,8 @@ async fn install(
                 chart,
                 version: service.spec.chart.version.as_deref(),
                 values_secret: &values_name,
+                registry_secret: None,
+                wait: true,
             },
             labels: labels.to_vec(),
             owner,

@@ -6,6 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{dns_label_re, git_url_re, image_ref_re, registry_re, repo_path_rule};
+use super::run::{RunSpec, RuntimeStatus};
 
 /// A ShapeBlock application: its git source, its image registry and its build strategy.
 /// Each build and deploy of it is an `AppBuild`. The App name is also the Helm release name,
@@ -22,7 +23,10 @@ use super::rules::{dns_label_re, git_url_re, image_ref_re, registry_re, repo_pat
     category = "shapeblock",
     printcolumn(name = "Build", type_ = "string", json_path = ".spec.build.type"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Image", type_ = "string", json_path = ".status.currentImage"),
+    printcolumn(name = "Runtime", type_ = "string", json_path = ".status.runtime.state"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.runtime.readyReplicas"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.runtime.reason"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.currentImage", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new(concat!("self.metadata.name.matches('", dns_label_re!(), "') && size(self.metadata.name) <= 53"))
         .message("the App name is its Helm release name: use at most 53 lowercase letters, digits and '-', starting and ending with a letter or digit"),
@@ -60,6 +64,11 @@ pub struct AppSpec {
     pub registry: Registry,
     /// How the application's image is produced.
     pub build: AppBuildStrategy,
+    /// How the application runs: port, replicas, command, environment, domains, resources,
+    /// health check and autoscaling. Changing it releases the current image again with the
+    /// new settings, without a rebuild.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunSpec>,
 }
 
 /// A git repository and how to reach it.
@@ -195,6 +204,13 @@ pub struct AppStatus {
     /// add it to the repository as a read-only deploy key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_key: Option<String>,
+    /// Hash of the `spec.run` last released: when `spec.run` changes, the hub releases the
+    /// current image again with the new settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_hash: Option<String>,
+    /// How the deployed App is running, observed from its workload and pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeStatus>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -31,8 +31,12 @@ use super::rules::{dns_label_re, env_name_re, git_ref_re, image_tag_re};
     validation = Rule::new(concat!("self.metadata.name.matches('", dns_label_re!(), "') && size(self.metadata.name) <= 63"))
         .message("the AppBuild name labels its Jobs: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
 )]
-#[x_kube(validation = Rule::new("self == oldSelf")
-    .message("AppBuild spec is immutable: create a new AppBuild to build or deploy again"))]
+#[x_kube(
+    validation = Rule::new("self == oldSelf")
+        .message("AppBuild spec is immutable: create a new AppBuild to build or deploy again"),
+    validation = Rule::new("!has(self.rollbackTo) || !(has(self.gitRef) || has(self.imageTag) || has(self.buildVars) || has(self.helmValues))")
+        .message("spec.rollbackTo redeploys an earlier build as it was: it excludes gitRef, imageTag, buildVars and helmValues"),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AppBuildSpec {
     /// Name of the App (in the same namespace) to build and deploy.
@@ -63,8 +67,16 @@ pub struct AppBuildSpec {
     #[schemars(length(max = 256))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["key"]))]
     pub build_vars: Vec<BuildVar>,
-    /// Helm values for the nxs-universal-chart deploy, deep-merged over the values the hub sets
-    /// (`defaultImage`, `defaultImageTag`, pull secrets).
+    /// Redeploys the image (by digest) and the exact Helm values of this earlier Completed
+    /// AppBuild of the same App, without building. Excludes `gitRef`, `imageTag`, `buildVars`
+    /// and `helmValues`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new(concat!("self.matches('", dns_label_re!(), "')"))
+        .message("spec.rollbackTo must be the name of an AppBuild"))]
+    pub rollback_to: Option<String>,
+    /// Helm values deep-merged last over the values the hub renders from the App's
+    /// `spec.run` (the escape hatch): keys of the configured app chart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
     pub helm_values: Option<BTreeMap<String, serde_json::Value>>,

@@ -15,6 +15,7 @@ mod appbuild;
 mod install;
 mod project;
 mod rules;
+mod run;
 mod service;
 
 pub use app::{
@@ -23,6 +24,10 @@ pub use app::{
 pub use appbuild::{AppBuild, AppBuildPhase, AppBuildSpec, AppBuildStatus, BuildVar};
 pub use install::{FIELD_MANAGER, InstallError, install};
 pub use project::{Project, ProjectPhase, ProjectSpec, ProjectStatus};
+pub use run::{
+    Autoscaling, DEFAULT_PORT, Domain, EnvFrom, EnvVar, HealthCheck, RunResources, RunSpec,
+    RuntimeState, RuntimeStatus,
+};
 pub use service::{ChartSource, Service, ServicePhase, ServiceSpec, ServiceStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -26,10 +26,15 @@ pub struct JobSettings {
     pub platform_api: String,
     /// Image with the helm CLI, for deploys and Services.
     pub helm_image: String,
-    /// Chart every App is deployed with (nxs-universal-chart), `oci://…` or `<repo URL>#<name>`.
+    /// Chart Apps are deployed with when `apps.chart` is not `builtin`: `oci://…` or
+    /// `<repo URL>#<name>`.
     pub app_chart: String,
     /// Version of that chart.
     pub app_chart_version: String,
+    /// Whether the helm Job logs in to an OCI chart registry with the App's registry Secret
+    /// (a dockerconfigjson, which may hold the chart registry's credentials beside the image
+    /// registry's).
+    pub app_chart_registry_auth: bool,
     /// A build Job running longer than this fails with `BuildTimedOut`.
     pub build_deadline_seconds: i64,
     /// `helm --timeout` for deploys, upgrades and uninstalls.
@@ -53,8 +58,9 @@ impl Default for JobSettings {
             builder_gid: 1000,
             platform_api: "0.12".into(),
             helm_image: "alpine/helm:3.19.0".into(),
-            app_chart: "oci://ghcr.io/shapeblock/charts/universal-chart".into(),
+            app_chart: "https://registry.nixys.io/chartrepo/public#nxs-universal-chart".into(),
             app_chart_version: "2.8.1".into(),
+            app_chart_registry_auth: false,
             build_deadline_seconds: 3600,
             helm_timeout_seconds: 600,
             ttl_seconds_after_finished: 86_400,
@@ -87,6 +93,8 @@ const KNOWN_HOSTS_DIR: &str = "/etc/shapeblock/known-hosts";
 const SSH_KEY_DIR: &str = "/etc/shapeblock/git-ssh";
 const DOCKER_CONFIG_DIR: &str = "/etc/shapeblock/docker";
 const VALUES_DIR: &str = "/etc/shapeblock/values";
+const CHART_DIR: &str = "/etc/shapeblock/chart";
+const HELM_REGISTRY_DIR: &str = "/etc/shapeblock/helm-registry";
 
 /// How the clone authenticates.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,7 +146,8 @@ pub fn is_commit_sha(git_ref: &str) -> bool {
     matches!(git_ref.len(), 40 | 64) && git_ref.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Value {
+/// The labels of a hub-made object: managed-by plus `pairs` (pure).
+pub fn labels(pairs: &[(&str, &str)]) -> Value {
     let mut map = serde_json::Map::new();
     map.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     for (k, v) in pairs {
@@ -406,12 +415,14 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
     })
 }
 
-/// A Helm chart reference: `oci://registry/path/chart`, or chart `name` in the HTTP(S)
-/// repository `repo`.
+/// A Helm chart reference: `oci://registry/path/chart`, chart `name` in the HTTP(S)
+/// repository `repo`, or a chart shipped in a ConfigMap that the Job lays out as a directory
+/// (no network needed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Chart {
     Oci(String),
     Repo { repo: String, name: String },
+    Shipped { config_map: String },
 }
 
 impl Chart {
@@ -438,6 +449,11 @@ pub enum HelmAction<'a> {
         chart: &'a Chart,
         version: Option<&'a str>,
         values_secret: &'a str,
+        /// dockerconfigjson Secret helm logs in to an OCI chart registry with.
+        registry_secret: Option<&'a str>,
+        /// `--wait` for the release's resources to be ready. App deploys do not: the hub
+        /// follows the rollout itself and fails early when the new pods cannot run.
+        wait: bool,
     },
     /// `helm uninstall --ignore-not-found`.
     Uninstall,
@@ -468,8 +484,9 @@ pub fn helm_args(job: &HelmJob<'_>, settings: &JobSettings) -> Vec<String> {
                 Chart::Repo { repo, name } => {
                     args.extend([name.clone(), "--repo".into(), repo.clone()])
                 }
+                Chart::Shipped { .. } => args.push(CHART_DIR.into()),
             }
-            if let Some(version) = version {
+            if let (Some(version), false) = (version, matches!(chart, Chart::Shipped { .. })) {
                 args.extend(["--version".into(), (*version).into()]);
             }
             args.extend([
@@ -486,13 +503,11 @@ pub fn helm_args(job: &HelmJob<'_>, settings: &JobSettings) -> Vec<String> {
             "--ignore-not-found".into(),
         ],
     };
-    args.extend([
-        "--namespace".into(),
-        job.namespace.into(),
-        "--wait".into(),
-        "--timeout".into(),
-        timeout,
-    ]);
+    args.extend(["--namespace".into(), job.namespace.into()]);
+    if !matches!(job.action, HelmAction::Upgrade { wait: false, .. }) {
+        args.push("--wait".into());
+    }
+    args.extend(["--timeout".into(), timeout]);
     args
 }
 
@@ -501,9 +516,33 @@ pub fn helm_job(job: &HelmJob<'_>, settings: &JobSettings) -> Value {
     let job_labels = labels(&job.labels);
     let mut volumes = vec![json!({"name": "tmp", "emptyDir": {}})];
     let mut mounts = vec![json!({"name": "tmp", "mountPath": "/tmp"})];
-    if let HelmAction::Upgrade { values_secret, .. } = &job.action {
+    let mut env = vec![
+        json!({"name": "HOME", "value": "/tmp"}),
+        json!({"name": "HELM_CACHE_HOME", "value": "/tmp/helm/cache"}),
+        json!({"name": "HELM_CONFIG_HOME", "value": "/tmp/helm/config"}),
+        json!({"name": "HELM_DATA_HOME", "value": "/tmp/helm/data"}),
+    ];
+    if let HelmAction::Upgrade {
+        values_secret,
+        chart,
+        registry_secret,
+        ..
+    } = &job.action
+    {
         volumes.push(json!({"name": "values", "secret": {"secretName": values_secret}}));
         mounts.push(json!({"name": "values", "mountPath": VALUES_DIR, "readOnly": true}));
+        if let Chart::Shipped { config_map } = chart {
+            volumes.push(super::app::chart_volume("chart", config_map));
+            mounts.push(json!({"name": "chart", "mountPath": CHART_DIR, "readOnly": true}));
+        }
+        if let (Chart::Oci(_), Some(secret)) = (chart, registry_secret) {
+            volumes.push(json!({"name": "helm-registry", "secret": {"secretName": secret}}));
+            mounts.push(
+                json!({"name": "helm-registry", "mountPath": HELM_REGISTRY_DIR, "readOnly": true}),
+            );
+            env.push(json!({"name": "HELM_REGISTRY_CONFIG",
+                "value": format!("{HELM_REGISTRY_DIR}/.dockerconfigjson")}));
+        }
     }
     json!({
         "apiVersion": "batch/v1", "kind": "Job",
@@ -523,12 +562,7 @@ pub fn helm_job(job: &HelmJob<'_>, settings: &JobSettings) -> Value {
                 "containers": [{
                     "name": HELM_CONTAINER, "image": settings.helm_image,
                     "command": ["helm"], "args": helm_args(job, settings),
-                    "env": [
-                        {"name": "HOME", "value": "/tmp"},
-                        {"name": "HELM_CACHE_HOME", "value": "/tmp/helm/cache"},
-                        {"name": "HELM_CONFIG_HOME", "value": "/tmp/helm/config"},
-                        {"name": "HELM_DATA_HOME", "value": "/tmp/helm/data"},
-                    ],
+                    "env": env,
                     "volumeMounts": mounts,
                     "terminationMessagePolicy": "FallbackToLogsOnError",
                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
@@ -809,7 +843,7 @@ mod tests {
     #[test]
     fn helm_jobs() {
         let settings = JobSettings::default();
-        let chart = Chart::parse(&settings.app_chart).unwrap();
+        let chart = Chart::parse("oci://ghcr.io/shapeblock/charts/universal-chart").unwrap();
         let deploy = HelmJob {
             name: "web-1-deploy",
             namespace: "shop",
@@ -818,6 +852,8 @@ mod tests {
                 chart: &chart,
                 version: Some("2.8.1"),
                 values_secret: "web-1-values",
+                registry_secret: None,
+                wait: true,
             },
             labels: vec![(APP_LABEL, "web"), (STEP_LABEL, "deploy")],
             owner: Some(owner()),
@@ -853,12 +889,78 @@ mod tests {
         );
         assert_eq!(pod["volumes"][1]["secret"]["secretName"], "web-1-values");
 
+        // An OCI chart registry with credentials: helm reads them from the mounted Secret.
+        let with_auth = HelmJob {
+            action: HelmAction::Upgrade {
+                chart: &chart,
+                version: Some("2.8.1"),
+                values_secret: "web-1-values",
+                registry_secret: Some("registry-creds"),
+                wait: false,
+            },
+            ..deploy.clone()
+        };
+        let pod = helm_job(&with_auth, &settings)["spec"]["template"]["spec"].clone();
+        assert_eq!(pod["volumes"][2]["secret"]["secretName"], "registry-creds");
+        assert!(
+            pod["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "HELM_REGISTRY_CONFIG",
+                    "value": "/etc/shapeblock/helm-registry/.dockerconfigjson"}))
+        );
+
+        // The shipped chart: a directory laid out from its ConfigMap, no version, no network.
+        let shipped = Chart::Shipped {
+            config_map: "web-1-chart".into(),
+        };
+        let local = HelmJob {
+            action: HelmAction::Upgrade {
+                chart: &shipped,
+                version: Some("0.1.0"),
+                values_secret: "web-1-values",
+                registry_secret: Some("registry-creds"),
+                wait: false,
+            },
+            ..deploy.clone()
+        };
+        let a = helm_args(&local, &settings);
+        assert_eq!(
+            &a[..5],
+            [
+                "upgrade",
+                "--install",
+                "web",
+                "/etc/shapeblock/chart",
+                "--values"
+            ]
+        );
+        assert!(
+            !a.contains(&"--wait".to_string()),
+            "the hub follows an App's rollout itself"
+        );
+        let pod = helm_job(&local, &settings)["spec"]["template"]["spec"].clone();
+        assert_eq!(pod["volumes"][2]["configMap"]["name"], "web-1-chart");
+        assert!(
+            pod["volumes"][2]["configMap"]["items"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"key": "templates__deployment.yaml", "path": "templates/deployment.yaml"}))
+        );
+        assert_eq!(
+            pod["volumes"].as_array().unwrap().len(),
+            3,
+            "no registry login for a shipped chart"
+        );
+
         let repo = Chart::parse("https://charts.bitnami.com/bitnami#postgresql").unwrap();
         let service = HelmJob {
             action: HelmAction::Upgrade {
                 chart: &repo,
                 version: None,
                 values_secret: "db-values",
+                registry_secret: None,
+                wait: true,
             },
             ..deploy.clone()
         };

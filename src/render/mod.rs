@@ -5,6 +5,7 @@
 //! Never uses: kube, tokio (renderers are pure: no client, no I/O).
 
 pub mod agent;
+pub mod app;
 pub mod build;
 pub mod image;
 pub mod jobs;

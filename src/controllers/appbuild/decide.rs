@@ -16,6 +16,7 @@
 //! The state is read from `status` alone: no image and no `jobName` means the image source is
 //! still to be chosen; `jobName` without an image means a build runs; an image means deploy.
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -24,6 +25,7 @@ use kube::ResourceExt;
 use super::failure::{FailureReason, build_failure};
 use super::{BUILT, DEPLOYED, INPUTS_LABEL, image_tag, inputs_hash};
 use crate::crd::{App, AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, BuildType};
+use crate::observed::workload::{self, PodProblem, Rollout};
 use crate::observed::{self, Outcome};
 use crate::render::build::destinations;
 use crate::render::image::ImageRef;
@@ -43,6 +45,11 @@ pub struct Observed<'a> {
     pub deploy_job: Option<&'a Job>,
     /// The helm output of a failed deploy Job (read only when it failed).
     pub deploy_output: Option<&'a str>,
+    /// For `spec.rollbackTo`, before its deploy starts: the target's Helm values as it
+    /// deployed them (`None` when they are gone).
+    pub rollback_values: Option<&'a serde_json::Value>,
+    /// Once the deploy Job succeeded: the Deployments of the App's release.
+    pub workloads: Option<&'a [Deployment]>,
     pub settings: &'a JobSettings,
 }
 
@@ -55,6 +62,8 @@ pub enum ImageOrigin {
     Redeploy,
     /// The image of an earlier build of the same commit and build inputs.
     Reused { from: String },
+    /// `spec.rollbackTo`: the image (and, at deploy, the values) of an earlier build.
+    Rollback { from: String },
 }
 
 /// What a build pod has reported so far.
@@ -107,10 +116,18 @@ pub enum Step {
         finished: Option<Time>,
         progress: BuildProgress,
     },
-    /// Create the deploy Job (and its values Secret).
-    StartDeploy { image: ImageRef },
+    /// Another build of the same App is deploying: deploys of one App never overlap.
+    WaitForDeploy { other: String },
+    /// Create the deploy Job (and its values Secret): values rendered from the App, or for a
+    /// rollback, the target's values as they were.
+    StartDeploy {
+        image: ImageRef,
+        values: Option<serde_json::Value>,
+    },
     /// The deploy Job runs.
     DeployRunning,
+    /// helm applied the release; the Deployment rolls out (the message says how far).
+    RollingOut { message: String },
     /// The deploy Job succeeded: record the deploy on the App, end `Completed`.
     Deployed { image: ImageRef },
 }
@@ -166,6 +183,9 @@ fn fail(reason: FailureReason, message: impl Into<String>) -> Step {
 /// Chooses where a Pending build's image comes from.
 fn decide_source(o: &Observed, app: &App) -> Step {
     let build = o.build;
+    if let Some(target) = &build.spec.rollback_to {
+        return decide_rollback(o, target);
+    }
     if app.spec.build.build_type == BuildType::Image {
         let reference = app.spec.build.image.clone().unwrap_or_default();
         let mut image = match ImageRef::parse(&reference) {
@@ -245,6 +265,51 @@ fn decide_source(o: &Observed, app: &App) -> Step {
         Err(e) => fail(
             FailureReason::InvalidSpec,
             format!("image destination: {e}"),
+        ),
+    }
+}
+
+/// Takes the image of the build a rollback names: an earlier Completed build of the same App.
+fn decide_rollback(o: &Observed, target: &str) -> Step {
+    let build = o.build;
+    let found = o.siblings.iter().map(|b| b.as_ref()).find(|b| {
+        b.namespace() == build.namespace()
+            && b.name_any() == *target
+            && b.name_any() != build.name_any()
+    });
+    let Some(found) = found else {
+        return fail(
+            FailureReason::RollbackUnusable,
+            format!(
+                "spec.rollbackTo: AppBuild {target} not found (builds beyond apps.keep_builds are pruned)"
+            ),
+        );
+    };
+    let status = found.status.clone().unwrap_or_default();
+    if found.spec.app_name != build.spec.app_name {
+        return fail(
+            FailureReason::RollbackUnusable,
+            format!(
+                "spec.rollbackTo: AppBuild {target} belongs to App {}, not {}",
+                found.spec.app_name, build.spec.app_name
+            ),
+        );
+    }
+    match (status.phase, status.image) {
+        (Some(AppBuildPhase::Completed), Some(image)) => Step::UseImage {
+            tag: status.image_tag,
+            image,
+            commit: status.git_commit,
+            origin: ImageOrigin::Rollback {
+                from: target.to_string(),
+            },
+            inputs: None,
+        },
+        (phase, _) => fail(
+            FailureReason::RollbackUnusable,
+            format!(
+                "spec.rollbackTo: AppBuild {target} is {phase:?}, not Completed: only a build that deployed can be rolled back to"
+            ),
         ),
     }
 }
@@ -357,18 +422,52 @@ fn decide_build(o: &Observed, app: &App) -> Step {
     }
 }
 
-/// Deploys the image with the deploy Job and follows it.
+/// Another build of the same App that is deploying now (pure).
+fn deploying_sibling(o: &Observed) -> Option<String> {
+    o.siblings
+        .iter()
+        .find(|b| {
+            b.namespace() == o.build.namespace()
+                && b.name_any() != o.build.name_any()
+                && b.spec.app_name == o.build.spec.app_name
+                && b.status.as_ref().and_then(|s| s.phase) == Some(AppBuildPhase::Deploying)
+        })
+        .map(|b| b.name_any())
+}
+
+/// Deploys the image with the deploy Job, then follows the rollout of the release's
+/// Deployment to the end: all replicas on the new version and available, or a failure.
 fn decide_deploy(o: &Observed, image: &str) -> Step {
     let image = match ImageRef::parse(image) {
         Ok(image) => image,
         Err(e) => return fail(FailureReason::InvalidSpec, format!("image to deploy: {e}")),
     };
     let Some(job) = o.deploy_job else {
-        return Step::StartDeploy { image };
+        let phase = o.build.status.as_ref().and_then(|s| s.phase);
+        if phase != Some(AppBuildPhase::Deploying)
+            && let Some(other) = deploying_sibling(o)
+        {
+            return Step::WaitForDeploy { other };
+        }
+        let values = match &o.build.spec.rollback_to {
+            Some(target) => match o.rollback_values {
+                Some(values) => Some(values.clone()),
+                None => {
+                    return fail(
+                        FailureReason::RollbackUnusable,
+                        format!(
+                            "spec.rollbackTo: the Helm values of AppBuild {target} are gone (its values Secret was deleted)"
+                        ),
+                    );
+                }
+            },
+            None => None,
+        };
+        return Step::StartDeploy { image, values };
     };
     match observed::outcome(job) {
         Outcome::Running => Step::DeployRunning,
-        Outcome::Succeeded => Step::Deployed { image },
+        Outcome::Succeeded => decide_rollout(o, image),
         Outcome::Failed { message, .. } => fail(
             FailureReason::DeployFailed,
             format!(
@@ -376,6 +475,87 @@ fn decide_deploy(o: &Observed, image: &str) -> Step {
                 o.deploy_output.unwrap_or(message.as_str())
             ),
         ),
+    }
+}
+
+/// After helm: the release must hold a Deployment running the image, and it must roll out.
+fn decide_rollout(o: &Observed, image: ImageRef) -> Step {
+    let release = &o.build.spec.app_name;
+    let wanted = image.to_string();
+    let workloads = o.workloads.unwrap_or_default();
+    let ours: Vec<&Deployment> = workloads
+        .iter()
+        .filter(|d| workload::in_release(d, release))
+        .filter(|d| {
+            workload::template_images(d)
+                .iter()
+                .any(|i| workload::same_image(i, &wanted))
+        })
+        .collect();
+    if ours.is_empty() {
+        let found: Vec<String> = workloads
+            .iter()
+            .filter(|d| workload::in_release(d, release))
+            .map(|d| {
+                format!(
+                    "{} ({})",
+                    d.name_any(),
+                    workload::template_images(d).join(", ")
+                )
+            })
+            .collect();
+        let held = if found.is_empty() {
+            "it holds no Deployment at all".to_string()
+        } else {
+            format!("its Deployments run other images: {}", found.join("; "))
+        };
+        return fail(
+            FailureReason::DeployedNothing,
+            format!(
+                "helm deployed release {release}, but no Deployment of it runs {wanted}: {held}. \
+                 The chart created no workload from these values; check the App's spec.run and the AppBuild's helmValues"
+            ),
+        );
+    }
+    // The new version's pods, as the App's runtime status describes them.
+    let runtime = o
+        .app
+        .and_then(|a| a.status.as_ref())
+        .and_then(|s| s.runtime.as_ref())
+        .filter(|r| {
+            r.image
+                .as_deref()
+                .is_some_and(|i| workload::same_image(i, &wanted))
+        });
+    if let Some(runtime) = runtime
+        && let Some(problem) = runtime.reason.as_deref().and_then(PodProblem::parse)
+        && problem.fatal()
+    {
+        return fail(
+            FailureReason::Runtime(problem),
+            format!(
+                "the new version cannot run: {}",
+                runtime
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| problem.as_str().into())
+            ),
+        );
+    }
+    let mut waiting = vec![];
+    for deployment in ours {
+        match workload::rollout(deployment) {
+            Rollout::Done => {}
+            Rollout::Waiting(message) => waiting.push(message),
+            Rollout::Stuck(message) => return fail(FailureReason::RolloutStuck, message),
+        }
+    }
+    if waiting.is_empty() {
+        Step::Deployed { image }
+    } else {
+        Step::RollingOut {
+            message: waiting.join("; "),
+        }
     }
 }
 
@@ -428,6 +608,12 @@ pub fn status_after(build: &AppBuild, step: &Step, now: &Time) -> AppBuildStatus
     status.observed_generation = generation;
     match step {
         Step::Nothing | Step::DeployRunning => {}
+        Step::WaitForDeploy { other } => {
+            status.message = Some(format!("waiting for the deploy of {other} to finish"));
+        }
+        Step::RollingOut { message } => {
+            status.message = Some(format!("rolling out: {message}"));
+        }
         Step::Accept => {
             status.phase = Some(AppBuildPhase::Pending);
             status.start_time = Some(now.clone());
@@ -444,7 +630,7 @@ pub fn status_after(build: &AppBuild, step: &Step, now: &Time) -> AppBuildStatus
             if status.job_name.is_some() && status.image.is_none() {
                 status.build_end_time = Some(now.clone());
             }
-            if *reason == FailureReason::DeployFailed {
+            if reason.condition() == super::DEPLOYED {
                 status.failed_helm_job_name = status.helm_job_name.clone();
             }
             set_condition(
@@ -477,6 +663,10 @@ pub fn status_after(build: &AppBuild, step: &Step, now: &Time) -> AppBuildStatus
                 ImageOrigin::Reused { from } => (
                     "Reused",
                     format!("reusing the image of build {from} (same commit and build inputs)"),
+                ),
+                ImageOrigin::Rollback { from } => (
+                    "Rollback",
+                    format!("rolling back to build {from}: its image {image} and values"),
                 ),
             };
             status.image = Some(image.clone());
@@ -527,7 +717,7 @@ pub fn status_after(build: &AppBuild, step: &Step, now: &Time) -> AppBuildStatus
                 now,
             );
         }
-        Step::StartDeploy { image } => {
+        Step::StartDeploy { image, .. } => {
             // Say where the image came from (built, reused, pre-built, redeployed) and what now.
             let origin = status
                 .conditions
@@ -626,6 +816,8 @@ mod tests {
         build_pods: Vec<Pod>,
         deploy_job: Option<Job>,
         deploy_output: Option<String>,
+        rollback_values: Option<Value>,
+        workloads: Option<Vec<Deployment>>,
     }
 
     impl Case {
@@ -638,6 +830,8 @@ mod tests {
                 build_pods: vec![],
                 deploy_job: None,
                 deploy_output: None,
+                rollback_values: None,
+                workloads: None,
             }
         }
         fn decide(&self) -> Step {
@@ -650,6 +844,8 @@ mod tests {
                 build_pods: &self.build_pods,
                 deploy_job: self.deploy_job.as_ref(),
                 deploy_output: self.deploy_output.as_deref(),
+                rollback_values: self.rollback_values.as_ref(),
+                workloads: self.workloads.as_deref(),
                 settings: &settings,
             })
         }
@@ -957,6 +1153,10 @@ mod tests {
         case.deploy_job = Some(running());
         assert_eq!(case.decide(), Step::DeployRunning);
         case.deploy_job = Some(succeeded());
+        case.workloads = Some(vec![release_deployment(
+            "registry.example.com/p/web:web-1",
+            json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}),
+        )]);
         assert!(matches!(case.decide(), Step::Deployed { .. }));
         case.deploy_job = Some(failed());
         case.deploy_output = Some("Error: UPGRADE FAILED: context deadline exceeded".into());
@@ -967,6 +1167,171 @@ mod tests {
         // Without the pod's output, the Job condition's message.
         case.deploy_output = None;
         assert!(failure(&case.decide()).1.contains("backoff limit"));
+    }
+
+    fn release_deployment(image: &str, status: Value) -> Deployment {
+        serde_json::from_value(json!({"metadata": {"name": "web", "generation": 1,
+            "annotations": {"meta.helm.sh/release-name": "web"}},
+            "spec": {"replicas": 1, "selector": {}, "template": {"spec": {"containers": [
+                {"name": "app", "image": image}]}}},
+            "status": status}))
+        .unwrap()
+    }
+
+    fn deployed_case() -> Case {
+        let mut case = Case::new(
+            build(
+                json!({"gitRef": "main"}),
+                json!({"phase": "Deploying", "image": "registry.example.com/p/web:web-1"}),
+            ),
+            Some(dockerfile_app()),
+        );
+        case.deploy_job = Some(succeeded());
+        case
+    }
+
+    #[test]
+    fn a_release_without_a_deployment_of_the_image_deployed_nothing() {
+        let mut case = deployed_case();
+        case.workloads = Some(vec![]);
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::DeployedNothing);
+        assert!(message.contains("holds no Deployment at all"), "{message}");
+        assert_eq!(reason.condition(), DEPLOYED);
+
+        case.workloads = Some(vec![release_deployment("nginx:1.27", json!({}))]);
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::DeployedNothing);
+        assert!(message.contains("web (nginx:1.27)"), "{message}");
+
+        // A Deployment of another release does not count.
+        let mut foreign = release_deployment("registry.example.com/p/web:web-1", json!({}));
+        foreign.metadata.annotations = None;
+        case.workloads = Some(vec![foreign]);
+        assert_eq!(failure(&case.decide()).0, FailureReason::DeployedNothing);
+    }
+
+    #[test]
+    fn a_rollout_is_followed_until_every_replica_is_available() {
+        let mut case = deployed_case();
+        case.workloads = Some(vec![release_deployment(
+            "registry.example.com/p/web:web-1",
+            json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 1}),
+        )]);
+        assert!(matches!(case.decide(), Step::RollingOut { .. }));
+        case.workloads = Some(vec![release_deployment(
+            "registry.example.com/p/web:web-1",
+            json!({"observedGeneration": 1, "conditions": [{"type": "Progressing", "status": "False",
+                "reason": "ProgressDeadlineExceeded", "message": "has timed out progressing."}]}),
+        )]);
+        assert_eq!(failure(&case.decide()).0, FailureReason::RolloutStuck);
+    }
+
+    #[test]
+    fn a_rollout_whose_new_pods_cannot_run_fails_at_once() {
+        let mut case = deployed_case();
+        case.workloads = Some(vec![release_deployment(
+            "registry.example.com/p/web:web-1",
+            json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1}),
+        )]);
+        let runtime = |image: &str, reason: &str| {
+            let mut app = dockerfile_app();
+            app.status.as_mut().unwrap().runtime = Some(crate::crd::RuntimeStatus {
+                state: crate::crd::RuntimeState::Down,
+                image: Some(image.into()),
+                reason: Some(reason.into()),
+                message: Some("pod web-x, container app: CrashLoopBackOff, exit code 1".into()),
+                ..Default::default()
+            });
+            app
+        };
+        case.app = Some(runtime(
+            "registry.example.com/p/web:web-1",
+            "CrashLoopBackOff",
+        ));
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::Runtime(PodProblem::CrashLoopBackOff));
+        assert_eq!(reason.as_str(), "CrashLoopBackOff");
+        assert!(message.contains("exit code 1"), "{message}");
+        // The old version's problem is not the new one's.
+        case.app = Some(runtime(
+            "registry.example.com/p/web:old",
+            "CrashLoopBackOff",
+        ));
+        assert!(matches!(case.decide(), Step::RollingOut { .. }));
+        // A failing probe may still pass: keep rolling.
+        case.app = Some(runtime("registry.example.com/p/web:web-1", "ProbeFailing"));
+        assert!(matches!(case.decide(), Step::RollingOut { .. }));
+    }
+
+    #[test]
+    fn deploys_of_one_app_never_overlap() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "main"}), with_image()),
+            Some(dockerfile_app()),
+        );
+        let mut other = build(json!({}), json!({"phase": "Deploying"}));
+        other.metadata.name = Some("web-0".into());
+        case.siblings = vec![Arc::new(other)];
+        assert_eq!(
+            case.decide(),
+            Step::WaitForDeploy {
+                other: "web-0".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_rollback_takes_an_earlier_builds_image_and_values() {
+        let mut target = build(
+            json!({"gitRef": "main"}),
+            json!({"phase": "Completed", "image": "registry.example.com/p/web:v1@sha256:aaaa", "imageTag": "v1"}),
+        );
+        target.metadata.name = Some("web-0".into());
+        let mut case = Case::new(
+            build(json!({"rollbackTo": "web-0"}), pending()),
+            Some(dockerfile_app()),
+        );
+        assert_eq!(
+            failure(&case.decide()).0,
+            FailureReason::RollbackUnusable,
+            "not found"
+        );
+        case.siblings = vec![Arc::new(target.clone())];
+        match case.decide() {
+            Step::UseImage { image, origin, .. } => {
+                assert_eq!(image, "registry.example.com/p/web:v1@sha256:aaaa");
+                assert_eq!(
+                    origin,
+                    ImageOrigin::Rollback {
+                        from: "web-0".into()
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut failed_target = target.clone();
+        failed_target.status.as_mut().unwrap().phase = Some(AppBuildPhase::Failed);
+        case.siblings = vec![Arc::new(failed_target)];
+        assert!(failure(&case.decide()).1.contains("not Completed"));
+
+        // At deploy: the target's values as they were, or a failure when they are gone.
+        let mut deploy = Case::new(
+            build(
+                json!({"rollbackTo": "web-0"}),
+                json!({"phase": "Pending", "image": "registry.example.com/p/web:v1@sha256:aaaa"}),
+            ),
+            Some(dockerfile_app()),
+        );
+        assert_eq!(failure(&deploy.decide()).0, FailureReason::RollbackUnusable);
+        deploy.rollback_values = Some(json!({"replicas": 3}));
+        match deploy.decide() {
+            Step::StartDeploy { values, .. } => assert_eq!(values, Some(json!({"replicas": 3}))),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1052,6 +1417,7 @@ mod tests {
             ),
             &Step::StartDeploy {
                 image: image.clone(),
+                values: None,
             },
             &now,
         );

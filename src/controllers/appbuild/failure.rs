@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::crd::BuildType;
 use crate::observed;
+use crate::observed::workload::PodProblem;
 use crate::render::jobs::{
     self as render, BUILD_CONTAINER, CLONE_CONTAINER, COMMIT_CONTAINER, PREPARE_CONTAINER,
 };
@@ -29,6 +30,15 @@ pub enum FailureReason {
     BuildTimedOut,
     /// `helm upgrade --install` failed.
     DeployFailed,
+    /// helm succeeded, but the release holds no Deployment running the image.
+    DeployedNothing,
+    /// The Deployment stopped progressing (`ProgressDeadlineExceeded`).
+    RolloutStuck,
+    /// The new version's pods cannot run (crash loop, OOM kill, image pull…): the rollout
+    /// fails at once instead of at the progress deadline.
+    Runtime(PodProblem),
+    /// `spec.rollbackTo` names no usable earlier build of the App.
+    RollbackUnusable,
 }
 
 impl FailureReason {
@@ -42,13 +52,20 @@ impl FailureReason {
             FailureReason::BuildOutOfMemory => "BuildOutOfMemory",
             FailureReason::BuildTimedOut => "BuildTimedOut",
             FailureReason::DeployFailed => "DeployFailed",
+            FailureReason::DeployedNothing => "DeployedNothing",
+            FailureReason::RolloutStuck => "RolloutStuck",
+            FailureReason::Runtime(problem) => problem.as_str(),
+            FailureReason::RollbackUnusable => "RollbackUnusable",
         }
     }
 
     /// The condition a failure of this kind sets to False.
     pub fn condition(self) -> &'static str {
         match self {
-            FailureReason::DeployFailed => super::DEPLOYED,
+            FailureReason::DeployFailed
+            | FailureReason::DeployedNothing
+            | FailureReason::RolloutStuck
+            | FailureReason::Runtime(_) => super::DEPLOYED,
             _ => super::BUILT,
         }
     }

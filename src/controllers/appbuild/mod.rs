@@ -20,10 +20,11 @@ pub use failure::{FailureReason, build_failure, clone_failure};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -36,7 +37,8 @@ use super::jobs;
 use super::{Context, ReconcileError};
 use crate::crd::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType, FIELD_MANAGER};
 use crate::observed::{self, Outcome};
-use crate::render::build::{build_args, child_name, helm_values, platform_env};
+use crate::render::app::{ChartKind, Release};
+use crate::render::build::{build_args, child_name, platform_env};
 use crate::render::image::ImageRef;
 use crate::render::jobs::{
     self as render, APP_LABEL, BUILD_LABEL, BuildJob, Chart, GitAuth, HelmAction, HelmJob,
@@ -62,6 +64,9 @@ pub fn values_secret_name(build: &str) -> String {
 }
 pub fn env_secret_name(build: &str) -> String {
     child_name(build, "env")
+}
+pub fn chart_config_map_name(build: &str) -> String {
+    child_name(build, "chart")
 }
 
 /// Hash of what decides a build's result when the commit is fixed (pure).
@@ -298,6 +303,8 @@ struct Children {
     build_pods: Vec<Pod>,
     deploy_job: Option<Job>,
     deploy_output: Option<String>,
+    rollback_values: Option<Value>,
+    workloads: Option<Vec<Deployment>>,
 }
 
 /// Reads what the next decision needs, and nothing more: the App, then the build Job and its
@@ -326,10 +333,22 @@ async fn read(build: &AppBuild, ctx: &Context) -> Result<Children, ReconcileErro
     if status.image.is_some() {
         let name = deploy_job_name(&build.name_any());
         children.deploy_job = jobs_api.get_opt(&name).await?;
-        if let Some(job) = &children.deploy_job
-            && let Outcome::Failed { message, .. } = observed::outcome(job)
-        {
-            children.deploy_output = Some(jobs::helm_failure(&pods_api, &name, &message).await?);
+        match children.deploy_job.as_ref().map(observed::outcome) {
+            Some(Outcome::Failed { message, .. }) => {
+                children.deploy_output =
+                    Some(jobs::helm_failure(&pods_api, &name, &message).await?);
+            }
+            Some(Outcome::Succeeded) => {
+                // The release's Deployments: helm annotates every object with its release.
+                let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+                children.workloads = Some(deployments.list(&ListParams::default()).await?.items);
+            }
+            Some(Outcome::Running) => {}
+            None => {
+                if let Some(target) = &build.spec.rollback_to {
+                    children.rollback_values = read_values(ctx, &ns, target).await?;
+                }
+            }
         }
     } else if let Some(name) = &status.job_name {
         children.build_job = jobs_api.get_opt(name).await?;
@@ -338,6 +357,26 @@ async fn read(build: &AppBuild, ctx: &Context) -> Result<Children, ReconcileErro
         }
     }
     Ok(children)
+}
+
+/// The Helm values an earlier build deployed with, from its values Secret.
+async fn read_values(
+    ctx: &Context,
+    ns: &str,
+    build: &str,
+) -> Result<Option<Value>, ReconcileError> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(secret) = secrets.get_opt(&values_secret_name(build)).await? else {
+        return Ok(None);
+    };
+    let text = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("values.yaml"))
+        .map(|b| b.0.clone())
+        .unwrap_or_default();
+    // The hub writes values as JSON (valid YAML); anything else is not ours to reuse.
+    Ok(serde_json::from_slice(&text).ok())
 }
 
 /// Carries out a step's effects in the cluster (the status is written afterwards, by
@@ -357,7 +396,12 @@ async fn apply(
         return Ok(());
     };
     match step {
-        Step::Nothing | Step::Accept | Step::Wait { .. } | Step::DeployRunning => {}
+        Step::Nothing
+        | Step::Accept
+        | Step::Wait { .. }
+        | Step::WaitForDeploy { .. }
+        | Step::DeployRunning
+        | Step::RollingOut { .. } => {}
         Step::Fail { progress, .. }
         | Step::BuildRunning { progress }
         | Step::BuildSucceeded { progress, .. } => {
@@ -378,7 +422,9 @@ async fn apply(
             adopt(&api, build, app, inputs.as_deref(), version).await?;
             start_build(build, app, git_ref, image, cache, ctx).await?;
         }
-        Step::StartDeploy { image } => start_deploy(build, app, image, ctx).await?,
+        Step::StartDeploy { image, values } => {
+            start_deploy(build, app, image, values.as_ref(), ctx).await?
+        }
         Step::Deployed { image } => {
             record_deploy(ctx, &ns, &app.name_any(), &image.to_string(), &name).await?;
         }
@@ -445,11 +491,14 @@ async fn start_build(
     Ok(())
 }
 
-/// Creates the deploy Job and the values Secret it reads.
+/// Creates the deploy Job and what it reads: the values Secret (rendered from the App's run
+/// spec, or a rollback target's values as they were) and, for the shipped chart, the chart's
+/// ConfigMap.
 async fn start_deploy(
     build: &AppBuild,
     app: &App,
     image: &ImageRef,
+    rollback_values: Option<&Value>,
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
     let ns = build.namespace().unwrap_or_default();
@@ -462,18 +511,45 @@ async fn start_deploy(
         (BUILD_LABEL, name.as_str()),
         (STEP_LABEL, "deploy"),
     ];
-    let chart = Chart::parse(&settings.app_chart).ok_or_else(|| {
-        ReconcileError::Internal(format!(
-            "jobs.app_chart {:?} is not a chart reference",
-            settings.app_chart
-        ))
-    })?;
+    let apps = &ctx.config.apps;
+    let pull_secret = super::app::registry_secret_name(app);
+    let chart = match apps.chart {
+        ChartKind::Builtin => {
+            let config_map = chart_config_map_name(&name);
+            let chart = crate::render::app::chart_config_map(
+                &config_map,
+                &ns,
+                render::labels(&labels),
+                Some(owner.clone()),
+            );
+            jobs::create_once(
+                &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
+                &chart,
+            )
+            .await?;
+            Chart::Shipped { config_map }
+        }
+        _ => Chart::parse(&settings.app_chart).ok_or_else(|| {
+            ReconcileError::Internal(format!(
+                "jobs.app_chart {:?} is not a chart reference",
+                settings.app_chart
+            ))
+        })?,
+    };
     let values_name = values_secret_name(&name);
-    let values = helm_values(
-        image,
-        &super::app::registry_secret_name(app),
-        build.spec.helm_values.as_ref(),
-    );
+    let values = match rollback_values {
+        Some(values) => values.clone(),
+        None => {
+            let release = Release::new(
+                &app_name,
+                image.clone(),
+                &pull_secret,
+                app.spec.run.as_ref(),
+                apps,
+            );
+            crate::render::app::values(&apps.chart, &release, build.spec.helm_values.as_ref())
+        }
+    };
     let secret = render::values_secret(&values_name, &ns, &values, &labels, Some(owner.clone()));
     jobs::create_once(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &secret).await?;
     let job_name = deploy_job_name(&name);
@@ -486,6 +562,10 @@ async fn start_deploy(
                 chart: &chart,
                 version: Some(&settings.app_chart_version),
                 values_secret: &values_name,
+                registry_secret: settings
+                    .app_chart_registry_auth
+                    .then_some(pull_secret.as_str()),
+                wait: false,
             },
             labels: labels.to_vec(),
             owner: Some(owner),
@@ -537,6 +617,8 @@ async fn reconcile(
         build_pods: &children.build_pods,
         deploy_job: children.deploy_job.as_ref(),
         deploy_output: children.deploy_output.as_deref(),
+        rollback_values: children.rollback_values.as_ref(),
+        workloads: children.workloads.as_deref(),
         settings: &ctx.config.jobs,
     });
     if step == Step::Nothing {
@@ -558,6 +640,26 @@ async fn reconcile(
     Ok(Action::await_change())
 }
 
+/// The builds of an App that its changes move on: those waiting for it to be Ready (no Job
+/// yet), and those deploying it (following its rollout and runtime status).
+fn waiting_on_app(
+    store: &Store<AppBuild>,
+    ns: Option<&str>,
+    app: &str,
+) -> Vec<ObjectRef<AppBuild>> {
+    store
+        .state()
+        .iter()
+        .filter(|b| b.namespace().as_deref() == ns && b.spec.app_name == app)
+        .filter(|b| {
+            let status = b.status.as_ref();
+            status.and_then(|s| s.phase) == Some(AppBuildPhase::Deploying)
+                || status.and_then(|s| s.job_name.as_ref()).is_none()
+        })
+        .map(|b| ObjectRef::from_obj(b.as_ref()))
+        .collect()
+}
+
 /// Runs the AppBuild controller; stop it by dropping the future.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
@@ -566,6 +668,7 @@ pub async fn run(ctx: Arc<Context>) {
     let (store, stream) = super::trimmed_reflector(Api::<AppBuild>::all(client.clone()), &ctx);
     let reconcile_store = store.clone();
     let app_store = store.clone();
+    let deployment_store = store.clone();
     let pod_selector = format!("{managed},{BUILD_LABEL}");
     Controller::for_stream(stream, store)
         .with_config(super::controller_config())
@@ -589,28 +692,33 @@ pub async fn run(ctx: Arc<Context>) {
                 Some(ObjectRef::<AppBuild>::new(build).within(&pod.namespace()?))
             },
         )
-        // An App becoming Ready (or appearing) starts the builds waiting for it.
+        // An App becoming Ready (or appearing) starts the builds waiting for it; its runtime
+        // status moves the builds deploying it.
         .watches_stream(
             watcher(
-                Api::<PartialObjectMeta<App>>::all(client),
+                Api::<PartialObjectMeta<App>>::all(client.clone()),
                 watcher::Config::default(),
             )
             .touched_objects(),
             move |app| {
                 let ns = app.namespace();
                 let name = app.name_any();
-                app_store
-                    .state()
-                    .iter()
-                    .filter(|b| b.namespace() == ns && b.spec.app_name == name)
-                    .filter(|b| {
-                        b.status
-                            .as_ref()
-                            .and_then(|s| s.job_name.as_ref())
-                            .is_none()
-                    })
-                    .map(|b| ObjectRef::from_obj(b.as_ref()))
-                    .collect::<Vec<_>>()
+                waiting_on_app(&app_store, ns.as_deref(), &name)
+            },
+        )
+        // The App's Deployment rolling out (metadata only: its status changes still bump the
+        // resourceVersion) brings the builds deploying it.
+        .watches_stream(
+            watcher(
+                Api::<PartialObjectMeta<Deployment>>::all(client),
+                watcher::Config::default().labels(crate::render::app::APP_LABEL),
+            )
+            .touched_objects(),
+            move |deployment| match deployment.labels().get(crate::render::app::APP_LABEL) {
+                Some(app) => {
+                    waiting_on_app(&deployment_store, deployment.namespace().as_deref(), app)
+                }
+                None => vec![],
             },
         )
         .run(

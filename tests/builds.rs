@@ -104,6 +104,14 @@ fn helm_ok() -> PodEnd<'static> {
     }
 }
 
+/// Runs a deploy (or uninstall) Job's helm for real, as its pod would, and expects success.
+async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
+    wait_job(admin, ns, job).await;
+    let (ok, output) = support::run_helm_job(admin, ns, job).await;
+    assert!(ok, "helm of {job} failed:\n{output}");
+    output
+}
+
 async fn values_of(admin: &Client, ns: &str, secret: &str) -> Value {
     let secret = Api::<Secret>::namespaced(admin.clone(), ns)
         .get(secret)
@@ -142,7 +150,7 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
             &appbuild(
                 "web-1",
                 json!({"appName": "web", "gitRef": SHA, "buildVars": hostile_vars,
-                "helmValues": {"replicaCount": 2, "generic": {"labels": {"team": "a"}}}}),
+                "helmValues": {"replicas": 2, "labels": {"team": "a"}}}),
             ),
         )
         .await
@@ -229,23 +237,39 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
     );
     let helm = args_of(&deploy, "helm");
     assert_eq!(&helm[..3], ["upgrade", "--install", "web"]);
+    assert_eq!(
+        helm[3], "/etc/shapeblock/chart",
+        "the shipped chart, no repository"
+    );
+    assert!(
+        !helm.contains(&"--wait".to_string()),
+        "the hub follows the rollout"
+    );
     let values = values_of(&admin, &ns, "web-1-values").await;
-    assert_eq!(
-        values["defaultImage"],
-        format!("registry.example.com:5000/{ns}/web")
-    );
-    assert_eq!(
-        values["defaultImageTag"],
-        format!("{}@{}", &SHA[..12], digest())
-    );
-    assert_eq!(values["replicaCount"], 2);
-    assert_eq!(values["generic"]["labels"]["team"], "a");
-    assert_eq!(
-        values["generic"]["extraImagePullSecrets"][0]["name"],
-        "registry-creds"
-    );
-    finish_job_pod(&admin, &ns, "web-1-deploy", helm_ok()).await;
+    assert_eq!(values["image"], image);
+    assert_eq!(values["port"], 8080);
+    assert_eq!(values["replicas"], 2, "helmValues win");
+    assert_eq!(values["labels"]["team"], "a");
+    assert_eq!(values["imagePullSecrets"][0], "registry-creds");
+    // helm installs the shipped chart for real, as the deployer; the Deployment rolls out on
+    // the kwok node; only then is the build Completed.
+    helm_runs(&admin, &ns, "web-1-deploy").await;
     let status = wait_build(&builds, "web-1", AppBuildPhase::Completed).await;
+    let deployment = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(admin.clone(), &ns)
+        .get("web")
+        .await
+        .unwrap();
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.available_replicas);
+    assert_eq!(
+        ready,
+        Some(2),
+        "Completed only once both replicas are available"
+    );
+    let containers = deployment.spec.unwrap().template.spec.unwrap().containers;
+    assert_eq!(containers[0].image.as_deref(), Some(image.as_str()));
     // `kubectl describe appbuild` tells the story: a Normal Event for each phase.
     wait_events(
         &admin,
@@ -298,7 +322,7 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
             .is_none(),
         "a reused image must not be rebuilt"
     );
-    finish_job_pod(&admin, &ns, "web-2-deploy", helm_ok()).await;
+    helm_runs(&admin, &ns, "web-2-deploy").await;
     wait_build(&builds, "web-2", AppBuildPhase::Completed).await;
 
     // A branch build gets the App's name-based tag; a later build of another image moves
@@ -322,7 +346,7 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
         Some(third.as_str()),
         "no digest reported: by tag"
     );
-    finish_job_pod(&admin, &ns, "web-3-deploy", helm_ok()).await;
+    helm_runs(&admin, &ns, "web-3-deploy").await;
     wait_build(&builds, "web-3", AppBuildPhase::Completed).await;
     let app_status = apps.get("web").await.unwrap().status.unwrap();
     assert_eq!(app_status.current_image.as_deref(), Some(third.as_str()));
@@ -336,7 +360,7 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
         &args_of(&uninstall, "helm")[..3],
         ["uninstall", "web", "--ignore-not-found"]
     );
-    finish_job_pod(&admin, &ns, "web-uninstall", helm_ok()).await;
+    helm_runs(&admin, &ns, "web-uninstall").await;
     wait_for(
         "App, builds, Jobs and Secrets gone",
         Duration::from_secs(90),
@@ -590,7 +614,7 @@ async fn a_hub_restarted_mid_build_finds_its_job_and_finishes_the_build() {
     // The build finishes while the new hub starts up and lists everything afresh.
     finish_job_pod(&admin, &ns, "shop-1-build", built(SHA, &digest())).await;
     wait_job(&admin, &ns, "shop-1-deploy").await;
-    finish_job_pod(&admin, &ns, "shop-1-deploy", helm_ok()).await;
+    helm_runs(&admin, &ns, "shop-1-deploy").await;
     let status = wait_build(&builds, "shop-1", AppBuildPhase::Completed).await;
     assert_eq!(status.git_commit.as_deref(), Some(SHA));
     let jobs = Api::<Job>::namespaced(admin.clone(), &ns)
@@ -634,7 +658,7 @@ async fn prebuilt_images_and_redeploys_skip_the_build() {
         let status = wait_build(&builds, name, AppBuildPhase::Deploying).await;
         assert_eq!(status.image.as_deref(), Some(image), "{name}");
         assert!(status.job_name.is_none(), "{name}: nothing to build");
-        finish_job_pod(&admin, &ns, &format!("{name}-deploy"), helm_ok()).await;
+        helm_runs(&admin, &ns, &format!("{name}-deploy")).await;
         wait_build(&builds, name, AppBuildPhase::Completed).await;
     };
     // An image App deploys its image, with the tag an AppBuild names.
@@ -646,10 +670,9 @@ async fn prebuilt_images_and_redeploys_skip_the_build() {
     .await;
     let values = values_of(&admin, &ns, "proxy-1-values").await;
     assert_eq!(
-        values["defaultImage"],
-        "registry.example.com:5000/team/nginx"
+        values["image"],
+        "registry.example.com:5000/team/nginx:1.27.3"
     );
-    assert_eq!(values["defaultImageTag"], "1.27.3");
     deploys(
         "proxy-2",
         json!({"appName": "proxy"}),
@@ -695,7 +718,7 @@ async fn prebuilt_images_and_redeploys_skip_the_build() {
         .unwrap();
     finish_job_pod(&admin, &ns, "site-1-build", built(SHA, &digest())).await;
     wait_job(&admin, &ns, "site-1-deploy").await;
-    finish_job_pod(&admin, &ns, "site-1-deploy", helm_ok()).await;
+    helm_runs(&admin, &ns, "site-1-deploy").await;
     let built_image = wait_build(&builds, "site-1", AppBuildPhase::Completed)
         .await
         .image

@@ -500,6 +500,55 @@ async fn generate_deploy_key_secret(
     }
 }
 
+/// Hash of an App's `spec.run` (pure): what a release is made of besides the image.
+pub fn run_hash(app: &App) -> String {
+    use sha2::Digest;
+    let text = serde_json::to_string(&app.spec.run).unwrap_or_default();
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `spec.run` changed since it was last recorded while the App has an image: then
+/// the current image is released again with the new settings (pure).
+pub fn needs_release(app: &App) -> bool {
+    let status = app.status.as_ref();
+    let recorded = status.and_then(|s| s.run_hash.as_deref());
+    let deployed = status.is_some_and(|s| s.current_image.is_some());
+    recorded.is_some_and(|h| h != run_hash(app)) && deployed
+}
+
+/// Name of the AppBuild that releases generation `generation` of an App's run spec.
+pub fn release_build_name(app: &str, generation: i64) -> String {
+    crate::render::build::child_name(app, &format!("release-{generation}"))
+}
+
+/// Creates the AppBuild that redeploys the App's current image with its new `spec.run` (no
+/// gitRef, no imageTag: a redeploy), carrying the `helmValues` of the latest deploy so an
+/// override made there survives a settings change. Created once per generation.
+async fn release(app: &App, ctx: &Context) -> Result<(), ReconcileError> {
+    let ns = app.namespace().unwrap_or_default();
+    let name = app.name_any();
+    let builds: Api<crate::crd::AppBuild> = Api::namespaced(ctx.client.clone(), &ns);
+    let latest = app.status.as_ref().and_then(|s| s.latest_build.clone());
+    let helm_values = match latest {
+        Some(latest) => builds
+            .get_opt(&latest)
+            .await?
+            .and_then(|b| b.spec.helm_values),
+        None => None,
+    };
+    let build_name = release_build_name(&name, app.metadata.generation.unwrap_or_default());
+    let build = json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
+        "metadata": {"name": build_name, "namespace": ns,
+            "labels": {crate::render::jobs::APP_LABEL: name, "shapeblock.io/release": "run"}},
+        "spec": {"appName": name, "helmValues": helm_values},
+    });
+    jobs::create_once(&builds, &build).await?;
+    tracing::info!(namespace = %ns, app = %name, build = %build_name, "spec.run changed: releasing the current image again");
+    Ok(())
+}
+
 /// Name of the Job that uninstalls the App's release.
 pub fn uninstall_job_name(app: &str) -> String {
     crate::render::build::child_name(app, "uninstall")
@@ -509,6 +558,9 @@ async fn reconcile(app: Arc<App>, ctx: Arc<Context>) -> Result<Action, Reconcile
     let observed = read(&app, &ctx).await?;
     let step = decide(&app, &observed);
     let deploy_key = apply(&app, &step, &ctx).await?;
+    if matches!(step, Step::Ready { .. }) && needs_release(&app) {
+        release(&app, &ctx).await?;
+    }
     let name = app.name_any();
     let (phase, message) = match &step {
         Step::Ready { .. } => (AppPhase::Ready, "ready to build".to_string()),
@@ -549,8 +601,15 @@ async fn report(
 ) -> Result<(), ReconcileError> {
     let apps: Api<App> = Api::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
     let current = app.status.as_ref();
+    // The run spec counts as released once the App is Ready (a release was started if one
+    // was needed); a change made while it is not Ready is released when it becomes Ready.
+    let run_hash = match phase {
+        AppPhase::Ready => Some(run_hash(app)),
+        _ => current.and_then(|s| s.run_hash.clone()),
+    };
     let unchanged = current.and_then(|s| s.phase) == Some(phase)
         && current.and_then(|s| s.message.as_deref()) == Some(message)
+        && current.and_then(|s| s.run_hash.clone()) == run_hash
         && (deploy_key.is_none() || current.and_then(|s| s.deploy_key.clone()) == deploy_key)
         && current.and_then(|s| s.observed_generation) == app.metadata.generation;
     if unchanged {
@@ -563,6 +622,9 @@ async fn report(
     });
     if let Some(key) = deploy_key {
         status["deployKey"] = Value::String(key);
+    }
+    if let Some(hash) = run_hash {
+        status["runHash"] = Value::String(hash);
     }
     let patch =
         json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "status": status});

@@ -383,6 +383,7 @@ impl HubConfig {
             "must be between 1 and 256",
         )?;
         validate_jobs(&runtime.controllers.jobs)?;
+        validate_apps(&runtime.controllers.apps)?;
         if let Some(relay) = relay {
             let url = &relay.url;
             let ok = (url.starts_with("wss://") || url.starts_with("ws://"))
@@ -464,6 +465,37 @@ fn validate_jobs(jobs: &crate::render::jobs::JobSettings) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Checks the `apps:` section: issuer and class are Kubernetes object names, builds are kept.
+fn validate_apps(apps: &crate::render::app::AppSettings) -> Result<(), ConfigError> {
+    let is_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !n.starts_with(['-', '.'])
+            && !n.ends_with(['-', '.'])
+    };
+    for (key, value) in [
+        ("apps.tls_issuer", &apps.tls_issuer),
+        ("apps.ingress_class", &apps.ingress_class),
+    ] {
+        if let Some(value) = value {
+            check(
+                is_name(value),
+                key,
+                format!(
+                    "{value:?} must be a Kubernetes object name (lowercase letters, digits, '-' and '.')"
+                ),
+            )?;
+        }
+    }
+    check(
+        apps.keep_builds >= 1,
+        "apps.keep_builds",
+        "must be at least 1",
+    )
+}
+
 /// With no admin token configured, the hub uses the one in `<data_dir>/admin-token`, creating
 /// it (mode 0600) on first start, so a hub started with no configuration is usable and safe.
 pub fn bootstrap_admin_token(data_dir: &std::path::Path) -> Result<TokenHash, ConfigError> {
@@ -537,6 +569,11 @@ mod tests {
             crate::render::jobs::JobSettings::default(),
             "the example lists the defaults"
         );
+        assert_eq!(
+            settings.runtime.controllers.apps,
+            crate::render::app::AppSettings::default(),
+            "the example lists the defaults"
+        );
     }
 
     #[test]
@@ -548,6 +585,9 @@ mod tests {
                 "jobs.app_chart",
             ),
             ("jobs: {build_deadline_seconds: 0}\n", "must be positive"),
+            ("apps: {tls_issuer: 'Lets Encrypt'}\n", "apps.tls_issuer"),
+            ("apps: {keep_builds: 0}\n", "apps.keep_builds"),
+            ("apps: {chart: helm}\n", "chart"),
             ("jobs: {gitimage: x}\n", "gitimage"),
             ("shards: 0\n", "shards"),
         ] {

@@ -877,6 +877,121 @@ pub async fn finish_job_pod(
     pod.name_any()
 }
 
+/// Runs a hub helm Job's pod for real: the pod's own helm argv, with the chart and values
+/// laid out from the ConfigMap and Secret the pod mounts, run by the real helm binary as the
+/// pod's ServiceAccount against the test apiserver; then writes the pod's end (exit code and
+/// helm's output as the termination message) as the kubelet would. Returns helm's output.
+pub async fn run_helm_job(client: &Client, namespace: &str, job: &str) -> (bool, String) {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let job_object = jobs.get(job).await.expect("reading the helm Job");
+    let pod_spec = job_object
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("helm Job pod spec");
+    let container = pod_spec
+        .containers
+        .iter()
+        .find(|c| c.name == "helm")
+        .expect("helm container");
+    let work = hub::scratch_dir(&format!("helm-{namespace}-{job}"));
+    let mut mounts: Vec<(String, PathBuf)> = vec![];
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = pod_spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .expect("mounted volume");
+        let local = work.join(&mount.name);
+        std::fs::create_dir_all(&local).expect("volume dir");
+        if let Some(secret) = &volume.secret {
+            let name = secret.secret_name.clone().expect("secret name");
+            let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+                .get(&name)
+                .await
+                .expect("reading a mounted Secret");
+            for (key, value) in secret.data.unwrap_or_default() {
+                std::fs::write(local.join(key), value.0).expect("writing a Secret key");
+            }
+        } else if let Some(config_map) = &volume.config_map {
+            let data = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+                .get(&config_map.name)
+                .await
+                .expect("reading a mounted ConfigMap")
+                .data
+                .unwrap_or_default();
+            for item in config_map.items.iter().flatten() {
+                let path = local.join(&item.path);
+                std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+                std::fs::write(&path, &data[&item.key]).expect("writing a ConfigMap key");
+            }
+        }
+        mounts.push((mount.mount_path.clone(), local));
+    }
+    let args: Vec<String> = container
+        .args
+        .iter()
+        .flatten()
+        .map(|arg| {
+            mounts
+                .iter()
+                .find_map(|(path, local)| {
+                    arg.strip_prefix(path.as_str())
+                        .map(|rest| format!("{}{rest}", local.display()))
+                })
+                .unwrap_or_else(|| arg.clone())
+        })
+        .collect();
+    let service_account = pod_spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let kubeconfig = kubeconfig_path().await;
+    let helm = binaries().expect("test binaries").join("helm");
+    let home = work.join("home");
+    let output = tokio::process::Command::new(&helm)
+        .args(&args)
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!(
+            "--kube-as-user=system:serviceaccount:{namespace}:{service_account}"
+        ))
+        .env("HOME", &home)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {}: {e}", helm.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ok = output.status.success();
+    let code = output.status.code().unwrap_or(1);
+    let (phase, reason) = if ok {
+        ("Succeeded", "Completed")
+    } else {
+        ("Failed", "Error")
+    };
+    // FallbackToLogsOnError: a failed container's message is the tail of its output.
+    let message = if ok { String::new() } else { text.clone() };
+    finish_job_pod(
+        client,
+        namespace,
+        job,
+        PodEnd {
+            phase,
+            init: vec![],
+            containers: vec![("helm", code, reason, &message)],
+        },
+    )
+    .await;
+    (ok, text)
+}
+
 /// Plain HTTP/1.0 GET on loopback; true when the body contains `needle`.
 fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {

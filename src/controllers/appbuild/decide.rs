@@ -1288,7 +1288,7 @@ mod tests {
     fn a_rollback_takes_an_earlier_builds_image_and_values() {
         let mut target = build(
             json!({"gitRef": "main"}),
-            json!({"phase": "Completed", "image": "registry.example.com/p/web:v1@sha256:aaaa", "imageTag": "v1"}),
+            json!({"phase": "Completed", "image": "registry.example.com/p/web:v1@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "imageTag": "v1"}),
         );
         target.metadata.name = Some("web-0".into());
         let mut case = Case::new(
@@ -1303,7 +1303,10 @@ mod tests {
         case.siblings = vec![Arc::new(target.clone())];
         match case.decide() {
             Step::UseImage { image, origin, .. } => {
-                assert_eq!(image, "registry.example.com/p/web:v1@sha256:aaaa");
+                assert_eq!(
+                    image,
+                    "registry.example.com/p/web:v1@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                );
                 assert_eq!(
                     origin,
                     ImageOrigin::Rollback {
@@ -1322,7 +1325,7 @@ mod tests {
         let mut deploy = Case::new(
             build(
                 json!({"rollbackTo": "web-0"}),
-                json!({"phase": "Pending", "image": "registry.example.com/p/web:v1@sha256:aaaa"}),
+                json!({"phase": "Pending", "image": "registry.example.com/p/web:v1@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}),
             ),
             Some(dockerfile_app()),
         );

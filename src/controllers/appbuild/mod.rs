@@ -13,9 +13,11 @@
 
 mod decide;
 mod failure;
+mod history;
 
 pub use decide::{Observed, Step, decide, started, status_after};
 pub use failure::{FailureReason, build_failure, clone_failure};
+pub use history::prune;
 
 use std::sync::Arc;
 
@@ -24,7 +26,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -427,6 +429,40 @@ async fn apply(
         }
         Step::Deployed { image } => {
             record_deploy(ctx, &ns, &app.name_any(), &image.to_string(), &name).await?;
+            prune_history(ctx, store, &ns, &app.name_any()).await?;
+        }
+    }
+    if let Step::Fail { .. } = step {
+        prune_history(ctx, store, &ns, &app.name_any()).await?;
+    }
+    Ok(())
+}
+
+/// Deletes the App's oldest finished builds beyond `apps.keep_builds` (their Jobs, Secrets
+/// and chart ConfigMap go with them). Reads the App afresh: a deploy just recorded must count
+/// as the current one.
+async fn prune_history(
+    ctx: &Context,
+    store: &Store<AppBuild>,
+    ns: &str,
+    app_name: &str,
+) -> Result<(), ReconcileError> {
+    let Some(app) = Api::<App>::namespaced(ctx.client.clone(), ns)
+        .get_opt(app_name)
+        .await?
+    else {
+        return Ok(());
+    };
+    let builds = store.state();
+    let refs: Vec<&AppBuild> = builds.iter().map(|b| b.as_ref()).collect();
+    let api: Api<AppBuild> = Api::namespaced(ctx.client.clone(), ns);
+    for name in prune(&refs, &app, ctx.config.apps.keep_builds as usize) {
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {
+                tracing::info!(namespace = %ns, build = %name, app = %app_name, "pruned an old build")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

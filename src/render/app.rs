@@ -285,14 +285,140 @@ pub fn tag_with_digest(image: &ImageRef) -> String {
     }
 }
 
-/// Values for nxs-universal-chart 2.x: the same release in the chart's own shape.
+/// Values for nxs-universal-chart 2.8.x: the same release in the chart's own shape, so it
+/// deploys what the first-party chart deploys: one Deployment, Service, Ingress, HPA and PDB,
+/// all named after the App, the pods labelled `shapeblock.io/app` and running an `app`
+/// container.
+///
+/// Facts about the chart (read from its 2.8.x templates, which CI cannot fetch) that decide
+/// the shape:
+/// - Objects are named `<releasePrefix>-<key>`, the prefix defaulting to the release name;
+///   `releasePrefix: "-"` is the chart's way to drop it, so the key alone (the App) names them.
+/// - `generic.labels` go on every object's metadata but not on pods; a Deployment's
+///   `extraSelectorLabels` go on its selector and pod template. Setting the App label in both
+///   (and not in `generic.extraSelectorLabels`, which the pdb template adds a second time, a
+///   duplicate YAML key) labels the Deployment and its pods once each.
+/// - Containers take `defaultImage:defaultImageTag` unless they name their own image.
+/// - `replicas` is rendered through `| default 1`, which turns 0 into 1: zero goes as the
+///   string `"0"`, which `default` keeps. The chart always renders a replica count, so with an
+///   autoscaler the minimum goes in (each upgrade resets the Deployment to it, never below).
+/// - HPAs default to `autoscaling/v2beta1`, removed in Kubernetes 1.26, and its `targetCPU`
+///   renders the v2beta1 metric; so `apiVersion: autoscaling/v2` and v2 `metrics` instead.
+/// - Ingress `certManager` would add TLS for every host of the Ingress (and
+///   `kubernetes.io/tls-acme`); per-host TLS needs the issuer annotation and `extraTls`.
+/// - Variables go in the container's own `env` list, not the chart's `envs`: `envs` become a
+///   hook-managed ConfigMap that loses the order (`$(VAR)` references need `PORT` first),
+///   base64-decodes values that start with `b64:` and, unchanged Deployment, rolls nothing
+///   out when a value changes.
+/// - Most values go through Helm's `tpl`, so the App's own strings are escaped (see
+///   [`tpl_literal`]), and a host is given quoted, since `tpl` output lands unquoted in YAML
+///   where `*.example.com` would read as an alias.
 pub fn nxs_values(release: &Release, overrides: Option<&BTreeMap<String, Value>>) -> Value {
-    let values = json!({
+    let app = release.app.as_str();
+    let app_label = json!({ APP_LABEL: app });
+    let probe = release.probe();
+    let container = tpl_literal(json!({
+        "name": APP_CONTAINER,
+        "command": release.command,
+        "args": release.args,
+        "ports": [{"name": "http", "containerPort": release.port, "protocol": "TCP"}],
+        "env": release.env_json(),
+        "envFrom": release.env_from_json(),
+        "resources": release.resources_json(),
+        "readinessProbe": probe,
+        "livenessProbe": probe,
+        // The restricted Pod Security Standard, as the first-party chart runs Apps.
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+    }));
+    let replicas = match (release.replicas, release.autoscaling) {
+        (Some(0), _) => json!("0"),
+        (Some(n), _) => json!(n),
+        (None, Some((min, _, _))) => json!(min),
+        (None, None) => json!(1),
+    };
+    let mut values = json!({
+        "releasePrefix": "-",
         "defaultImage": release.image.repository(),
         "defaultImageTag": tag_with_digest(&release.image),
-        "generic": {"extraImagePullSecrets": [{"name": release.pull_secret}]},
+        "generic": {
+            "labels": app_label,
+            "extraImagePullSecrets": [{"name": release.pull_secret}],
+            // The chart's preset puts a soft pod affinity and a soft anti-affinity of equal
+            // weight on the same pods; the first-party chart leaves scheduling alone.
+            "usePredefinedAffinity": false,
+        },
+        "deployments": {app: {
+            "replicas": replicas,
+            "strategy": {"type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+            "extraSelectorLabels": app_label,
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [container],
+        }},
+        "services": {app: {
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "extraSelectorLabels": app_label,
+        }},
     });
+    if !release.hosts.is_empty() {
+        let tls: Vec<&str> = release
+            .hosts
+            .iter()
+            .filter(|h| h.tls)
+            .map(|h| h.host.as_str())
+            .collect();
+        let hosts: Vec<Value> = release
+            .hosts
+            .iter()
+            .map(|h| {
+                json!({"hostname": Value::String(h.host.clone()).to_string(), "paths": [{
+                    "path": "/", "pathType": "Prefix", "serviceName": app, "servicePort": "http"}]})
+            })
+            .collect();
+        let mut ingress = json!({ "hosts": hosts });
+        if let Some(class) = &release.ingress_class {
+            ingress["ingressClassName"] = json!(class);
+        }
+        if !tls.is_empty() {
+            if let Some(issuer) = &release.tls_issuer {
+                ingress["annotations"] = json!({"cert-manager.io/cluster-issuer": issuer});
+            }
+            ingress["extraTls"] = json!([{"hosts": tls, "secretName": format!("{app}-tls")}]);
+        }
+        values["ingresses"] = json!({ app: ingress });
+    }
+    if let Some((min, max, cpu)) = release.autoscaling {
+        values["hpas"] = json!({app: {
+            "apiVersion": "autoscaling/v2",
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": app},
+            "minReplicas": min,
+            "maxReplicas": max,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": cpu}}}],
+        }});
+    }
+    if release.highly_available() {
+        values["pdbs"] = json!({app: {"minAvailable": 1, "extraSelectorLabels": app_label}});
+    }
     with_overrides(values, overrides)
+}
+
+/// nxs-universal-chart renders most values with Helm's `tpl`, which would run `{{ … }}` in an
+/// App's variables or arguments as a template (failing the deploy, or worse). Every `{{` in
+/// the strings of `value` becomes ``{{`{{`}}``, which `tpl` turns back into `{{`: a raw
+/// string, so no YAML quoting style of `toYaml` can break it. Only the hub's own values are
+/// escaped; `helmValues` keep templates on purpose.
+fn tpl_literal(value: Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(s.replace("{{", "{{`{{`}}")),
+        Value::Array(items) => Value::Array(items.into_iter().map(tpl_literal).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(key, value)| (key.replace("{{", "{{`{{`}}"), tpl_literal(value)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// The values for the configured chart (pure).
@@ -370,4 +496,448 @@ pub fn chart_volume(volume: &str, config_map: &str) -> Value {
         .map(|(path, _)| json!({"key": chart_key(path), "path": path}))
         .collect();
     json!({"name": volume, "configMap": {"name": config_map, "items": items}})
+}
+
+#[cfg(test)]
+mod tests {
+    //! The nxs-universal-chart values are checked for their shape only: CI has no network to
+    //! fetch the chart, so what the chart makes of them was checked by hand with
+    //! `helm template` against nxs-universal-chart v2.8.3 (the 2.8.x line), and these tests pin
+    //! the keys its templates read.
+
+    use super::*;
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn release(run: Value, settings: &AppSettings) -> Release {
+        let run: RunSpec = serde_json::from_value(run).unwrap();
+        let image = ImageRef::parse(&format!("registry.example.com/team/web:v1@{DIGEST}")).unwrap();
+        Release::new("web", image, "registry-creds", Some(&run), settings)
+    }
+
+    fn plain(run: Value) -> Release {
+        release(run, &AppSettings::default())
+    }
+
+    fn with_tls() -> AppSettings {
+        AppSettings {
+            tls_issuer: Some("letsencrypt".into()),
+            ingress_class: Some("nginx".into()),
+            ..AppSettings::default()
+        }
+    }
+
+    fn container(values: &Value) -> &Value {
+        &values["deployments"]["web"]["containers"][0]
+    }
+
+    #[test]
+    fn nxs_defaults_name_everything_after_the_app() {
+        let v = nxs_values(&plain(json!({})), None);
+        assert_eq!(v["releasePrefix"], "-");
+        assert_eq!(v["defaultImage"], "registry.example.com/team/web");
+        assert_eq!(v["defaultImageTag"], format!("v1@{DIGEST}"));
+        assert_eq!(
+            v["generic"]["extraImagePullSecrets"],
+            json!([{"name": "registry-creds"}])
+        );
+        assert_eq!(v["generic"]["usePredefinedAffinity"], false);
+        let deployments = v["deployments"].as_object().unwrap();
+        assert_eq!(deployments.keys().collect::<Vec<_>>(), ["web"]);
+        let d = &v["deployments"]["web"];
+        assert_eq!(d["replicas"], 1);
+        assert_eq!(d["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+        assert_eq!(d["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(d["containers"].as_array().unwrap().len(), 1);
+        let c = container(&v);
+        assert_eq!(c["name"], APP_CONTAINER);
+        assert!(
+            c.get("image").is_none(),
+            "the container falls back to defaultImage"
+        );
+        assert_eq!(
+            c["ports"],
+            json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}])
+        );
+        assert_eq!(c["env"], json!([{"name": "PORT", "value": "8080"}]));
+        assert_eq!(c["envFrom"], json!([]));
+        assert_eq!(c["command"], json!([]));
+        assert_eq!(c["args"], json!([]));
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(
+            v["services"]["web"]["ports"],
+            json!([{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}])
+        );
+        for absent in ["ingresses", "hpas", "pdbs", "envs"] {
+            assert!(v.get(absent).is_none(), "{absent} without a reason for it");
+        }
+    }
+
+    #[test]
+    fn nxs_labels_the_deployment_its_pods_and_selectors_with_the_app() {
+        let v = nxs_values(&plain(json!({"replicas": 2})), None);
+        let label = json!({APP_LABEL: "web"});
+        // generic.labels: every object's metadata; a Deployment's extraSelectorLabels: its
+        // selector and pod template.
+        assert_eq!(v["generic"]["labels"], label);
+        assert_eq!(v["deployments"]["web"]["extraSelectorLabels"], label);
+        assert_eq!(v["services"]["web"]["extraSelectorLabels"], label);
+        assert_eq!(v["pdbs"]["web"]["extraSelectorLabels"], label);
+        // The pdb template adds generic.extraSelectorLabels after the selector labels that
+        // already hold them: a duplicate key, so the label never goes there.
+        assert!(v["generic"].get("extraSelectorLabels").is_none());
+        assert!(v["generic"].get("podLabels").is_none());
+    }
+
+    #[test]
+    fn nxs_replicas_fixed_zero_and_autoscaled() {
+        let v = nxs_values(&plain(json!({"replicas": 3})), None);
+        assert_eq!(v["deployments"]["web"]["replicas"], 3);
+        assert!(v.get("hpas").is_none());
+        // The chart's `| default 1` would make 0 one replica; the string "0" survives it.
+        let v = nxs_values(&plain(json!({"replicas": 0})), None);
+        assert_eq!(v["deployments"]["web"]["replicas"], "0");
+
+        let scaled = plain(json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 6,
+            "targetCpuPercent": 70}}));
+        assert_eq!(scaled.replicas, None);
+        let v = nxs_values(&scaled, None);
+        assert_eq!(
+            v["deployments"]["web"]["replicas"], 2,
+            "the autoscaler's minimum"
+        );
+        assert_eq!(
+            v["hpas"],
+            json!({"web": {
+                "apiVersion": "autoscaling/v2",
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                "minReplicas": 2, "maxReplicas": 6,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": 70}}}],
+            }})
+        );
+        assert!(
+            v["hpas"]["web"].get("targetCPU").is_none(),
+            "targetCPU renders the v2beta1 metric"
+        );
+        let v = nxs_values(
+            &plain(json!({"autoscaling": {"minReplicas": 1, "maxReplicas": 3}})),
+            None,
+        );
+        assert_eq!(
+            v["hpas"]["web"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+            80
+        );
+    }
+
+    #[test]
+    fn nxs_pdb_only_when_more_than_one_replica_runs() {
+        let pdb = |run: Value| nxs_values(&plain(run), None).get("pdbs").cloned();
+        assert_eq!(pdb(json!({})), None);
+        assert_eq!(pdb(json!({"replicas": 1})), None);
+        assert_eq!(
+            pdb(json!({"replicas": 3})),
+            Some(json!({"web": {"minAvailable": 1, "extraSelectorLabels": {APP_LABEL: "web"}}}))
+        );
+        assert_eq!(
+            pdb(json!({"autoscaling": {"minReplicas": 1, "maxReplicas": 5}})),
+            None
+        );
+        assert!(pdb(json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 5}})).is_some());
+    }
+
+    #[test]
+    fn nxs_command_args_env_and_env_from_go_on_the_container_in_order() {
+        let v = nxs_values(
+            &plain(
+                json!({"port": 3000, "command": ["node"], "args": ["server.js", "--x"],
+                "env": [{"name": "B", "value": "2"}, {"name": "PORT", "value": "1"},
+                        {"name": "A", "value": "$(B)"}],
+                "envFrom": [{"secret": "web-secrets"}, {"configMap": "web-config"}]}),
+            ),
+            None,
+        );
+        let c = container(&v);
+        assert_eq!(c["command"], json!(["node"]));
+        assert_eq!(c["args"], json!(["server.js", "--x"]));
+        assert_eq!(
+            c["env"],
+            json!([{"name": "PORT", "value": "3000"}, {"name": "B", "value": "2"},
+                {"name": "A", "value": "$(B)"}])
+        );
+        assert_eq!(
+            c["envFrom"],
+            json!([{"secretRef": {"name": "web-secrets"}},
+                {"configMapRef": {"name": "web-config"}}])
+        );
+        assert_eq!(c["ports"][0]["containerPort"], 3000);
+        // Not the chart's envs (a hook ConfigMap) nor envSecrets/envConfigmaps (which prefix
+        // the names with the release).
+        assert!(v.get("envs").is_none());
+        assert!(c.get("envSecrets").is_none() && c.get("envConfigmaps").is_none());
+    }
+
+    #[test]
+    fn nxs_escapes_template_braces_in_the_apps_strings() {
+        let v = nxs_values(
+            &plain(json!({"args": ["{{ .Release.Name }}"],
+                "env": [{"name": "T", "value": "a{{b}}c{{"}]})),
+            None,
+        );
+        let c = container(&v);
+        assert_eq!(c["args"], json!(["{{`{{`}} .Release.Name }}"]));
+        assert_eq!(c["env"][1]["value"], "a{{`{{`}}b}}c{{`{{`}}");
+        assert_eq!(
+            tpl_literal(json!({"k": [1, true, null]})),
+            json!({"k": [1, true, null]})
+        );
+    }
+
+    #[test]
+    fn nxs_domains_with_tls_get_the_issuer_and_a_secret() {
+        let v = nxs_values(
+            &release(
+                json!({"domains": [{"host": "shop.example.com"},
+                    {"host": "*.example.com"}, {"host": "plain.example.com", "tls": false}]}),
+                &with_tls(),
+            ),
+            None,
+        );
+        let ing = &v["ingresses"]["web"];
+        assert_eq!(v["ingresses"].as_object().unwrap().len(), 1);
+        assert_eq!(ing["ingressClassName"], "nginx");
+        assert_eq!(
+            ing["annotations"],
+            json!({"cert-manager.io/cluster-issuer": "letsencrypt"})
+        );
+        assert_eq!(
+            ing["extraTls"],
+            json!([{"hosts": ["shop.example.com", "*.example.com"], "secretName": "web-tls"}])
+        );
+        assert!(
+            ing.get("certManager").is_none(),
+            "it would cover the plain host too"
+        );
+        // Quoted: the chart's tpl output lands unquoted, where `*` starts a YAML alias.
+        let hosts: Vec<&str> = ing["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["hostname"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "\"shop.example.com\"",
+                "\"*.example.com\"",
+                "\"plain.example.com\""
+            ]
+        );
+        assert_eq!(
+            ing["hosts"][0]["paths"],
+            json!([{"path": "/", "pathType": "Prefix", "serviceName": "web",
+                "servicePort": "http"}])
+        );
+    }
+
+    #[test]
+    fn nxs_domains_without_an_issuer_are_plain_http() {
+        let v = nxs_values(
+            &plain(json!({"domains": [{"host": "shop.example.com"}]})),
+            None,
+        );
+        let ing = &v["ingresses"]["web"];
+        assert_eq!(ing["hosts"][0]["hostname"], "\"shop.example.com\"");
+        for absent in ["annotations", "extraTls", "ingressClassName"] {
+            assert!(ing.get(absent).is_none(), "{absent}");
+        }
+        // With an issuer but every host opting out of TLS: no annotation, no secret.
+        let v = nxs_values(
+            &release(
+                json!({"domains": [{"host": "a.example.com", "tls": false}]}),
+                &with_tls(),
+            ),
+            None,
+        );
+        let ing = &v["ingresses"]["web"];
+        assert_eq!(ing["ingressClassName"], "nginx");
+        assert!(ing.get("annotations").is_none() && ing.get("extraTls").is_none());
+    }
+
+    #[test]
+    fn nxs_health_check_http_or_tcp_on_both_probes() {
+        let v = nxs_values(
+            &plain(json!({"healthCheck": {"path": "/healthz", "initialDelaySeconds": 15}})),
+            None,
+        );
+        let c = container(&v);
+        assert_eq!(
+            c["readinessProbe"],
+            json!({"httpGet": {"path": "/healthz", "port": "http"},
+                "initialDelaySeconds": 15, "periodSeconds": 10, "timeoutSeconds": 3,
+                "failureThreshold": 3})
+        );
+        assert_eq!(c["livenessProbe"], c["readinessProbe"]);
+        let v = nxs_values(&plain(json!({})), None);
+        let c = container(&v);
+        assert_eq!(c["readinessProbe"]["tcpSocket"], json!({"port": "http"}));
+        assert!(c["readinessProbe"].get("httpGet").is_none());
+        assert_eq!(c["livenessProbe"], c["readinessProbe"]);
+    }
+
+    #[test]
+    fn nxs_resources_defaults_and_overrides() {
+        let v = nxs_values(&plain(json!({})), None);
+        assert_eq!(
+            container(&v)["resources"],
+            json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+        );
+        let v = nxs_values(
+            &plain(
+                json!({"resources": {"cpuRequest": "1", "memoryRequest": "1Gi",
+                "memoryLimit": "2Gi"}}),
+            ),
+            None,
+        );
+        assert_eq!(
+            container(&v)["resources"],
+            json!({"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}})
+        );
+    }
+
+    #[test]
+    fn nxs_helm_values_are_merged_last_and_win() {
+        let overrides: BTreeMap<String, Value> = serde_json::from_value(json!({
+            "defaultImageTag": "pinned",
+            "deployments": {"web": {"replicas": 5, "nodeSelector": {"pool": "apps"}}},
+            "generic": {"labels": {"team": "shop"}},
+            "envs": {"EXTRA": "1"},
+        }))
+        .unwrap();
+        let v = nxs_values(&plain(json!({"replicas": 2})), Some(&overrides));
+        assert_eq!(v["defaultImageTag"], "pinned");
+        assert_eq!(v["deployments"]["web"]["replicas"], 5);
+        assert_eq!(v["deployments"]["web"]["nodeSelector"]["pool"], "apps");
+        // Deep-merged: what the override does not name stays.
+        assert_eq!(container(&v)["name"], APP_CONTAINER);
+        assert_eq!(
+            v["generic"]["labels"],
+            json!({APP_LABEL: "web", "team": "shop"})
+        );
+        assert_eq!(v["envs"]["EXTRA"], "1");
+        // The user's own templates are not escaped.
+        let overrides: BTreeMap<String, Value> = serde_json::from_value(
+            json!({"generic": {"podAnnotations": {"a": "{{ .Release.Name }}"}}}),
+        )
+        .unwrap();
+        let v = nxs_values(&plain(json!({})), Some(&overrides));
+        assert_eq!(v["generic"]["podAnnotations"]["a"], "{{ .Release.Name }}");
+    }
+
+    #[test]
+    fn values_picks_the_renderer_of_the_configured_chart() {
+        let r = plain(json!({}));
+        assert_eq!(
+            values(&ChartKind::NxsUniversalChart, &r, None),
+            nxs_values(&r, None)
+        );
+        assert_eq!(
+            values(&ChartKind::Builtin, &r, None),
+            builtin_values(&r, None)
+        );
+        assert_eq!(
+            values(&ChartKind::ImageOnly, &r, None),
+            image_values(&r, None)
+        );
+    }
+
+    #[test]
+    fn builtin_values_shape() {
+        let v = builtin_values(&plain(json!({})), None);
+        assert_eq!(
+            v,
+            json!({
+                "app": "web",
+                "image": format!("registry.example.com/team/web:v1@{DIGEST}"),
+                "imagePullSecrets": ["registry-creds"],
+                "port": 8080,
+                "replicas": 1,
+                "command": [],
+                "args": [],
+                "env": [{"name": "PORT", "value": "8080"}],
+                "envFrom": [],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                    "limits": {"memory": "512Mi"}},
+                "probe": {"tcpSocket": {"port": "http"}, "initialDelaySeconds": 0,
+                    "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+                "autoscaling": null,
+                "podDisruptionBudget": false,
+                "ingress": {"className": null, "tlsIssuer": null, "hosts": []},
+            })
+        );
+    }
+
+    #[test]
+    fn builtin_values_full_run_spec() {
+        let r = release(
+            json!({"port": 3000, "command": ["node"], "args": ["s.js"],
+                "env": [{"name": "A", "value": "1"}], "envFrom": [{"configMap": "cfg"}],
+                "domains": [{"host": "shop.example.com"}, {"host": "p.example.com", "tls": false}],
+                "healthCheck": {"path": "/up"},
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetCpuPercent": 60}}),
+            &with_tls(),
+        );
+        let v = builtin_values(&r, None);
+        assert_eq!(v["replicas"], Value::Null);
+        assert_eq!(
+            v["autoscaling"],
+            json!({"minReplicas": 2, "maxReplicas": 4, "targetCPUPercent": 60})
+        );
+        assert_eq!(v["podDisruptionBudget"], true);
+        assert_eq!(
+            v["env"],
+            json!([{"name": "PORT", "value": "3000"}, {"name": "A", "value": "1"}])
+        );
+        assert_eq!(v["envFrom"], json!([{"configMapRef": {"name": "cfg"}}]));
+        assert_eq!(
+            v["probe"]["httpGet"],
+            json!({"path": "/up", "port": "http"})
+        );
+        assert_eq!(
+            v["ingress"],
+            json!({"className": "nginx", "tlsIssuer": "letsencrypt", "hosts": [
+                {"host": "shop.example.com", "tls": true}, {"host": "p.example.com", "tls": false}]})
+        );
+        let overrides: BTreeMap<String, Value> =
+            serde_json::from_value(json!({"runAsUser": 1000, "probe": {"periodSeconds": 5}}))
+                .unwrap();
+        let v = builtin_values(&r, Some(&overrides));
+        assert_eq!(v["runAsUser"], 1000);
+        assert_eq!(v["probe"]["periodSeconds"], 5);
+        assert_eq!(v["probe"]["httpGet"]["path"], "/up");
+    }
+
+    #[test]
+    fn image_values_shape() {
+        let v = image_values(&plain(json!({})), None);
+        assert_eq!(
+            v,
+            json!({"image": {"repository": "registry.example.com/team/web",
+                "tag": format!("v1@{DIGEST}")},
+                "imagePullSecrets": [{"name": "registry-creds"}]})
+        );
+        let image = ImageRef::parse("team/web").unwrap();
+        assert_eq!(tag_with_digest(&image), "latest");
+    }
+
+    #[test]
+    fn release_resolves_urls_and_tls() {
+        let r = release(
+            json!({"domains": [{"host": "a.example.com"}, {"host": "b.example.com", "tls": false}]}),
+            &with_tls(),
+        );
+        assert_eq!(r.urls(), ["https://a.example.com", "http://b.example.com"]);
+        let r = plain(json!({"domains": [{"host": "a.example.com"}]}));
+        assert_eq!(r.urls(), ["http://a.example.com"]);
+    }
 }

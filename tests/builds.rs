@@ -32,14 +32,28 @@ fn appbuild(name: &str, spec: Value) -> AppBuild {
 }
 
 async fn wait_build(builds: &Api<AppBuild>, name: &str, phase: AppBuildPhase) -> AppBuildStatus {
-    wait_for(&format!("AppBuild {name} {phase:?}"), WAIT, async || {
-        let status = builds.get_opt(name).await.ok()??.status?;
-        if status.phase == Some(AppBuildPhase::Failed) && phase != AppBuildPhase::Failed {
-            panic!("AppBuild {name} failed: {status:?}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = builds
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| b.status);
+        if let Some(status) = &status {
+            if status.phase == Some(AppBuildPhase::Failed) && phase != AppBuildPhase::Failed {
+                panic!("AppBuild {name} failed: {status:?}");
+            }
+            if status.phase == Some(phase) {
+                return status.clone();
+            }
         }
-        (status.phase == Some(phase)).then_some(status)
-    })
-    .await
+        assert!(
+            Instant::now() < deadline,
+            "AppBuild {name} not {phase:?} within {WAIT:?}; last status: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_job(admin: &Client, ns: &str, name: &str) -> Job {

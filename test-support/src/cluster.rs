@@ -18,6 +18,8 @@ use shapeblock::crd::{App, AppPhase, Project, ProjectPhase};
 use shapeblock::hub::Registry;
 use shapeblock::render::agent::{AgentManifestParams, agent_manifest};
 
+use shapeblock::render::app::AppSettings;
+
 use super::hub::{AgentProcess, TestHub, scratch_dir, service_account_kubeconfig};
 
 /// Polls `check` every 100 ms until it yields a value; fails the test after `timeout`.
@@ -91,6 +93,7 @@ pub struct ConnectedCluster {
     pub cluster_id: String,
     dir: PathBuf,
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
+    apps: AppSettings,
     agent: Option<AgentProcess>,
 }
 
@@ -116,7 +119,8 @@ impl ConnectedCluster {
             .tls(&self.dir)
             .registry(self.registry.clone())
             .addr(addr)
-            .controllers();
+            .controllers()
+            .apps(self.apps.clone());
         if let Some(relay) = &self.relay {
             hub = hub.relay(relay.clone());
         }
@@ -136,13 +140,23 @@ pub async fn connected_cluster_relaying(
     name: &str,
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
 ) -> ConnectedCluster {
+    connected_cluster_with(name, relay, AppSettings::default()).await
+}
+
+/// Like [`connected_cluster_relaying`], the hub deploying Apps with these `apps:` settings.
+pub async fn connected_cluster_with(
+    name: &str,
+    relay: Option<shapeblock::relay::outbound::RelayConfig>,
+    apps: AppSettings,
+) -> ConnectedCluster {
     let admin = super::client().await;
     let dir = scratch_dir(name);
     let registry = Arc::new(Registry::in_memory());
     let mut hub = TestHub::builder()
         .tls(&dir)
         .registry(registry.clone())
-        .controllers();
+        .controllers()
+        .apps(apps.clone());
     if let Some(relay) = &relay {
         hub = hub.relay(relay.clone());
     }
@@ -176,6 +190,7 @@ pub async fn connected_cluster_relaying(
         cluster_id: record.id,
         dir,
         relay,
+        apps,
         agent: Some(agent),
     }
 }

@@ -90,6 +90,7 @@ pub struct TestHubBuilder {
     controllers: bool,
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
     gateway: GatewayConfig,
+    apps: shapeblock::render::app::AppSettings,
 }
 
 impl TestHubBuilder {
@@ -115,6 +116,12 @@ impl TestHubBuilder {
     /// Runs the controllers for connected clusters.
     pub fn controllers(mut self) -> Self {
         self.controllers = true;
+        self
+    }
+
+    /// Deploys Apps with these `apps:` settings.
+    pub fn apps(mut self, apps: shapeblock::render::app::AppSettings) -> Self {
+        self.apps = apps;
         self
     }
 
@@ -155,6 +162,8 @@ impl TestHubBuilder {
             controllers: self.controllers,
             ..HubConfig::default()
         };
+        let mut config = config;
+        config.runtime.controllers.apps = self.apps;
         let hub = Hub::bind(&config, registry.clone())
             .await
             .expect("bind hub");
@@ -185,6 +194,7 @@ impl TestHub {
             controllers: false,
             relay: None,
             gateway: test_gateway_config(),
+            apps: Default::default(),
         }
     }
 

@@ -445,3 +445,218 @@ async fn the_hub_chart_monitoring_is_off_by_default_and_valid_when_on() {
         }
     }
 }
+
+/// The first-party app chart: every file of `charts/shapeblock-app` is compiled into the hub
+/// (a template left out would silently never deploy), and it is versioned with the hub.
+#[test]
+fn the_app_chart_ships_whole_and_is_versioned_with_the_hub() {
+    let root = repo().join("charts/shapeblock-app");
+    let mut on_disk = vec![];
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                on_disk.push(path.strip_prefix(&root).unwrap().display().to_string());
+            }
+        }
+    }
+    on_disk.sort();
+    let mut shipped: Vec<String> = shapeblock::render::app::CHART_FILES
+        .iter()
+        .map(|(path, content)| {
+            let file = std::fs::read_to_string(root.join(path)).unwrap();
+            assert_eq!(&file, content, "{path} differs from the compiled copy");
+            path.to_string()
+        })
+        .collect();
+    shipped.sort();
+    assert_eq!(
+        on_disk, shipped,
+        "render::app::CHART_FILES must list every chart file"
+    );
+    let chart = std::fs::read_to_string(root.join("Chart.yaml")).unwrap();
+    let version = format!("version: {}", env!("CARGO_PKG_VERSION"));
+    assert!(chart.contains(&version), "Chart.yaml must say {version}");
+}
+
+/// Values the hub renders for an App named `web` with this run spec.
+fn app_values(run: Value, settings: shapeblock::render::app::AppSettings) -> Value {
+    use shapeblock::render::app::{Release, builtin_values};
+    use shapeblock::render::image::ImageRef;
+    let run: shapeblock::crd::RunSpec = serde_json::from_value(run).unwrap();
+    let image = ImageRef::parse(&format!(
+        "registry.example.com:5000/shop/web:v3@sha256:{}",
+        "c".repeat(64)
+    ))
+    .unwrap();
+    builtin_values(
+        &Release::new("web", image, "registry-creds", Some(&run), &settings),
+        None,
+    )
+}
+
+#[tokio::test]
+async fn the_app_chart_renders_each_run_spec_feature_into_objects_the_apiserver_accepts() {
+    use shapeblock::render::app::AppSettings;
+    let client = support::client().await;
+    let ns = TestNamespace::new("app-chart").await;
+    // Pods of the rendered Deployment are checked against the restricted Pod Security
+    // Standard, enforced by the apiserver in this namespace.
+    let restricted = TestNamespace::new("app-chart-restricted").await;
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(client.clone());
+    namespaces
+        .patch(
+            &restricted.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest"}}})),
+        )
+        .await
+        .unwrap();
+    let chart = repo().join("charts/shapeblock-app");
+    let with_issuer = AppSettings {
+        tls_issuer: Some("letsencrypt-prod".into()),
+        ingress_class: Some("nginx".into()),
+        ..Default::default()
+    };
+    let variants: Vec<(&str, Value, AppSettings)> = vec![
+        ("defaults", json!({}), AppSettings::default()),
+        (
+            "replicas, domains with TLS, command, env",
+            json!({"replicas": 3, "port": 3000, "command": ["node"], "args": ["server.js", "--port=$(PORT)"],
+                "env": [{"name": "NODE_ENV", "value": "production"}],
+                "envFrom": [{"secret": "web-secrets"}, {"configMap": "web-config"}],
+                "domains": [{"host": "shop.example.com"}, {"host": "*.shop.example.com"}, {"host": "plain.example.com", "tls": false}],
+                "resources": {"cpuRequest": "250m", "memoryRequest": "256Mi", "memoryLimit": "1Gi"},
+                "healthCheck": {"path": "/healthz", "initialDelaySeconds": 5}}),
+            with_issuer.clone(),
+        ),
+        (
+            "autoscaling",
+            json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 10, "targetCPUPercent": 60}}),
+            AppSettings::default(),
+        ),
+        (
+            "domains without an issuer",
+            json!({"domains": [{"host": "shop.example.com"}]}),
+            AppSettings::default(),
+        ),
+    ];
+    let dir = support::hub::scratch_dir("app-chart");
+    for (name, run, settings) in variants {
+        let values = app_values(run, settings);
+        let file = dir.join(format!("{}.json", name.replace([' ', ','], "-")));
+        std::fs::write(&file, values.to_string()).unwrap();
+        run_helm(&[
+            "lint",
+            "--strict",
+            chart.to_str().unwrap(),
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+        let objects = documents(&run_helm(&[
+            "template",
+            "web",
+            chart.to_str().unwrap(),
+            "--namespace",
+            ns.name.as_str(),
+            "-f",
+            file.to_str().unwrap(),
+        ]));
+        let find = |kind: &str| objects.iter().find(|o| o["kind"] == kind);
+        let kinds: Vec<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        for object in &objects {
+            assert_eq!(object["metadata"]["name"], "web", "{name}: {object}");
+            assert_eq!(
+                object["metadata"]["labels"]["shapeblock.io/app"], "web",
+                "{name}"
+            );
+            support::apply_object(&client, object, &ns.name, true).await;
+        }
+        let deployment = find("Deployment").unwrap_or_else(|| panic!("{name}: no Deployment"));
+        let pod = &deployment["spec"]["template"];
+        assert_eq!(pod["metadata"]["labels"]["shapeblock.io/app"], "web");
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["name"], "app");
+        assert_eq!(container["image"], values["image"]);
+        assert_eq!(container["env"][0]["name"], "PORT");
+        // The pod as the ReplicaSet would create it passes the restricted standard.
+        let pod_object = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-probe", "labels": pod["metadata"]["labels"]},
+            "spec": pod["spec"]});
+        support::apply_object(&client, &pod_object, &restricted.name, true).await;
+        match name {
+            "defaults" => {
+                assert_eq!(kinds, ["Service", "Deployment"], "{name}");
+                assert_eq!(deployment["spec"]["replicas"], 1);
+                assert_eq!(container["readinessProbe"]["tcpSocket"]["port"], "http");
+                assert!(container["readinessProbe"]["httpGet"].is_null());
+            }
+            "replicas, domains with TLS, command, env" => {
+                assert_eq!(deployment["spec"]["replicas"], 3);
+                assert_eq!(container["command"], json!(["node"]));
+                assert_eq!(container["args"], json!(["server.js", "--port=$(PORT)"]));
+                assert_eq!(container["ports"][0]["containerPort"], 3000);
+                assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
+                assert!(
+                    container["readinessProbe"]["tcpSocket"].is_null(),
+                    "one handler"
+                );
+                assert_eq!(container["resources"]["limits"]["memory"], "1Gi");
+                assert_eq!(container["envFrom"][0]["secretRef"]["name"], "web-secrets");
+                let ingress = find("Ingress").unwrap();
+                assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+                assert_eq!(
+                    ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"],
+                    "letsencrypt-prod"
+                );
+                assert_eq!(
+                    ingress["spec"]["tls"][0]["hosts"],
+                    json!(["shop.example.com", "*.shop.example.com"]),
+                    "only hosts with tls"
+                );
+                assert_eq!(ingress["spec"]["rules"].as_array().unwrap().len(), 3);
+                assert!(
+                    find("PodDisruptionBudget").is_some(),
+                    "more than one replica"
+                );
+                assert!(find("HorizontalPodAutoscaler").is_none());
+            }
+            "autoscaling" => {
+                let hpa = find("HorizontalPodAutoscaler").unwrap();
+                assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+                assert_eq!(hpa["spec"]["minReplicas"], 2);
+                assert_eq!(hpa["spec"]["maxReplicas"], 10);
+                assert_eq!(
+                    hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+                    60
+                );
+                assert!(
+                    deployment["spec"]["replicas"].is_null(),
+                    "the HPA owns the count"
+                );
+                assert!(
+                    find("PodDisruptionBudget").is_some(),
+                    "at least two replicas"
+                );
+            }
+            "domains without an issuer" => {
+                let ingress = find("Ingress").unwrap();
+                assert!(
+                    ingress["spec"]["tls"].is_null(),
+                    "no issuer, no certificate"
+                );
+                assert!(ingress["metadata"]["annotations"].is_null());
+            }
+            other => unreachable!("{other}"),
+        }
+    }
+}

@@ -599,7 +599,7 @@ mod tests {
         assert_eq!(v["deployments"]["web"]["replicas"], "0");
 
         let scaled = plain(json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 6,
-            "targetCpuPercent": 70}}));
+            "targetCPUPercent": 70}}));
         assert_eq!(scaled.replicas, None);
         let v = nxs_values(&scaled, None);
         assert_eq!(
@@ -884,7 +884,7 @@ mod tests {
                 "env": [{"name": "A", "value": "1"}], "envFrom": [{"configMap": "cfg"}],
                 "domains": [{"host": "shop.example.com"}, {"host": "p.example.com", "tls": false}],
                 "healthCheck": {"path": "/up"},
-                "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetCpuPercent": 60}}),
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetCPUPercent": 60}}),
             &with_tls(),
         );
         let v = builtin_values(&r, None);

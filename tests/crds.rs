@@ -831,3 +831,124 @@ async fn server_side_apply_round_trips_every_kind() {
 fn got_json(obj: &DynamicObject) -> Value {
     serde_json::to_value(obj).unwrap()
 }
+
+/// `spec.run`: each rule rejects with a message naming the field; the README's example and
+/// a full run spec are accepted.
+#[tokio::test]
+async fn the_run_spec_is_validated_with_messages_naming_the_field() {
+    let client = client_with_crds().await;
+    let ns = TestNamespace::new("run-spec").await;
+    let run = |name: &str, run: Value| merged(&valid("App", name), &json!({"spec": {"run": run}}));
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        ("port 0", run("r1", json!({"port": 0})), &["spec.run.port"]),
+        (
+            "port too high",
+            run("r2", json!({"port": 70000})),
+            &["spec.run.port"],
+        ),
+        (
+            "negative replicas",
+            run("r3", json!({"replicas": -1})),
+            &["spec.run.replicas"],
+        ),
+        (
+            "env name",
+            run("r4", json!({"env": [{"name": "1BAD", "value": "x"}]})),
+            &["spec.run.env name must be a variable name"],
+        ),
+        (
+            "envFrom with both",
+            run(
+                "r5",
+                json!({"envFrom": [{"secret": "a", "configMap": "b"}]}),
+            ),
+            &["spec.run.envFrom entries name exactly one of secret or configMap"],
+        ),
+        (
+            "envFrom with neither",
+            run("r6", json!({"envFrom": [{}]})),
+            &["exactly one of secret or configMap"],
+        ),
+        (
+            "domain with a scheme",
+            run(
+                "r7",
+                json!({"domains": [{"host": "https://shop.example.com"}]}),
+            ),
+            &["spec.run.domains host must be a lowercase DNS name"],
+        ),
+        (
+            "quantity",
+            run("r8", json!({"resources": {"memoryLimit": "lots"}})),
+            &["spec.run.resources.memoryLimit must be a quantity"],
+        ),
+        (
+            "health path",
+            run("r9", json!({"healthCheck": {"path": "healthz"}})),
+            &["spec.run.healthCheck.path must be an absolute HTTP path"],
+        ),
+        (
+            "autoscaling bounds",
+            run(
+                "r10",
+                json!({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}),
+            ),
+            &["spec.run.autoscaling.minReplicas must not exceed maxReplicas"],
+        ),
+        (
+            "replicas outside autoscaling",
+            run(
+                "r11",
+                json!({"replicas": 20, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}),
+            ),
+            &["spec.run.replicas must lie between"],
+        ),
+        (
+            "cpu target",
+            run(
+                "r12",
+                json!({"autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetCPUPercent": 0}}),
+            ),
+            &["targetCPUPercent"],
+        ),
+        (
+            "rollback with a ref",
+            merged(
+                &valid("AppBuild", "r13"),
+                &json!({"spec": {"rollbackTo": "web-1"}}),
+            ),
+            &["spec.rollbackTo redeploys an earlier build as it was"],
+        ),
+    ];
+    for (case, object_json, fragments) in cases {
+        expect_rejected(&client, &ns.name, case, object_json, fragments).await;
+    }
+
+    // The README's App, and a rollback AppBuild, are accepted as written.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("## Apps that run").expect("README section")..];
+    let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let end = start + section[start..].find("```").unwrap();
+    let example: Value = serde_saphyr::from_str(&section[start..end]).unwrap();
+    let mut example = example;
+    example["metadata"]["namespace"] = Value::String(ns.name.clone());
+    api_for(&client, "App", Some(&ns.name))
+        .create(&PostParams::default(), &object(example.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("the README's App is rejected: {e}"));
+    let stored = api_for(&client, "App", Some(&ns.name))
+        .get("shop")
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.data["spec"]["run"], example["spec"]["run"],
+        "no field of the README's run spec is pruned"
+    );
+    let rollback = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
+        "metadata": {"name": "shop-rollback"}, "spec": {"appName": "shop", "rollbackTo": "shop-1"}});
+    api_for(&client, "AppBuild", Some(&ns.name))
+        .create(&PostParams::default(), &object(rollback))
+        .await
+        .unwrap();
+}

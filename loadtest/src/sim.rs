@@ -992,6 +992,9 @@ impl Cluster {
                 "containerStatuses": main.iter().map(|n| terminated(n)).collect::<Vec<_>>()}});
             let mut state = this.state.lock().expect("sim state");
             this.merge_stored(&mut state, "/pods", &ns, &pod_name, &status);
+            if job.pointer("/metadata/labels/shapeblock.io~1step") == Some(&json!("deploy")) {
+                this.helm_deploys(&mut state, &ns, &job);
+            }
             let done = now();
             this.set_job_status(
                 &mut state,
@@ -1002,6 +1005,66 @@ impl Cluster {
                     {"type": "Complete", "status": "True", "lastTransitionTime": done}]}),
             );
         });
+    }
+
+    /// What helm does for an App's deploy Job: the release's Deployment, named after the App
+    /// and running the image of the values Secret, rolled out at once (pods are not
+    /// simulated).
+    fn helm_deploys(self: &Arc<Self>, state: &mut State, ns: &str, job: &Value) {
+        let Some(app) = job
+            .pointer("/metadata/labels/shapeblock.io~1app")
+            .and_then(Value::as_str)
+        else {
+            return;
+        };
+        let secret_name = job
+            .pointer("/spec/template/spec/volumes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == "values")
+            .and_then(|v| v.pointer("/secret/secretName"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let secret = state
+            .objects
+            .get("/secrets")
+            .and_then(|o| o.get(&(ns.to_string(), secret_name.to_string())))
+            .cloned();
+        let values: Value = secret
+            .and_then(|s| {
+                s.pointer("/stringData/values.yaml")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        let replicas = values["replicas"].as_i64().unwrap_or(1);
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": app, "namespace": ns,
+                "labels": {"shapeblock.io/app": app, "app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {"meta.helm.sh/release-name": app, "meta.helm.sh/release-namespace": ns}},
+            "spec": {"replicas": replicas, "template": {"spec": {"containers": [
+                {"name": "app", "image": values["image"]}]}}},
+            "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": replicas, "availableReplicas": replicas}});
+        let key = (ns.to_string(), app.to_string());
+        let resource: Arc<str> = "apps/deployments".into();
+        let existing = state
+            .objects
+            .get(&resource)
+            .and_then(|o| o.get(&key))
+            .cloned();
+        match existing {
+            Some(old) => {
+                let mut new = (*old).clone();
+                merge_patch(&mut new, &deployment);
+                self.update(state, &resource, &key, &old, new);
+            }
+            None => {
+                let _ = self.insert(state, resource, deployment);
+            }
+        }
     }
 
     fn set_job_status(self: &Arc<Self>, state: &mut State, ns: &str, job: &str, status: Value) {

@@ -459,3 +459,62 @@ async fn the_build_history_is_pruned_with_its_jobs_and_secrets() {
         "the current deploy keeps its values (a rollback needs them)"
     );
 }
+
+#[tokio::test]
+async fn deploys_of_one_app_wait_for_each_other() {
+    support::jobs().await;
+    let cluster = connected_cluster("deploy-queue").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "queue").await;
+    ready_app(&admin, &ns, "web", image_app("1.0")).await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "AppBuild",
+                "web-1",
+                json!({"appName": "web", "imageTag": "1.0"}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_build(&builds, "web-1", AppBuildPhase::Deploying).await;
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "AppBuild",
+                "web-2",
+                json!({"appName": "web", "imageTag": "2.0"}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for("web-2 waiting for web-1", WAIT, async || {
+        let message = builds.get("web-2").await.ok()?.status?.message?;
+        message
+            .contains("waiting for the deploy of web-1")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        Api::<Job>::namespaced(admin.clone(), &ns)
+            .get_opt("web-2-deploy")
+            .await
+            .unwrap()
+            .is_none(),
+        "no second helm while the first runs"
+    );
+    helm_runs(&admin, &ns, "web-1-deploy").await;
+    wait_build(&builds, "web-1", AppBuildPhase::Completed).await;
+    // The first deploy's end moves the second on, with no poll.
+    helm_runs(&admin, &ns, "web-2-deploy").await;
+    wait_build(&builds, "web-2", AppBuildPhase::Completed).await;
+    assert_eq!(
+        app_container(&deployment(&admin, &ns, "web").await)
+            .image
+            .as_deref(),
+        Some(format!("{IMAGE}:2.0").as_str())
+    );
+}

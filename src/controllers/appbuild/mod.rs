@@ -676,8 +676,10 @@ async fn reconcile(
     Ok(Action::await_change())
 }
 
-/// The builds of an App that its changes move on: those waiting for it to be Ready (no Job
-/// yet), and those deploying it (following its rollout and runtime status).
+/// The builds of an App that its changes move on, every one not yet finished: those waiting
+/// for it to be Ready, those waiting for another build's deploy to end (which changes the
+/// App and its Deployment), and those deploying it (following its rollout and runtime
+/// status).
 fn waiting_on_app(
     store: &Store<AppBuild>,
     ns: Option<&str>,
@@ -688,9 +690,10 @@ fn waiting_on_app(
         .iter()
         .filter(|b| b.namespace().as_deref() == ns && b.spec.app_name == app)
         .filter(|b| {
-            let status = b.status.as_ref();
-            status.and_then(|s| s.phase) == Some(AppBuildPhase::Deploying)
-                || status.and_then(|s| s.job_name.as_ref()).is_none()
+            !matches!(
+                b.status.as_ref().and_then(|s| s.phase),
+                Some(AppBuildPhase::Completed | AppBuildPhase::Failed)
+            )
         })
         .map(|b| ObjectRef::from_obj(b.as_ref()))
         .collect()

@@ -119,6 +119,9 @@ async fn running_pods(pods: &Api<Pod>, image: &str, count: usize) -> Vec<String>
     .await
 }
 
+/// A relayed runtime transition: state and reason.
+type Transition = (RuntimeState, Option<String>);
+
 /// What the kubelet reports of the `app` container.
 enum Kubelet<'a> {
     Ready,
@@ -192,7 +195,7 @@ async fn health_states_and_reasons_follow_the_pods_as_the_kubelet_reports_them()
     let cluster = connected_cluster("runtime").await;
     let admin = cluster.admin.clone();
     // Every App event the hub relays, from now on.
-    let relayed: Arc<Mutex<Vec<(RuntimeState, Option<String>)>>> = Arc::default();
+    let relayed: Arc<Mutex<Vec<Transition>>> = Arc::default();
     {
         let mut live = cluster.hub.as_ref().unwrap().journal.subscribe();
         let relayed = relayed.clone();

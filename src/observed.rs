@@ -1,9 +1,9 @@
 //! Pure readers of what Kubernetes reports about Jobs and Pods: how a Job ended, which
 //! containers started or terminated and with what message; and, in [`workload`], how an
-//! App's Deployment and pods are doing. Shared by the controllers (which
+//! App's Deployment and pods are doing (its `status.runtime`). Shared by the controllers (which
 //! decide from them) and the relay (which follows build logs), so neither imports the other.
 //!
-//! Depends on: nothing of this crate (k8s-openapi types only).
+//! Depends on: crd (the App's runtime status it builds; k8s-openapi types otherwise).
 //! Never uses: kube, tokio (no client, no I/O).
 
 pub mod workload;

@@ -110,13 +110,16 @@ fn modules_import_only_what_their_docs_allow() {
     assert!(modules.len() >= 10, "modules in lib.rs: {modules:?}");
     let mut problems = Vec::new();
     for module in &modules {
-        let (path, root) = if src.join(module).is_dir() {
-            (src.join(module), src.join(module).join("mod.rs"))
+        // A module is `name/mod.rs`, or `name.rs` with its submodules in `name/`, or `name.rs`.
+        let (paths, root) = if src.join(module).join("mod.rs").is_file() {
+            (vec![src.join(module)], src.join(module).join("mod.rs"))
         } else {
-            (
-                src.join(format!("{module}.rs")),
-                src.join(format!("{module}.rs")),
-            )
+            let file = src.join(format!("{module}.rs"));
+            let mut paths = vec![file.clone()];
+            if src.join(module).is_dir() {
+                paths.push(src.join(module));
+            }
+            (paths, file)
         };
         let doc = module_doc(&root);
         let Some(allowed) = listed(&doc, "Depends on") else {
@@ -132,7 +135,7 @@ fn modules_import_only_what_their_docs_allow() {
             }
         }
         let never = listed(&doc, "Never uses").unwrap_or_default();
-        for file in rust_files(&path) {
+        for file in paths.iter().flat_map(|p| rust_files(p)) {
             problems.extend(violations(&file, module, &allowed, &never));
         }
     }

@@ -17,6 +17,7 @@ pub mod events;
 pub mod jobs;
 pub mod metrics;
 pub mod project;
+pub mod runtime;
 pub mod service;
 
 use std::sync::Arc;

@@ -242,7 +242,8 @@ pub struct RuntimeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Human detail of `reason`: the pod, the container's exit code and its last termination
-    /// message.
+    /// message, and how many current pods share it. While `Progressing`, what the rollout
+    /// waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// When `state` or `reason` last changed.

@@ -201,6 +201,7 @@ async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: Cancell
         _ = controllers::app::run(ctx.clone()) => tracing::warn!("app controller stopped"),
         _ = controllers::appbuild::run(ctx.clone()) => tracing::warn!("appbuild controller stopped"),
         _ = controllers::service::run(ctx.clone()) => tracing::warn!("service controller stopped"),
+        _ = controllers::runtime::run(ctx.clone()) => tracing::warn!("runtime controller stopped"),
         _ = cancel.cancelled() => tracing::info!("controllers stopped"),
     }
 }

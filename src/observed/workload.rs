@@ -1,9 +1,13 @@
 //! Pure readers of an App's workload: whether a Deployment has rolled out, which images a
 //! release runs, and what keeps a pod from serving (a [`PodProblem`] with the container's
-//! exit code and last termination message).
+//! exit code and last termination message); and, from those, the App's
+//! [`runtime_status`].
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::crd::{RuntimeState, RuntimeStatus};
 
 /// Annotation helm puts on every object of a release: the release's name.
 pub const HELM_RELEASE_ANNOTATION: &str = "meta.helm.sh/release-name";
@@ -316,6 +320,193 @@ pub fn same_image(a: &str, b: &str) -> bool {
     }
 }
 
+/// Name of the container that runs the App in the first-party chart's pods (the same as
+/// `render::app::APP_CONTAINER`, which this module may not import; a test ties the two).
+pub const APP_CONTAINER: &str = "app";
+
+/// `reason` of an App whose Deployment gave up (`ProgressDeadlineExceeded`) while no pod
+/// shows a problem to name.
+pub const ROLLOUT_STUCK: &str = "RolloutStuck";
+
+/// The container of a Deployment's pod template that runs the App: `app` (the first-party
+/// chart), else the first one (another chart's single container) (pure).
+pub fn app_container(deployment: &Deployment) -> Option<&Container> {
+    let containers = &deployment.spec.as_ref()?.template.spec.as_ref()?.containers;
+    containers
+        .iter()
+        .find(|c| c.name == APP_CONTAINER)
+        .or_else(|| containers.first())
+}
+
+/// Whether a pod runs the Deployment's current template, as far as the App is concerned: it
+/// is not terminating, and its `container` runs `image` (pure). Comparing images (not the
+/// ReplicaSet's pod-template-hash) keeps ReplicaSets out of the hub's watches; a release that
+/// changes only settings keeps the image, and then old and new pods count alike, which is
+/// what an image-based build check needs.
+fn is_current(pod: &Pod, container: &str, image: &str) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .find(|c| c.name == container)
+            .and_then(|c| c.image.as_deref())
+            .is_some_and(|i| same_image(i, image))
+}
+
+/// The most telling problem of `problems` and how many pods share its kind: fatal before
+/// non-fatal (a crash says more than a pod waiting for a node), then the kind most pods
+/// show, then the kinds' order in [`PodProblem`]; the message is that of the first such pod
+/// by name (pure).
+fn most_telling(mut problems: Vec<(String, Problem)>) -> Option<(Problem, usize)> {
+    problems.sort_by(|a, b| a.0.cmp(&b.0));
+    let rank = |kind: PodProblem| ALL.iter().position(|k| *k == kind).unwrap_or(ALL.len());
+    let count = |kind: PodProblem| problems.iter().filter(|(_, p)| p.kind == kind).count();
+    let best = problems
+        .iter()
+        .map(|(_, p)| p.kind)
+        .min_by_key(|kind| (!kind.fatal(), std::cmp::Reverse(count(*kind)), rank(*kind)))?;
+    let shared = count(best);
+    let (_, problem) = problems.into_iter().find(|(_, p)| p.kind == best)?;
+    Some((problem, shared))
+}
+
+/// How an App runs, from its Deployment (`None`: nothing deployed) and the pods labelled
+/// with its name (pure). `before` is the status written last, whose `lastTransitionTime`
+/// stays unless `state` or `reason` changes (`now` then).
+///
+/// Only the pods of the current template (those whose App container runs the template's
+/// image, not terminating) are judged, so that during a rollout `reason` describes the new
+/// version, never an old pod on its way out. In order:
+///
+/// - no Deployment: `NotDeployed`, nothing counted, no URL (nothing answers);
+/// - a problem on a current pod ([`pod_problem`]), else the Deployment's `ReplicaFailure`
+///   (pods it cannot create: a quota, an admission webhook), else a rollout past its progress
+///   deadline (`RolloutStuck`): `Degraded` while some replica is ready (old replicas count:
+///   they still serve), `Down` when none is;
+/// - a rollout under way: `Progressing` (the message says what it waits for);
+/// - otherwise `Running`, also for a Deployment scaled to 0 replicas on purpose: the App is
+///   as asked, nothing fails, and `desiredReplicas: 0` says why no URL answers (an App
+///   deliberately stopped must not raise Warnings).
+///
+/// `restarts` sums the restarts of the current pods' App containers; with several current
+/// pods the message says how many share the reason.
+pub fn runtime_status(
+    deployment: Option<&Deployment>,
+    pods: &[Pod],
+    urls: Vec<String>,
+    before: Option<&RuntimeStatus>,
+    now: &Time,
+) -> RuntimeStatus {
+    let mut status = match deployment {
+        None => RuntimeStatus::default(),
+        Some(deployment) => deployed(deployment, pods, urls),
+    };
+    let unchanged = before.filter(|b| b.state == status.state && b.reason == status.reason);
+    status.last_transition_time = Some(
+        unchanged
+            .and_then(|b| b.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone()),
+    );
+    status
+}
+
+/// [`runtime_status`] of a deployed App, without its transition time (pure).
+fn deployed(deployment: &Deployment, pods: &[Pod], urls: Vec<String>) -> RuntimeStatus {
+    let counts = deployment.status.as_ref();
+    let ready = counts.and_then(|s| s.ready_replicas).unwrap_or_default();
+    let mut status = RuntimeStatus {
+        state: RuntimeState::Running,
+        // Kubernetes defaults an absent `replicas` to 1.
+        desired_replicas: deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1),
+        ready_replicas: ready,
+        updated_replicas: counts.and_then(|s| s.updated_replicas).unwrap_or_default(),
+        available_replicas: counts
+            .and_then(|s| s.available_replicas)
+            .unwrap_or_default(),
+        urls,
+        ..Default::default()
+    };
+    let container = app_container(deployment);
+    let name = container.map(|c| c.name.as_str()).unwrap_or(APP_CONTAINER);
+    status.image = container.and_then(|c| c.image.clone());
+    let current: Vec<&Pod> = match status.image.as_deref() {
+        Some(image) => pods.iter().filter(|p| is_current(p, name, image)).collect(),
+        None => vec![],
+    };
+    status.restarts = current
+        .iter()
+        .flat_map(|p| p.status.iter())
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .filter(|c| c.name == name)
+        .map(|c| c.restart_count)
+        .sum();
+    let problems = current
+        .iter()
+        .filter_map(|p| {
+            let problem = pod_problem(p, name)?;
+            Some((p.metadata.name.clone().unwrap_or_default(), problem))
+        })
+        .collect();
+    let rollout = rollout(deployment);
+    let failure = match most_telling(problems) {
+        Some((problem, shared)) => {
+            let mut message = problem.message;
+            if current.len() > 1 {
+                message.push_str(&format!(
+                    " ({shared} of {} current pods show {})",
+                    current.len(),
+                    problem.kind.as_str()
+                ));
+            }
+            Some((problem.kind.as_str().to_string(), message))
+        }
+        None => replica_failure(deployment).or_else(|| match &rollout {
+            Rollout::Stuck(message) => Some((ROLLOUT_STUCK.to_string(), message.clone())),
+            _ => None,
+        }),
+    };
+    match (failure, rollout) {
+        (Some((reason, message)), _) => {
+            status.state = if ready > 0 {
+                RuntimeState::Degraded
+            } else {
+                RuntimeState::Down
+            };
+            status.reason = Some(reason);
+            status.message = Some(message);
+        }
+        (None, Rollout::Waiting(message)) => {
+            status.state = RuntimeState::Progressing;
+            status.message = Some(message);
+        }
+        (None, _) => {}
+    }
+    status
+}
+
+/// The Deployment's `ReplicaFailure` condition, as (reason, message) (pure).
+fn replica_failure(deployment: &Deployment) -> Option<(String, String)> {
+    let condition = deployment
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    Some((
+        condition
+            .reason
+            .clone()
+            .unwrap_or_else(|| "ReplicaFailure".into()),
+        condition.message.clone().unwrap_or_default(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,5 +719,295 @@ mod tests {
             !same_image(&format!("r/web:v1@{digest}"), "r/web:v1"),
             "a digest decides"
         );
+    }
+
+    // runtime_status: one test per branch.
+
+    /// A Deployment of `replicas` running `image`, with these status counts.
+    fn app_deployment(replicas: i32, image: &str, status: Value) -> Deployment {
+        serde_json::from_value(json!({"metadata": {"name": "web", "generation": 3},
+            "spec": {"replicas": replicas, "selector": {}, "template": {"spec": {"containers": [
+                {"name": "app", "image": image}]}}},
+            "status": status}))
+        .unwrap()
+    }
+
+    fn counts(replicas: i32, updated: i32, ready: i32, available: i32) -> Value {
+        json!({"observedGeneration": 3, "replicas": replicas, "updatedReplicas": updated,
+            "readyReplicas": ready, "availableReplicas": available})
+    }
+
+    /// A pod named `name` whose `app` container runs `image` with this status.
+    fn app_pod(name: &str, image: &str, container_status: Value, conditions: Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "app", "image": image}]},
+            "status": {"phase": "Running", "conditions": conditions,
+                "containerStatuses": [container_status]}}))
+        .unwrap()
+    }
+
+    fn healthy(name: &str, image: &str, restarts: i32) -> Pod {
+        app_pod(
+            name,
+            image,
+            container(json!({"running": {}}), json!({}), true, restarts),
+            json!([]),
+        )
+    }
+
+    fn crash_looping(name: &str, image: &str) -> Pod {
+        app_pod(
+            name,
+            image,
+            container(
+                json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+                json!({"terminated": {"exitCode": 3, "reason": "Error", "message": "DATABASE_URL is not set"}}),
+                false,
+                5,
+            ),
+            json!([]),
+        )
+    }
+
+    fn at(seconds: i64) -> Time {
+        Time(jiff::Timestamp::from_second(seconds).unwrap())
+    }
+
+    const V1: &str = "r/web:1";
+    const V2: &str = "r/web:2";
+
+    fn urls() -> Vec<String> {
+        vec!["https://shop.example.com".into()]
+    }
+
+    #[test]
+    fn without_a_deployment_nothing_is_deployed() {
+        let status = runtime_status(None, &[healthy("web-a", V1, 0)], urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::NotDeployed);
+        assert_eq!(
+            (
+                status.desired_replicas,
+                status.ready_replicas,
+                status.restarts
+            ),
+            (0, 0, 0)
+        );
+        assert!(status.urls.is_empty(), "nothing answers");
+        assert_eq!((status.image, status.reason), (None, None));
+        assert_eq!(status.last_transition_time, Some(at(10)));
+    }
+
+    #[test]
+    fn a_rolled_out_deployment_with_every_replica_ready_is_running() {
+        let d = app_deployment(2, V1, counts(2, 2, 2, 2));
+        let pods = [healthy("web-a", V1, 1), healthy("web-b", V1, 2)];
+        let status = runtime_status(Some(&d), &pods, urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Running);
+        assert_eq!(
+            (
+                status.desired_replicas,
+                status.ready_replicas,
+                status.updated_replicas,
+                status.available_replicas
+            ),
+            (2, 2, 2, 2)
+        );
+        assert_eq!(status.restarts, 3);
+        assert_eq!(status.image.as_deref(), Some(V1));
+        assert_eq!(status.urls, urls());
+        assert_eq!((status.reason, status.message), (None, None));
+    }
+
+    #[test]
+    fn an_app_scaled_to_zero_is_running_with_no_replica() {
+        let d = app_deployment(0, V1, counts(0, 0, 0, 0));
+        let status = runtime_status(Some(&d), &[], urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Running);
+        assert_eq!((status.desired_replicas, status.ready_replicas), (0, 0));
+        assert_eq!(status.reason, None, "a deliberate stop is no failure");
+    }
+
+    #[test]
+    fn a_rollout_without_problems_is_progressing() {
+        let d = app_deployment(2, V2, counts(3, 1, 2, 2));
+        // The new pod starts (not ready yet, never restarted): no problem.
+        let starting = app_pod(
+            "web-new",
+            V2,
+            container(json!({"running": {}}), json!({}), false, 0),
+            json!([]),
+        );
+        let pods = [healthy("web-a", V1, 0), healthy("web-b", V1, 0), starting];
+        let status = runtime_status(Some(&d), &pods, urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Progressing);
+        assert_eq!(status.image.as_deref(), Some(V2));
+        assert_eq!(status.reason, None);
+        assert!(
+            status.message.as_deref().unwrap().contains("1 of 2"),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn a_failing_new_version_beside_serving_old_replicas_is_degraded() {
+        let d = app_deployment(1, V2, counts(2, 1, 1, 1));
+        // The old pod serves (and once crashed: its problem is not the new version's).
+        let pods = [crash_looping("web-new", V2), healthy("web-old", V1, 7)];
+        let status = runtime_status(Some(&d), &pods, urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Degraded);
+        assert_eq!(status.reason.as_deref(), Some("CrashLoopBackOff"));
+        let message = status.message.unwrap();
+        assert!(message.contains("exit code 3"), "{message}");
+        assert!(message.contains("DATABASE_URL is not set"), "{message}");
+        assert!(message.contains("web-new"), "{message}");
+        assert_eq!(status.restarts, 5, "restarts of current pods only");
+        assert_eq!(status.image.as_deref(), Some(V2));
+    }
+
+    #[test]
+    fn no_ready_replica_and_a_problem_is_down() {
+        let d = app_deployment(1, V1, counts(1, 1, 0, 0));
+        let status = runtime_status(
+            Some(&d),
+            &[crash_looping("web-a", V1)],
+            urls(),
+            None,
+            &at(10),
+        );
+        assert_eq!(status.state, RuntimeState::Down);
+        assert_eq!(status.reason.as_deref(), Some("CrashLoopBackOff"));
+        assert!(
+            !status.message.unwrap().contains("current pods"),
+            "one pod: no count"
+        );
+    }
+
+    #[test]
+    fn the_most_telling_problem_is_reported_with_how_many_pods_share_it() {
+        let d = app_deployment(4, V2, counts(4, 4, 0, 0));
+        let unschedulable: Pod = serde_json::from_value(json!({"metadata": {"name": "web-a"},
+            "spec": {"containers": [{"name": "app", "image": V2}]},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable", "message": "0/1 nodes are available"}]}}))
+        .unwrap();
+        let pull = |name: &str| {
+            app_pod(
+                name,
+                V2,
+                container(
+                    json!({"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}),
+                    json!({}),
+                    false,
+                    0,
+                ),
+                json!([]),
+            )
+        };
+        let pods = [
+            unschedulable.clone(),
+            unschedulable,
+            pull("web-c"),
+            pull("web-b"),
+        ];
+        let status = runtime_status(Some(&d), &pods, urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Down);
+        assert_eq!(
+            status.reason.as_deref(),
+            Some("ImagePullBackOff"),
+            "fatal before non-fatal, whatever the count"
+        );
+        let message = status.message.unwrap();
+        assert!(
+            message.starts_with("pod web-b,"),
+            "first by name: {message}"
+        );
+        assert!(
+            message.ends_with("(2 of 4 current pods show ImagePullBackOff)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_stuck_rollout_without_a_pod_problem_says_so() {
+        let mut status_json = counts(1, 0, 0, 0);
+        status_json["conditions"] = json!([{"type": "Progressing", "status": "False",
+            "reason": "ProgressDeadlineExceeded", "message": "has timed out progressing."}]);
+        let d = app_deployment(1, V1, status_json);
+        let status = runtime_status(Some(&d), &[], urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Down);
+        assert_eq!(status.reason.as_deref(), Some(ROLLOUT_STUCK));
+        assert!(status.message.unwrap().contains("timed out"));
+    }
+
+    #[test]
+    fn pods_the_deployment_cannot_create_are_a_failure() {
+        let mut status_json = counts(2, 2, 1, 1);
+        status_json["conditions"] = json!([{"type": "ReplicaFailure", "status": "True",
+            "reason": "FailedCreate", "message": "pods \"web-x\" is forbidden: exceeded quota"}]);
+        let d = app_deployment(2, V1, status_json);
+        let status = runtime_status(Some(&d), &[healthy("web-a", V1, 0)], urls(), None, &at(10));
+        assert_eq!(status.state, RuntimeState::Degraded);
+        assert_eq!(status.reason.as_deref(), Some("FailedCreate"));
+        assert!(status.message.unwrap().contains("exceeded quota"));
+    }
+
+    #[test]
+    fn terminating_pods_are_not_judged() {
+        let d = app_deployment(1, V1, counts(2, 1, 1, 1));
+        let mut leaving = crash_looping("web-old", V1);
+        leaving.metadata.deletion_timestamp = Some(at(5));
+        let pods = [healthy("web-a", V1, 0), leaving];
+        let status = runtime_status(Some(&d), &pods, urls(), None, &at(10));
+        assert_eq!(status.reason, None, "{status:?}");
+        assert_eq!(status.restarts, 0);
+    }
+
+    #[test]
+    fn the_transition_time_moves_only_with_state_or_reason() {
+        let d = app_deployment(1, V1, counts(1, 1, 0, 0));
+        let first = runtime_status(
+            Some(&d),
+            &[crash_looping("web-a", V1)],
+            urls(),
+            None,
+            &at(10),
+        );
+        // Another restart: the message changes, state and reason do not.
+        let mut pod = crash_looping("web-a", V1);
+        pod.status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .restart_count = 6;
+        let again = runtime_status(Some(&d), &[pod], urls(), Some(&first), &at(20));
+        assert_ne!(again.message, first.message);
+        assert_eq!(again.last_transition_time, Some(at(10)));
+        // Recovered: Running, and the time moves.
+        let recovered = app_deployment(1, V1, counts(1, 1, 1, 1));
+        let running = runtime_status(
+            Some(&recovered),
+            &[healthy("web-a", V1, 6)],
+            urls(),
+            Some(&again),
+            &at(30),
+        );
+        assert_eq!(running.state, RuntimeState::Running);
+        assert_eq!(running.last_transition_time, Some(at(30)));
+        // A reason change alone moves it too.
+        let mut oom = crash_looping("web-a", V1);
+        oom.status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .last_state =
+            serde_json::from_value(json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}))
+                .unwrap();
+        let oomed = runtime_status(Some(&d), &[oom], urls(), Some(&first), &at(40));
+        assert_eq!(oomed.reason.as_deref(), Some("OOMKilled"));
+        assert_eq!(oomed.last_transition_time, Some(at(40)));
     }
 }

@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use tokio::sync::{Mutex, broadcast, mpsc};
 
-use crate::crd::{App, AppBuild, Project, Service};
+use crate::crd::{App, AppBuild, Project, RuntimeStatus, Service};
 
 /// One message: a status transition (seed operator shape, plus `id` and `cluster`) or a
 /// build log line (`type: BUILD_LOG`).
@@ -59,6 +59,10 @@ pub struct Event {
     pub image_tag: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Apps: how the App runs (`status.runtime`), as it was at the last change of its state
+    /// or reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeStatus>,
     /// Set on events sent as part of a snapshot or resync (the current state, not a change).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub resync: bool,
@@ -93,6 +97,7 @@ impl Event {
             app_name: None,
             image_tag: None,
             labels: BTreeMap::new(),
+            runtime: None,
             resync: false,
             build_id: None,
             container: None,
@@ -111,6 +116,14 @@ pub struct Status {
     pub app_name: Option<String>,
     pub image_tag: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Apps: `status.runtime`. A change of its state or reason is a transition; a change of
+    /// its counts or message alone is not (restarts would otherwise relay an event each).
+    pub runtime: Option<RuntimeStatus>,
+}
+
+/// Whether two runtime statuses tell the same story: the same state and reason.
+fn same_runtime(a: Option<&RuntimeStatus>, b: Option<&RuntimeStatus>) -> bool {
+    a.map(|r| (r.state, r.reason.as_deref())) == b.map(|r| (r.state, r.reason.as_deref()))
 }
 
 /// A ShapeBlock kind whose status is relayed.
@@ -145,6 +158,7 @@ impl Relayed for App {
             status: phase_name(status.phase?),
             message: status.message.clone(),
             image_tag: status.current_image.clone(),
+            runtime: status.runtime.clone(),
             ..Default::default()
         })
     }
@@ -161,6 +175,7 @@ impl Relayed for AppBuild {
             app_name: Some(self.spec.app_name.clone()),
             image_tag: status.image_tag.clone(),
             labels: BTreeMap::from([("build.shapeblock.io/id".into(), self.name_any())]),
+            runtime: None,
         })
     }
 }
@@ -364,6 +379,7 @@ impl Journal {
                 && last.message == status.message
                 && last.pod_name == status.pod_name
                 && last.image_tag == status.image_tag
+                && same_runtime(last.runtime.as_ref(), status.runtime.as_ref())
             {
                 return;
             }
@@ -377,6 +393,7 @@ impl Journal {
             app_name: status.app_name,
             image_tag: status.image_tag,
             labels: status.labels,
+            runtime: status.runtime,
             ..Event::blank(cluster, namespace)
         };
         self.append(event, Some(key), false).await;
@@ -702,6 +719,51 @@ mod tests {
         assert_eq!(rx.recv().await.unwrap().id, 1);
         producer.await.unwrap();
         assert_eq!(rx.recv().await.unwrap().id, 2);
+    }
+
+    #[tokio::test]
+    async fn runtime_state_and_reason_changes_are_transitions_and_counts_are_not() {
+        use crate::crd::RuntimeState;
+        let journal = Journal::starting_at(1, 100, None);
+        let app = |state: RuntimeState, reason: Option<&str>, restarts: i32| Status {
+            status: "Ready".into(),
+            runtime: Some(RuntimeStatus {
+                state,
+                reason: reason.map(Into::into),
+                restarts,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for status in [
+            app(RuntimeState::Running, None, 0),
+            app(RuntimeState::Down, Some("CrashLoopBackOff"), 1),
+            app(RuntimeState::Down, Some("CrashLoopBackOff"), 2),
+            app(RuntimeState::Down, Some("OOMKilled"), 3),
+            app(RuntimeState::Running, None, 3),
+        ] {
+            journal.status("c", "App", "ns", "web", status).await;
+        }
+        let (events, _) = journal.since(0).await.unwrap();
+        let seen: Vec<(RuntimeState, Option<String>, i32)> = events
+            .iter()
+            .map(|e| {
+                let r = e.runtime.clone().unwrap();
+                (r.state, r.reason, r.restarts)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (RuntimeState::Running, None, 0),
+                (RuntimeState::Down, Some("CrashLoopBackOff".into()), 1),
+                (RuntimeState::Down, Some("OOMKilled".into()), 3),
+                (RuntimeState::Running, None, 3),
+            ]
+        );
+        let json = serde_json::to_value(&*events[1]).unwrap();
+        assert_eq!(json["runtime"]["state"], "Down");
+        assert_eq!(json["runtime"]["reason"], "CrashLoopBackOff");
     }
 
     #[test]

@@ -35,8 +35,9 @@ fn labels(cluster_id: &str) -> Value {
 /// What the hub's controllers and its resource API do in a managed cluster, and so all the
 /// agent may do: each verb below is used by some code path, and nothing else is granted.
 /// Server-side apply counts as `patch`, and as `create` too when the object is new. Writes
-/// are limited to the kinds ShapeBlock manages; it reads pods (build progress, logs) but
-/// cannot exec into them; it can bind project deployers only to `shapeblock-deployer`.
+/// are limited to the kinds ShapeBlock manages; it reads pods (build progress, logs, App
+/// health) and Deployments (rollouts) but cannot exec into pods; it can bind project deployers
+/// only to `shapeblock-deployer`.
 ///
 /// Secrets are readable cluster-wide because project namespaces are created at run time and
 /// RBAC cannot scope a rule to namespaces by label: the controllers copy the registry
@@ -72,7 +73,7 @@ pub fn agent_rules() -> Value {
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "create", "patch"]},
         {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": applied},
         {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
-        // An App's Deployment: its rollout after a deploy, and its health.
+        // Apps' Deployments: the rollout a deploy follows, and the App's runtime status.
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["batch"], "resources": ["jobs"],
          "verbs": ["get", "list", "watch", "create", "delete"]},

@@ -126,14 +126,7 @@ impl Release {
                 (None, None) => None,
             })
             .collect();
-        let hosts = run
-            .domains
-            .iter()
-            .map(|d| Host {
-                host: d.host.clone(),
-                tls: d.tls.unwrap_or(true) && settings.tls_issuer.is_some(),
-            })
-            .collect();
+        let hosts = hosts(Some(run), settings);
         let resources = run.resources.clone().unwrap_or_default();
         let health = run.health_check.clone().unwrap_or_default();
         let autoscaling = run.autoscaling.as_ref().map(|a| {
@@ -214,6 +207,18 @@ impl Release {
         json!({"requests": {"cpu": self.cpu_request, "memory": self.memory_request},
             "limits": {"memory": self.memory_limit}})
     }
+}
+
+/// The hosts of an App's domains: a domain gets a certificate when it asks for one (the
+/// default) and the hub has an issuer to sign it (pure).
+pub fn hosts(run: Option<&RunSpec>, settings: &AppSettings) -> Vec<Host> {
+    run.iter()
+        .flat_map(|r| r.domains.iter())
+        .map(|d| Host {
+            host: d.host.clone(),
+            tls: d.tls.unwrap_or(true) && settings.tls_issuer.is_some(),
+        })
+        .collect()
 }
 
 /// URLs of the App's hosts (pure).

@@ -518,3 +518,92 @@ async fn deploys_of_one_app_wait_for_each_other() {
         Some(format!("{IMAGE}:2.0").as_str())
     );
 }
+
+#[tokio::test]
+async fn a_rollout_whose_new_pods_cannot_run_fails_at_once_with_their_reason() {
+    use k8s_openapi::api::core::v1::Pod;
+    support::jobs().await;
+    let cluster = connected_cluster("deploy-crash").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "crash").await;
+    let apps = ready_app(&admin, &ns, "web", image_app("1.0")).await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    // kwok leaves this App's pods alone: the test is their kubelet.
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "AppBuild",
+                "web-1",
+                json!({"appName": "web",
+                "helmValues": {"labels": {support::TEST_KUBELET_LABEL: "test"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    helm_runs(&admin, &ns, "web-1-deploy").await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let pod = wait_for("the App's pod scheduled", WAIT, async || {
+        // The App's own pods, not the deploy Job's (which carries the App label too).
+        pods.list(
+            &kube::api::ListParams::default()
+                .labels("shapeblock.io/app=web,!batch.kubernetes.io/job-name"),
+        )
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+    })
+    .await;
+    let status = builds.get("web-1").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(AppBuildPhase::Deploying),
+        "rolling out: {status:?}"
+    );
+    // The container exits at start, again and again: the kubelet backs off.
+    let now = jiff::Timestamp::now().to_string();
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"phase": "Running", "startTime": now,
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "app", "image": format!("{IMAGE}:1.0"), "imageID": "",
+                "ready": false, "restartCount": 3, "started": false,
+                "state": {"waiting": {"reason": "CrashLoopBackOff",
+                    "message": "back-off 40s restarting failed container=app"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                    "message": "Error: Cannot find module 'express'", "startedAt": now, "finishedAt": now}}}]}})),
+    )
+    .await
+    .unwrap();
+    let written = Instant::now();
+    let status = wait_build(&builds, "web-1", AppBuildPhase::Failed).await;
+    eprintln!(
+        "pod crash-looping -> AppBuild Failed: {:?}",
+        written.elapsed()
+    );
+    assert_eq!(status.reason.as_deref(), Some("CrashLoopBackOff"));
+    let message = status.message.unwrap();
+    assert!(message.contains("exit code 1"), "{message}");
+    assert!(
+        message.contains("Cannot find module 'express'"),
+        "{message}"
+    );
+    let runtime = apps
+        .get("web")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .runtime
+        .unwrap();
+    assert_eq!(runtime.state, shapeblock::crd::RuntimeState::Down);
+    assert_eq!(runtime.reason.as_deref(), Some("CrashLoopBackOff"));
+    assert_eq!(
+        apps.get("web").await.unwrap().status.unwrap().current_image,
+        None,
+        "a release that cannot run is not the current one"
+    );
+}

@@ -745,6 +745,9 @@ async fn start_jobs(
 /// own. A test finishes them with [`finish_job_pod`], playing the kubelet: it writes the exit
 /// codes and termination messages (commit SHA, image digest, git or helm output) that the real
 /// containers would, and kube-controller-manager's Job controller takes it from there.
+/// Label of pods kwok leaves alone, for the test to write their status as their kubelet.
+pub const TEST_KUBELET_LABEL: &str = "shapeblock.io/kubelet";
+
 fn hub_pods_wait_for_the_test(stages: &Path, dir: &Path) -> Result<PathBuf, String> {
     let text = std::fs::read_to_string(stages).map_err(|e| format!("{}: {e}", stages.display()))?;
     let anchor = "    - key: '.metadata.ownerReferences.[].kind'";
@@ -759,6 +762,22 @@ fn hub_pods_wait_for_the_test(stages: &Path, dir: &Path) -> Result<PathBuf, Stri
         &format!(
             "    - key: '.metadata.labels[\"app.kubernetes.io/managed-by\"]'\n      operator: 'DoesNotExist'\n{anchor}"
         ),
+    );
+    // Pods labelled `shapeblock.io/kubelet: test` are never started by kwok: the test plays
+    // their kubelet (an App's pod that crashes during a rollout, say).
+    let ready_stage = patched
+        .find("  name: pod-ready\n")
+        .ok_or_else(|| format!("kwok pod-ready stage not found in {}", stages.display()))?;
+    let expressions = "    matchExpressions:\n";
+    let at = ready_stage
+        + patched[ready_stage..]
+            .find(expressions)
+            .ok_or_else(|| "kwok pod-ready stage has no matchExpressions".to_string())?
+        + expressions.len();
+    let mut patched = patched;
+    patched.insert_str(
+        at,
+        &format!("    - key: '.metadata.labels[\"{TEST_KUBELET_LABEL}\"]'\n      operator: 'DoesNotExist'\n"),
     );
     // Container logs: each container name of the hub's pods reads its own file, which a test
     // fills with `write_container_log` (CRI log format, as a kubelet keeps it).

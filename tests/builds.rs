@@ -17,7 +17,10 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use shapeblock::crd::{AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, Service, ServicePhase};
-use support::cluster::{active_project, connected_cluster, ready_app, shapeblock, wait_for};
+use support::cluster::{
+    active_project, connected_cluster, helm_runs, ready_app, shapeblock, wait_build, wait_for,
+    wait_job,
+};
 use support::{PodEnd, finish_job_pod};
 
 const SHA: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
@@ -29,39 +32,6 @@ fn digest() -> String {
 
 fn appbuild(name: &str, spec: Value) -> AppBuild {
     shapeblock("AppBuild", name, spec)
-}
-
-async fn wait_build(builds: &Api<AppBuild>, name: &str, phase: AppBuildPhase) -> AppBuildStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = builds
-            .get_opt(name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|b| b.status);
-        if let Some(status) = &status {
-            if status.phase == Some(AppBuildPhase::Failed) && phase != AppBuildPhase::Failed {
-                panic!("AppBuild {name} failed: {status:?}");
-            }
-            if status.phase == Some(phase) {
-                return status.clone();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "AppBuild {name} not {phase:?} within {WAIT:?}; last status: {status:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_job(admin: &Client, ns: &str, name: &str) -> Job {
-    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
-    wait_for(&format!("Job {name}"), WAIT, async || {
-        jobs.get_opt(name).await.ok()?
-    })
-    .await
 }
 
 /// Waits until the Events on the object named `name` include every `(type, reason)` wanted.
@@ -116,14 +86,6 @@ fn helm_ok() -> PodEnd<'static> {
         init: vec![],
         containers: vec![("helm", 0, "Completed", "")],
     }
-}
-
-/// Runs a deploy (or uninstall) Job's helm for real, as its pod would, and expects success.
-async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
-    wait_job(admin, ns, job).await;
-    let (ok, output) = support::run_helm_job(admin, ns, job).await;
-    assert!(ok, "helm of {job} failed:\n{output}");
-    output
 }
 
 async fn values_of(admin: &Client, ns: &str, secret: &str) -> Value {

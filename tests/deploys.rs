@@ -20,45 +20,13 @@ use serde_json::{Value, json};
 use shapeblock::crd::{App, AppBuild, AppBuildPhase, AppBuildStatus};
 use shapeblock::render::app::AppSettings;
 use support::cluster::{
-    active_project, connected_cluster, connected_cluster_with, ready_app, shapeblock, wait_for,
+    active_project, connected_cluster, connected_cluster_with, helm_runs, ready_app, shapeblock,
+    wait_build, wait_for, wait_job,
 };
 use support::{PodEnd, finish_job_pod};
 
 const WAIT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "registry.example.com:5000/team/web";
-
-async fn wait_build(builds: &Api<AppBuild>, name: &str, phase: AppBuildPhase) -> AppBuildStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = builds
-            .get_opt(name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|b| b.status);
-        if let Some(status) = &status {
-            if status.phase == Some(AppBuildPhase::Failed) && phase != AppBuildPhase::Failed {
-                panic!("AppBuild {name} failed: {status:#?}");
-            }
-            if status.phase == Some(phase) {
-                return status.clone();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "AppBuild {name} not {phase:?} within {WAIT:?}; last status: {status:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_job(admin: &Client, ns: &str, name: &str) {
-    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
-    wait_for(&format!("Job {name}"), WAIT, async || {
-        jobs.get_opt(name).await.ok()?
-    })
-    .await;
-}
 
 /// Creates an AppBuild, runs its deploy Job's helm for real and waits for `Completed`.
 async fn deploy(admin: &Client, builds: &Api<AppBuild>, name: &str, spec: Value) -> AppBuildStatus {
@@ -72,13 +40,6 @@ async fn deploy(admin: &Client, builds: &Api<AppBuild>, name: &str, spec: Value)
 
 fn builds_ns(builds: &Api<AppBuild>) -> String {
     builds.resource_url().split('/').nth(5).unwrap().to_string()
-}
-
-async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
-    wait_job(admin, ns, job).await;
-    let (ok, output) = support::run_helm_job(admin, ns, job).await;
-    assert!(ok, "helm of {job} failed:\n{output}");
-    output
 }
 
 async fn deployment(admin: &Client, ns: &str, name: &str) -> Deployment {

@@ -375,6 +375,12 @@ async fn scenario(
     received.measuring.store(false, Ordering::Relaxed);
     let (done, failed) = fleet::finished_builds(&members);
     let mut latencies = received.take_latencies("AppBuild");
+    let mut health = received.take_latencies(shapeblock_loadtest::sim::HEALTH_KIND);
+    figures.health_samples = health.len();
+    if !health.is_empty() {
+        figures.health_p50 = percentile(&mut health, 0.50);
+        figures.health_p99 = percentile(&mut health, 0.99);
+    }
     figures.builds = created;
     figures.builds_failed = failed;
     figures.build_cores = process::cores(&before, &after);
@@ -394,6 +400,12 @@ async fn scenario(
         mib(figures.build_peak_kib),
         figures.build_cores,
         mib(agent_peak)
+    );
+    println!(
+        "relay: {} App health events (Deployment rolled out -> runtime Running at the server): p50 {:.1} ms, p99 {:.1} ms",
+        figures.health_samples,
+        ms(figures.health_p50),
+        ms(figures.health_p99)
     );
     println!(
         "relay: {} AppBuild phase changes measured: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} events, {} log lines",

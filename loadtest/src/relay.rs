@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use crate::sim::phase_key;
+use crate::sim::{HEALTH_KIND, phase_key};
 
 /// What the relay server has received.
 #[derive(Default)]
@@ -121,5 +121,18 @@ fn record(event: &Value, at: Instant, phases: &DashMap<String, Instant>, receive
             .lock()
             .expect("latencies")
             .push((kind.to_string(), at.saturating_duration_since(committed)));
+    }
+    // An App's health event: its runtime state, stamped when the simulated helm committed the
+    // Deployment.
+    if kind == "App"
+        && let Some(state) = event["runtime"]["state"].as_str()
+        && let Some((_, committed)) =
+            phases.remove(&phase_key(cluster, HEALTH_KIND, ns, name, state))
+        && received.measuring.load(Ordering::Relaxed)
+    {
+        received.latencies.lock().expect("latencies").push((
+            HEALTH_KIND.to_string(),
+            at.saturating_duration_since(committed),
+        ));
     }
 }

@@ -26,6 +26,10 @@ pub struct Figures {
     pub relay_p50: Duration,
     pub relay_p99: Duration,
     pub relay_max: Duration,
+    /// Relay latency of App health events (runtime state Running) during the builds.
+    pub health_samples: usize,
+    pub health_p50: Duration,
+    pub health_p99: Duration,
     /// Relay latency of App phase changes while every App of the fleet is first reconciled.
     pub storm_p50: Duration,
     pub storm_p99: Duration,

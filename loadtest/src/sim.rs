@@ -36,6 +36,8 @@ pub type SimBody = BoxBody<Bytes, BoxError>;
 const CHANGE_LOG: usize = 4096;
 /// The group of the ShapeBlock kinds, whose phase changes are stamped.
 const SHAPEBLOCK_GROUP: &str = "apps.shapeblock.io";
+/// The kind an App's runtime state changes are stamped and measured under.
+pub const HEALTH_KIND: &str = "AppRuntime";
 /// Git commit the simulated clone resolves to.
 pub const COMMIT: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 
@@ -1048,6 +1050,12 @@ impl Cluster {
                 {"name": "app", "image": values["image"]}]}}},
             "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
                 "readyReplicas": replicas, "availableReplicas": replicas}});
+        // The App's health turns Running from this write on: its relay latency is measured
+        // from here (Deployment committed → runtime event at the ShapeBlock server).
+        self.phases.insert(
+            phase_key(&self.id, HEALTH_KIND, ns, app, "Running"),
+            Instant::now(),
+        );
         let key = (ns.to_string(), app.to_string());
         let resource: Arc<str> = "apps/deployments".into();
         let existing = state

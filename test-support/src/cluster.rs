@@ -252,3 +252,56 @@ pub async fn ready_app(admin: &Client, ns: &str, name: &str, spec: serde_json::V
     .await;
     apps
 }
+
+/// Waits until AppBuild `name` is in `phase`; panics at once if it fails instead, or after a
+/// minute, with its last status either way.
+pub async fn wait_build(
+    builds: &Api<shapeblock::crd::AppBuild>,
+    name: &str,
+    phase: shapeblock::crd::AppBuildPhase,
+) -> shapeblock::crd::AppBuildStatus {
+    use shapeblock::crd::AppBuildPhase;
+    let wait = Duration::from_secs(60);
+    let deadline = Instant::now() + wait;
+    loop {
+        let status = builds
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| b.status);
+        if let Some(status) = &status {
+            if status.phase == Some(AppBuildPhase::Failed) && phase != AppBuildPhase::Failed {
+                panic!("AppBuild {name} failed: {status:#?}");
+            }
+            if status.phase == Some(phase) {
+                return status.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "AppBuild {name} not {phase:?} within {wait:?}; last status: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until Job `name` exists and returns it.
+pub async fn wait_job(admin: &Client, ns: &str, name: &str) -> k8s_openapi::api::batch::v1::Job {
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(admin.clone(), ns);
+    wait_for(
+        &format!("Job {name}"),
+        Duration::from_secs(60),
+        async || jobs.get_opt(name).await.ok()?,
+    )
+    .await
+}
+
+/// Waits for a deploy (or uninstall) Job, runs its helm for real as its pod would
+/// ([`super::run_helm_job`]) and expects success; returns helm's output.
+pub async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
+    wait_job(admin, ns, job).await;
+    let (ok, output) = super::run_helm_job(admin, ns, job).await;
+    assert!(ok, "helm of {job} failed:\n{output}");
+    output
+}

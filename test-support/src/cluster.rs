@@ -237,3 +237,31 @@ pub async fn ready_app(admin: &Client, ns: &str, name: &str, spec: serde_json::V
     .await;
     apps
 }
+
+/// Plays what helm would have made of an App's release: a Deployment `app` (annotated with
+/// the release, labelled `shapeblock.io/app`, one replica of `image`, restricted pod security),
+/// which kube-controller-manager and kwok then roll out, so the AppBuild's rollout check passes.
+pub async fn release_deployment(admin: &Client, ns: &str, app: &str, image: &str) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": app, "labels": {"shapeblock.io/app": app},
+            "annotations": {"meta.helm.sh/release-name": app}},
+        "spec": {"replicas": 1,
+            "selector": {"matchLabels": {"shapeblock.io/app": app}},
+            "template": {"metadata": {"labels": {"shapeblock.io/app": app}},
+                "spec": {"containers": [{"name": "app", "image": image,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
+                        "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}}]}}}
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(admin.clone(), ns)
+        .patch(
+            app,
+            &kube::api::PatchParams::apply("shapeblock-tests").force(),
+            &kube::api::Patch::Apply(&deployment),
+        )
+        .await
+        .unwrap();
+}

@@ -175,8 +175,9 @@ pub struct LogsQuery {
 pub async fn build_logs(
     State(state): State<Arc<ApiState>>,
     axum::extract::Path((cluster, namespace, name)): axum::extract::Path<(String, String, String)>,
-    Query(query): Query<LogsQuery>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, ListParams};
     super::check_name("namespace", &namespace)?;

@@ -72,6 +72,8 @@ pub fn agent_rules() -> Value {
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "create", "patch"]},
         {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": applied},
         {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
+        // A deploy's rollout: the release's Deployments, read (helm writes them).
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["batch"], "resources": ["jobs"],
          "verbs": ["get", "list", "watch", "create", "delete"]},
         // Events on the ShapeBlock objects (`kubectl describe`), created once each.

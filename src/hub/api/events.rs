@@ -170,7 +170,8 @@ pub struct LogsQuery {
 #[utoipa::path(get, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/appbuilds/{name}/logs",
     tag = "resources",
     params(("cluster" = String, Path), ("namespace" = String, Path), ("name" = String, Path), LogsQuery),
-    responses((status = 200, description = "the build log", content_type = "text/plain"),
+    responses((status = 200, description = "the build log", content_type = "text/plain", body = String),
+              (status = 400, body = ApiError),
               (status = 404, body = ApiError), (status = 503, body = ApiError)))]
 pub async fn build_logs(
     State(state): State<Arc<ApiState>>,

@@ -136,6 +136,55 @@ impl Generator {
     }
 }
 
+/// Rewrites each `oneOf` of string constants (schemars' shape for an enum whose variants have
+/// docs) as a plain `enum`, the docs listed in its description: what OpenAPI clients turn into
+/// an enum type (openapi-python-client cannot parse the `oneOf` form inside an optional field).
+fn plain_enums(schema: &mut Value) {
+    match schema {
+        Value::Array(items) => items.iter_mut().for_each(plain_enums),
+        Value::Object(object) => {
+            let constants: Option<Vec<(Value, Option<String>)>> = object
+                .get("oneOf")
+                .and_then(Value::as_array)
+                .and_then(|variants| {
+                    variants
+                        .iter()
+                        .map(|v| {
+                            let constant = v.get("const").filter(|c| c.is_string())?;
+                            let doc = v.get("description").and_then(Value::as_str);
+                            Some((constant.clone(), doc.map(str::to_owned)))
+                        })
+                        .collect()
+                });
+            match constants {
+                Some(constants) if !constants.is_empty() => {
+                    object.remove("oneOf");
+                    let mut doc = object
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .map(|d| format!("{d}\n"))
+                        .unwrap_or_default();
+                    for (constant, variant_doc) in &constants {
+                        let name = constant.as_str().unwrap_or_default();
+                        match variant_doc {
+                            Some(d) => doc.push_str(&format!("\n- `{name}`: {d}")),
+                            None => doc.push_str(&format!("\n- `{name}`")),
+                        }
+                    }
+                    object.insert("type".into(), json!("string"));
+                    object.insert(
+                        "enum".into(),
+                        Value::Array(constants.into_iter().map(|(c, _)| c).collect()),
+                    );
+                    object.insert("description".into(), Value::String(doc.trim().to_string()));
+                }
+                _ => object.values_mut().for_each(plain_enums),
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Puts the ShapeBlock kinds' schemas, and the Kubernetes types they use, in an OpenAPI
 /// document's `components.schemas`.
 pub fn insert(document: &mut Value) {
@@ -172,6 +221,9 @@ pub fn insert(document: &mut Value) {
     let status = generator.add::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>();
     schemas.insert("Status".into(), status);
     schemas.extend(generator.0.take_definitions(true));
+    for schema in schemas.values_mut() {
+        plain_enums(schema);
+    }
     let Some(components) = document
         .get_mut("components")
         .and_then(|c| c.get_mut("schemas"))
@@ -255,5 +307,47 @@ pub fn declare_errors(document: &mut utoipa::openapi::OpenApi) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_enum_variants_become_a_plain_enum() {
+        let mut schema = json!({"properties": {"phase": {"description": "Where it is.",
+            "oneOf": [{"type": "string", "const": "Pending", "description": "Waiting."},
+                      {"type": "string", "const": "Ready"}]},
+            "other": {"oneOf": [{"$ref": "#/components/schemas/A"}, {"type": "null"}]}}});
+        plain_enums(&mut schema);
+        assert_eq!(
+            schema["properties"]["phase"],
+            json!({"type": "string", "enum": ["Pending", "Ready"],
+                "description": "Where it is.\n\n- `Pending`: Waiting.\n- `Ready`"})
+        );
+        assert!(
+            schema["properties"]["other"]["oneOf"].is_array(),
+            "other unions stay"
+        );
+    }
+
+    #[test]
+    fn every_kind_is_typed_from_its_schemars_schema() {
+        let document = crate::hub::api::openapi().unwrap();
+        let schemas = &document["components"]["schemas"];
+        for kind in ["App", "AppBuild", "Project", "Service"] {
+            let spec = &schemas[kind]["properties"]["spec"]["$ref"];
+            assert_eq!(spec, &json!(format!("#/components/schemas/{kind}Spec")));
+            assert!(
+                schemas[format!("{kind}Spec")]["properties"].is_object(),
+                "{kind}Spec"
+            );
+            assert!(
+                schemas[format!("{kind}Status")]["properties"].is_object(),
+                "{kind}Status"
+            );
+        }
+        assert_eq!(schemas["AppBuildPhase"]["enum"][3], "Completed");
     }
 }

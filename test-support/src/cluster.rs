@@ -148,7 +148,29 @@ pub async fn connected_cluster_relaying(
     }
     let hub = hub.start().await;
     let (record, token) = hub.registry.register(name, Default::default()).unwrap();
-    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
+    let agent = connect_agent(&admin, &dir, &hub, &record.id, token.expose()).await;
+    ConnectedCluster {
+        admin,
+        hub: Some(hub),
+        registry,
+        cluster_id: record.id,
+        dir,
+        relay,
+        agent: Some(agent),
+    }
+}
+
+/// Connects the test control plane to `hub` as registered cluster `cluster` with `token`: the
+/// agent's RBAC from the install manifest, the `shapeblock/registry-creds` Secret, an agent
+/// process; returns once the tunnel is up and the hub has installed the CRDs.
+pub async fn connect_agent(
+    admin: &Client,
+    dir: &std::path::Path,
+    hub: &TestHub,
+    cluster: &str,
+    token: &str,
+) -> AgentProcess {
+    let kubeconfig = install_agent_rbac(admin, dir, cluster, hub).await;
     let shapeblock: Namespace =
         serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
     let _ = Api::<Namespace>::all(admin.clone())
@@ -160,8 +182,8 @@ pub async fn connected_cluster_relaying(
             &registry_secret("registry-creds", "dXNlcjpvbmU="),
         )
         .await;
-    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
-    hub.wait_connected(&record.id).await;
+    let agent = AgentProcess::spawn(dir, hub, token, &kubeconfig, "agent");
+    hub.wait_connected(cluster).await;
     let projects: Api<Project> = Api::all(admin.clone());
     wait_for(
         "CRDs installed by the hub",
@@ -169,15 +191,7 @@ pub async fn connected_cluster_relaying(
         async || projects.list(&Default::default()).await.ok(),
     )
     .await;
-    ConnectedCluster {
-        admin,
-        hub: Some(hub),
-        registry,
-        cluster_id: record.id,
-        dir,
-        relay,
-        agent: Some(agent),
-    }
+    agent
 }
 
 /// Creates a Project and waits until it is Active; returns its namespace.

@@ -385,7 +385,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             &widgets,
             None,
             404,
-            "widgets",
+            "route not found",
         ),
         (
             "bad resource name",

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use shapeblock::crd::{AppBuild, AppBuildPhase, AppBuildStatus, AppPhase, Service, ServicePhase};
+use shapeblock::crd::{AppBuild, AppBuildPhase, AppPhase, Service, ServicePhase};
 use support::cluster::{
     active_project, connected_cluster, helm_runs, ready_app, shapeblock, wait_build, wait_for,
     wait_job,

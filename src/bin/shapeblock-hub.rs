@@ -85,7 +85,10 @@ fn print_crds(out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn print_openapi() -> Result<(), Box<dyn std::error::Error>> {
-    println!("{}", shapeblock::hub::api::openapi().to_pretty_json()?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&shapeblock::hub::api::openapi()?)?
+    );
     Ok(())
 }
 

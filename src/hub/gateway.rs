@@ -86,23 +86,29 @@ impl Default for GatewayConfig {
 }
 
 /// Connection state of one cluster, for the API and metrics.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionState {
+    /// Whether the agent has a live tunnel to this hub.
     pub connected: bool,
-    /// When the current tunnel was established.
+    /// When the current tunnel was established (Unix time, seconds).
     #[serde(skip_serializing_if = "Option::is_none", with = "unix_time")]
+    #[schema(value_type = Option<f64>)]
     pub connected_since: Option<SystemTime>,
-    /// When the hub last heard from the agent (handshake or answered ping).
+    /// When the hub last heard from the agent (handshake or answered ping; Unix time, seconds).
     #[serde(skip_serializing_if = "Option::is_none", with = "unix_time")]
+    #[schema(value_type = Option<f64>)]
     pub last_seen: Option<SystemTime>,
     /// Round-trip time of the last ping, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// The agent's version, from its handshake.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// The managed cluster's Kubernetes version, as the agent reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes_version: Option<String>,
+    /// The address the agent's tunnel came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_addr: Option<String>,
     /// Tunnels established since the hub started.

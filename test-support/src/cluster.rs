@@ -162,7 +162,30 @@ pub async fn connected_cluster_with(
     }
     let hub = hub.start().await;
     let (record, token) = hub.registry.register(name, Default::default()).unwrap();
-    let kubeconfig = install_agent_rbac(&admin, &dir, &record.id, &hub).await;
+    let agent = connect_agent(&admin, &dir, &hub, &record.id, token.expose()).await;
+    ConnectedCluster {
+        admin,
+        hub: Some(hub),
+        registry,
+        cluster_id: record.id,
+        dir,
+        relay,
+        apps,
+        agent: Some(agent),
+    }
+}
+
+/// Connects the test control plane to `hub` as registered cluster `cluster` with `token`: the
+/// agent's RBAC from the install manifest, the `shapeblock/registry-creds` Secret, an agent
+/// process; returns once the tunnel is up and the hub has installed the CRDs.
+pub async fn connect_agent(
+    admin: &Client,
+    dir: &std::path::Path,
+    hub: &TestHub,
+    cluster: &str,
+    token: &str,
+) -> AgentProcess {
+    let kubeconfig = install_agent_rbac(admin, dir, cluster, hub).await;
     let shapeblock: Namespace =
         serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
     let _ = Api::<Namespace>::all(admin.clone())
@@ -174,8 +197,8 @@ pub async fn connected_cluster_with(
             &registry_secret("registry-creds", "dXNlcjpvbmU="),
         )
         .await;
-    let agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent");
-    hub.wait_connected(&record.id).await;
+    let agent = AgentProcess::spawn(dir, hub, token, &kubeconfig, "agent");
+    hub.wait_connected(cluster).await;
     let projects: Api<Project> = Api::all(admin.clone());
     wait_for(
         "CRDs installed by the hub",
@@ -183,16 +206,7 @@ pub async fn connected_cluster_with(
         async || projects.list(&Default::default()).await.ok(),
     )
     .await;
-    ConnectedCluster {
-        admin,
-        hub: Some(hub),
-        registry,
-        cluster_id: record.id,
-        dir,
-        relay,
-        apps,
-        agent: Some(agent),
-    }
+    agent
 }
 
 /// Creates a Project and waits until it is Active; returns its namespace.
@@ -304,4 +318,32 @@ pub async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
     let (ok, output) = super::run_helm_job(admin, ns, job).await;
     assert!(ok, "helm of {job} failed:\n{output}");
     output
+}
+
+/// Plays what helm would have made of an App's release: a Deployment `app` (annotated with
+/// the release, labelled `shapeblock.io/app`, one replica of `image`, restricted pod security),
+/// which kube-controller-manager and kwok then roll out, so the AppBuild's rollout check passes.
+pub async fn release_deployment(admin: &Client, ns: &str, app: &str, image: &str) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": app, "labels": {"shapeblock.io/app": app},
+            "annotations": {"meta.helm.sh/release-name": app}},
+        "spec": {"replicas": 1,
+            "selector": {"matchLabels": {"shapeblock.io/app": app}},
+            "template": {"metadata": {"labels": {"shapeblock.io/app": app}},
+                "spec": {"containers": [{"name": "app", "image": image,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
+                        "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}}]}}}
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(admin.clone(), ns)
+        .patch(
+            app,
+            &kube::api::PatchParams::apply("shapeblock-tests").force(),
+            &kube::api::Patch::Apply(&deployment),
+        )
+        .await
+        .unwrap();
 }

@@ -779,13 +779,14 @@ fn hub_pods_wait_for_the_test(stages: &Path, dir: &Path) -> Result<PathBuf, Stri
         at,
         &format!("    - key: '.metadata.labels[\"{TEST_KUBELET_LABEL}\"]'\n      operator: 'DoesNotExist'\n"),
     );
-    // Container logs: each container name of the hub's pods reads its own file, which a test
-    // fills with `write_container_log` (CRI log format, as a kubelet keeps it).
+    // Container logs: each container name of the hub's pods (and `app`, the container of an
+    // App's pods) reads its own file, which a test fills with `write_container_log` (CRI log
+    // format, as a kubelet keeps it).
     let logs = dir.join("container-logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
     let mut documents = patched;
     documents.push_str("\n---\napiVersion: kwok.x-k8s.io/v1alpha1\nkind: ClusterLogs\nmetadata:\n  name: hub-pods\nspec:\n  logs:\n");
-    for container in ["clone", "commit", "prepare", "build", "helm"] {
+    for container in ["clone", "commit", "prepare", "build", "helm", "app"] {
         let file = logs.join(format!("{container}.log"));
         std::fs::write(&file, "").map_err(|e| e.to_string())?;
         documents.push_str(&format!(

@@ -40,7 +40,6 @@ pub struct ClusterView {
     /// When the agent last established a tunnel (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_connected: Option<String>,
-    #[schema(value_type = Object)]
     pub status: ConnectionState,
 }
 
@@ -187,7 +186,9 @@ pub(super) async fn list_clusters(State(state): Shared) -> Json<Vec<ClusterView>
 /// Register a cluster. The response carries its token and install manifest, once.
 #[utoipa::path(post, path = "/api/v1/clusters", tag = "clusters", request_body = RegisterCluster,
     responses((status = 201, body = ClusterWithToken), (status = 400, body = ApiError),
-              (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 409, body = ApiError), (status = 422, body = ApiError)))]
+              (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 409, body = ApiError),
+              (status = 413, body = ApiError), (status = 415, body = ApiError), (status = 422, body = ApiError),
+              (status = 500, body = ApiError)))]
 pub(super) async fn register_cluster(
     State(state): Shared,
     headers: HeaderMap,
@@ -230,7 +231,7 @@ pub(super) async fn get_cluster(
 /// Connection state of a cluster: connected, since, last seen, round-trip time, versions.
 #[utoipa::path(get, path = "/api/v1/clusters/{cluster}/status", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, body = Object), (status = 404, body = ApiError)))]
+    responses((status = 200, body = ConnectionState), (status = 404, body = ApiError)))]
 pub(super) async fn cluster_status(
     State(state): Shared,
     Path(cluster): Path<String>,
@@ -245,7 +246,7 @@ pub(super) async fn cluster_status(
 /// Delete a cluster: its token stops working and its tunnel is closed.
 #[utoipa::path(delete, path = "/api/v1/clusters/{cluster}", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 204), (status = 404, body = ApiError)))]
+    responses((status = 204, description = "forgotten"), (status = 404, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn delete_cluster(
     State(state): Shared,
     Path(cluster): Path<String>,
@@ -287,7 +288,8 @@ async fn rotate(state: &ApiState, cluster: &str) -> Result<String, ApiError> {
 /// Rotate a cluster's token. The old token stops working and the live tunnel is closed.
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/token", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, body = RotatedToken), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, body = RotatedToken), (status = 400, body = ApiError), (status = 404, body = ApiError),
+              (status = 500, body = ApiError)))]
 pub(super) async fn rotate_token(
     State(state): Shared,
     headers: HeaderMap,
@@ -304,7 +306,8 @@ pub(super) async fn rotate_token(
 /// token (the previous one stops working), since the hub keeps only token hashes.
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/agent-manifest", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, content_type = "application/yaml", body = String), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, content_type = "application/yaml", body = String), (status = 400, body = ApiError),
+              (status = 404, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn agent_manifest_yaml(
     State(state): Shared,
     headers: HeaderMap,

@@ -170,13 +170,15 @@ pub struct LogsQuery {
 #[utoipa::path(get, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/appbuilds/{name}/logs",
     tag = "resources",
     params(("cluster" = String, Path), ("namespace" = String, Path), ("name" = String, Path), LogsQuery),
-    responses((status = 200, description = "the build log", content_type = "text/plain"),
+    responses((status = 200, description = "the build log", content_type = "text/plain", body = String),
+              (status = 400, body = ApiError),
               (status = 404, body = ApiError), (status = 503, body = ApiError)))]
 pub async fn build_logs(
     State(state): State<Arc<ApiState>>,
     axum::extract::Path((cluster, namespace, name)): axum::extract::Path<(String, String, String)>,
-    Query(query): Query<LogsQuery>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, ListParams};
     super::check_name("namespace", &namespace)?;

@@ -1,6 +1,7 @@
 //! The hub's HTTP API for the ShapeBlock server (and an operator with curl), one file per
 //! resource: `clusters` (registration, tokens, install manifests, connection status),
-//! `resources` (the ShapeBlock kinds inside a cluster, through its tunnel), [`events`] (the
+//! `resources` (the ShapeBlock kinds inside a cluster, through its tunnel), `apps` (an App's
+//! logs and its rollback in one call), [`events`] (the
 //! relay's events and build logs as streams) and `health` (liveness, readiness, metrics).
 //! This file holds what they share: state, errors, authentication and the router. Documented
 //! by the OpenAPI document generated from the handlers (`GET /api/v1/openapi.json`, committed
@@ -11,15 +12,17 @@
 //!
 //! Depends on: hub, relay, render, crd, secret.
 
+mod apps;
 mod clusters;
 pub mod events;
 mod health;
 mod resources;
+mod schema;
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -120,6 +123,12 @@ impl From<JsonRejection> for ApiError {
             _ => "BadRequest",
         };
         Self::new(status, reason, rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(rejection.body_text())
     }
 }
 
@@ -290,30 +299,47 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
             resources::apply_project,
             resources::delete_project
         ))
+        .routes(routes!(resources::list_apps, resources::create_app))
         .routes(routes!(
-            resources::list_namespaced,
-            resources::create_namespaced
+            resources::get_app,
+            resources::apply_app,
+            resources::delete_app
         ))
         .routes(routes!(
-            resources::get_namespaced,
-            resources::apply_namespaced,
-            resources::delete_namespaced
+            resources::list_appbuilds,
+            resources::create_appbuild
+        ))
+        .routes(routes!(
+            resources::get_appbuild,
+            resources::apply_appbuild,
+            resources::delete_appbuild
+        ))
+        .routes(routes!(resources::list_services, resources::create_service))
+        .routes(routes!(
+            resources::get_service,
+            resources::apply_service,
+            resources::delete_service
         ))
         .routes(routes!(events::events))
         .routes(routes!(events::build_logs))
+        .routes(routes!(apps::app_logs))
+        .routes(routes!(apps::rollback_app))
 }
 
 /// The OpenAPI document of the API, as committed in `openapi.json`.
-pub fn openapi() -> utoipa::openapi::OpenApi {
+pub fn openapi() -> Result<serde_json::Value, serde_json::Error> {
     let mut doc = api_routes().into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    doc
+    schema::declare_errors(&mut doc);
+    let mut document = serde_json::to_value(&doc)?;
+    schema::insert(&mut document);
+    Ok(document)
 }
 
 /// The hub's HTTP routes (the gateway adds its own).
 pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
     let (api, _) = api_routes().split_for_parts();
-    let document = Arc::new(openapi());
+    let document = Arc::new(openapi().map_err(|e| e.to_string()));
     let api = api
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -326,7 +352,17 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
         .route("/metrics", axum::routing::get(health::prometheus))
         .route(
             "/api/v1/openapi.json",
-            axum::routing::get(move || async move { Json(document.as_ref().clone()) }),
+            axum::routing::get(move || async move {
+                match document.as_ref() {
+                    Ok(document) => Json(document.clone()).into_response(),
+                    Err(e) => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal",
+                        format!("the OpenAPI document: {e}"),
+                    )
+                    .into_response(),
+                }
+            }),
         )
         .merge(api)
         .fallback(|| async { ApiError::not_found("route") })

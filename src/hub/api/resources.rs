@@ -9,8 +9,9 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use super::{ApiError, ApiState, Shared, check_name};
+use crate::crd::{App, AppBuild, Project, Service};
 
-const FIELD_MANAGER: &str = "shapeblock-api";
+pub(super) const FIELD_MANAGER: &str = "shapeblock-api";
 
 /// The ShapeBlock kinds the API serves, by URL plural.
 fn kind_of(plural: &str) -> Option<&'static str> {
@@ -234,10 +235,143 @@ async fn delete_in(
     Ok(Json(send(&t.client, request).await?))
 }
 
+/// The operations on one namespaced kind, each a route of its own in the OpenAPI document (so
+/// a client gets typed methods: `create_app(body: App) -> App`), served by the functions above.
+macro_rules! namespaced_routes {
+    (
+        kind: $kind:ident, list_type: $list_type:ident, plural: $plural:literal, deleted: $deleted:ident,
+        collection: $collection:literal, item: $item:literal,
+        list: $list:ident, create: $create:ident, get: $get:ident, apply: $apply:ident, delete: $delete:ident,
+        docs: [$list_doc:literal, $create_doc:literal, $get_doc:literal, $apply_doc:literal, $delete_doc:literal]
+    ) => {
+        #[doc = $list_doc]
+        #[utoipa::path(get, path = $collection, tag = "resources",
+            params(("cluster" = String, Path, description = "Cluster id"), ("namespace" = String, Path, description = "Namespace (a Project's)")),
+            responses((status = 200, body = super::schema::$list_type),
+                      (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+        pub(super) async fn $list(
+            State(state): Shared,
+            Path((cluster, namespace)): Path<(String, String)>,
+        ) -> Result<Json<Value>, ApiError> {
+            list_in(state, cluster, Some(namespace), $plural.into()).await
+        }
+
+        #[doc = $create_doc]
+        #[utoipa::path(post, path = $collection, tag = "resources",
+            params(("cluster" = String, Path, description = "Cluster id"), ("namespace" = String, Path, description = "Namespace (a Project's)")),
+            request_body = $kind,
+            responses((status = 201, body = $kind), (status = 400, body = ApiError),
+                      (status = 404, body = ApiError), (status = 409, body = ApiError),
+                      (status = 413, body = ApiError), (status = 415, body = ApiError),
+                      (status = 422, body = ApiError)))]
+        pub(super) async fn $create(
+            State(state): Shared,
+            Path((cluster, namespace)): Path<(String, String)>,
+            body: Result<Json<Value>, JsonRejection>,
+        ) -> Result<(StatusCode, Json<Value>), ApiError> {
+            create_in(state, cluster, Some(namespace), $plural.into(), body).await
+        }
+
+        #[doc = $get_doc]
+        #[utoipa::path(get, path = $item, tag = "resources",
+            params(("cluster" = String, Path, description = "Cluster id"), ("namespace" = String, Path, description = "Namespace (a Project's)"), ("name" = String, Path)),
+            responses((status = 200, body = $kind), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+        pub(super) async fn $get(
+            State(state): Shared,
+            Path((cluster, namespace, name)): Path<(String, String, String)>,
+        ) -> Result<Json<Value>, ApiError> {
+            get_in(state, cluster, Some(namespace), $plural.into(), name).await
+        }
+
+        #[doc = $apply_doc]
+        #[utoipa::path(put, path = $item, tag = "resources",
+            params(("cluster" = String, Path, description = "Cluster id"), ("namespace" = String, Path, description = "Namespace (a Project's)"), ("name" = String, Path)),
+            request_body = $kind,
+            responses((status = 200, body = $kind), (status = 400, body = ApiError),
+                      (status = 404, body = ApiError), (status = 409, body = ApiError),
+                      (status = 413, body = ApiError), (status = 415, body = ApiError),
+                      (status = 422, body = ApiError)))]
+        pub(super) async fn $apply(
+            State(state): Shared,
+            Path((cluster, namespace, name)): Path<(String, String, String)>,
+            body: Result<Json<Value>, JsonRejection>,
+        ) -> Result<Json<Value>, ApiError> {
+            apply_in(state, cluster, Some(namespace), $plural.into(), name, body).await
+        }
+
+        /// What deleting answers: the object, still there while its finalizers run, or a
+        /// `Status` once it is gone.
+        #[derive(serde::Serialize, utoipa::ToSchema)]
+        #[serde(untagged)]
+        #[allow(dead_code, clippy::large_enum_variant)] // a shape for the OpenAPI document only
+        pub(super) enum $deleted {
+            Object($kind),
+            Gone(super::schema::Status),
+        }
+
+        #[doc = $delete_doc]
+        #[utoipa::path(delete, path = $item, tag = "resources",
+            params(("cluster" = String, Path, description = "Cluster id"), ("namespace" = String, Path, description = "Namespace (a Project's)"), ("name" = String, Path)),
+            responses((status = 200, body = $deleted), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+        pub(super) async fn $delete(
+            State(state): Shared,
+            Path((cluster, namespace, name)): Path<(String, String, String)>,
+        ) -> Result<Json<Value>, ApiError> {
+            delete_in(state, cluster, Some(namespace), $plural.into(), name).await
+        }
+    };
+}
+
+namespaced_routes! {
+    kind: App, list_type: AppList, plural: "apps", deleted: AppDeleted,
+    collection: "/api/v1/clusters/{cluster}/namespaces/{namespace}/apps",
+    item: "/api/v1/clusters/{cluster}/namespaces/{namespace}/apps/{name}",
+    list: list_apps, create: create_app, get: get_app, apply: apply_app, delete: delete_app,
+    docs: ["List the Apps of a namespace.",
+           "Create an App (validated by the CRD schema; unknown fields are rejected).",
+           "Get an App.",
+           "Create or update an App with server-side apply.",
+           "Delete an App."]
+}
+
+namespaced_routes! {
+    kind: AppBuild, list_type: AppBuildList, plural: "appbuilds", deleted: AppBuildDeleted,
+    collection: "/api/v1/clusters/{cluster}/namespaces/{namespace}/appbuilds",
+    item: "/api/v1/clusters/{cluster}/namespaces/{namespace}/appbuilds/{name}",
+    list: list_appbuilds, create: create_appbuild, get: get_appbuild, apply: apply_appbuild, delete: delete_appbuild,
+    docs: ["List the AppBuilds of a namespace.",
+           "Create an AppBuild: build and deploy an App (validated by the CRD schema; unknown fields are rejected).",
+           "Get an AppBuild, with its phase, image and failure reason in status.",
+           "Create an AppBuild with server-side apply (an AppBuild's spec cannot change once created).",
+           "Delete an AppBuild."]
+}
+
+namespaced_routes! {
+    kind: Service, list_type: ServiceList, plural: "services", deleted: ServiceDeleted,
+    collection: "/api/v1/clusters/{cluster}/namespaces/{namespace}/services",
+    item: "/api/v1/clusters/{cluster}/namespaces/{namespace}/services/{name}",
+    list: list_services, create: create_service, get: get_service, apply: apply_service, delete: delete_service,
+    docs: ["List the Services of a namespace.",
+           "Create a Service (validated by the CRD schema; unknown fields are rejected).",
+           "Get a Service.",
+           "Create or update a Service with server-side apply.",
+           "Delete a Service."]
+}
+
+/// What deleting a Project answers: the Project, still there while its namespace goes, or a
+/// `Status` once it is gone.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code, clippy::large_enum_variant)] // a shape for the OpenAPI document only
+pub(super) enum ProjectDeleted {
+    Object(Project),
+    Gone(super::schema::Status),
+}
+
 /// List Projects in a cluster.
 #[utoipa::path(get, path = "/api/v1/clusters/{cluster}/projects", tag = "resources",
-    params(("cluster" = String, Path)),
-    responses((status = 200, body = Object, description = "A ProjectList"), (status = 503, body = ApiError)))]
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = super::schema::ProjectList), (status = 404, body = ApiError)))]
 pub(super) async fn list_projects(
     State(state): Shared,
     Path(cluster): Path<String>,
@@ -247,9 +381,10 @@ pub(super) async fn list_projects(
 
 /// Create a Project (validated by the cluster's CRD schema; unknown fields are rejected).
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/projects", tag = "resources",
-    params(("cluster" = String, Path)), request_body = Object,
-    responses((status = 201, body = Object), (status = 400, body = ApiError), (status = 409, body = ApiError),
-              (status = 422, body = ApiError), (status = 503, body = ApiError)))]
+    params(("cluster" = String, Path, description = "Cluster id")), request_body = Project,
+    responses((status = 201, body = Project), (status = 400, body = ApiError), (status = 404, body = ApiError),
+              (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 415, body = ApiError),
+              (status = 422, body = ApiError)))]
 pub(super) async fn create_project(
     State(state): Shared,
     Path(cluster): Path<String>,
@@ -260,8 +395,8 @@ pub(super) async fn create_project(
 
 /// Get a Project.
 #[utoipa::path(get, path = "/api/v1/clusters/{cluster}/projects/{name}", tag = "resources",
-    params(("cluster" = String, Path), ("name" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiError), (status = 503, body = ApiError)))]
+    params(("cluster" = String, Path, description = "Cluster id"), ("name" = String, Path)),
+    responses((status = 200, body = Project), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 pub(super) async fn get_project(
     State(state): Shared,
     Path((cluster, name)): Path<(String, String)>,
@@ -271,8 +406,10 @@ pub(super) async fn get_project(
 
 /// Create or update a Project with server-side apply.
 #[utoipa::path(put, path = "/api/v1/clusters/{cluster}/projects/{name}", tag = "resources",
-    params(("cluster" = String, Path), ("name" = String, Path)), request_body = Object,
-    responses((status = 200, body = Object), (status = 400, body = ApiError), (status = 422, body = ApiError), (status = 503, body = ApiError)))]
+    params(("cluster" = String, Path, description = "Cluster id"), ("name" = String, Path)), request_body = Project,
+    responses((status = 200, body = Project), (status = 400, body = ApiError), (status = 404, body = ApiError),
+              (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 415, body = ApiError),
+              (status = 422, body = ApiError)))]
 pub(super) async fn apply_project(
     State(state): Shared,
     Path((cluster, name)): Path<(String, String)>,
@@ -283,75 +420,11 @@ pub(super) async fn apply_project(
 
 /// Delete a Project (and with it, its namespace).
 #[utoipa::path(delete, path = "/api/v1/clusters/{cluster}/projects/{name}", tag = "resources",
-    params(("cluster" = String, Path), ("name" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiError), (status = 503, body = ApiError)))]
+    params(("cluster" = String, Path, description = "Cluster id"), ("name" = String, Path)),
+    responses((status = 200, body = ProjectDeleted), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 pub(super) async fn delete_project(
     State(state): Shared,
     Path((cluster, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     delete_in(state, cluster, None, "projects".into(), name).await
-}
-
-/// List Apps, AppBuilds or Services in a namespace.
-#[utoipa::path(get, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/{kind}", tag = "resources",
-    params(("cluster" = String, Path), ("namespace" = String, Path),
-           ("kind" = String, Path, description = "apps, appbuilds or services")),
-    responses((status = 200, body = Object), (status = 404, body = ApiError), (status = 503, body = ApiError)))]
-pub(super) async fn list_namespaced(
-    State(state): Shared,
-    Path((cluster, namespace, kind)): Path<(String, String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    list_in(state, cluster, Some(namespace), kind).await
-}
-
-/// Create an App, AppBuild or Service (validated by the CRD schema; unknown fields rejected).
-#[utoipa::path(post, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/{kind}", tag = "resources",
-    params(("cluster" = String, Path), ("namespace" = String, Path),
-           ("kind" = String, Path, description = "apps, appbuilds or services")), request_body = Object,
-    responses((status = 201, body = Object), (status = 400, body = ApiError), (status = 409, body = ApiError),
-              (status = 422, body = ApiError), (status = 503, body = ApiError)))]
-pub(super) async fn create_namespaced(
-    State(state): Shared,
-    Path((cluster, namespace, kind)): Path<(String, String, String)>,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    create_in(state, cluster, Some(namespace), kind, body).await
-}
-
-/// Get an App, AppBuild or Service.
-#[utoipa::path(get, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/{kind}/{name}", tag = "resources",
-    params(("cluster" = String, Path), ("namespace" = String, Path),
-           ("kind" = String, Path, description = "apps, appbuilds or services"), ("name" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiError), (status = 503, body = ApiError)))]
-pub(super) async fn get_namespaced(
-    State(state): Shared,
-    Path((cluster, namespace, kind, name)): Path<(String, String, String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    get_in(state, cluster, Some(namespace), kind, name).await
-}
-
-/// Create or update an App, AppBuild or Service with server-side apply.
-#[utoipa::path(put, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/{kind}/{name}", tag = "resources",
-    params(("cluster" = String, Path), ("namespace" = String, Path),
-           ("kind" = String, Path, description = "apps, appbuilds or services"), ("name" = String, Path)),
-    request_body = Object,
-    responses((status = 200, body = Object), (status = 400, body = ApiError), (status = 422, body = ApiError), (status = 503, body = ApiError)))]
-pub(super) async fn apply_namespaced(
-    State(state): Shared,
-    Path((cluster, namespace, kind, name)): Path<(String, String, String, String)>,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    apply_in(state, cluster, Some(namespace), kind, name, body).await
-}
-
-/// Delete an App, AppBuild or Service.
-#[utoipa::path(delete, path = "/api/v1/clusters/{cluster}/namespaces/{namespace}/{kind}/{name}", tag = "resources",
-    params(("cluster" = String, Path), ("namespace" = String, Path),
-           ("kind" = String, Path, description = "apps, appbuilds or services"), ("name" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiError), (status = 503, body = ApiError)))]
-pub(super) async fn delete_namespaced(
-    State(state): Shared,
-    Path((cluster, namespace, kind, name)): Path<(String, String, String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    delete_in(state, cluster, Some(namespace), kind, name).await
 }

@@ -1,0 +1,330 @@
+//! An App's actions through the API against a hub with controllers and a connected cluster:
+//! its logs (every pod, followed, new pods picked up, the apiserver's log requests gone with
+//! the client) and its rollback in one call. Apart from `tests/api.rs` because a hub with
+//! controllers reconciles every namespace of the shared apiserver, which the API tests' own
+//! hubs must not see.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shapeblock_test_support as support;
+
+use std::time::{Duration, Instant};
+
+use kube::api::Api;
+use serde_json::json;
+use support::hub::{ADMIN_TOKEN, TestHub, VIEWER_TOKEN};
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One hub with controllers at a time: every such hub reconciles every namespace of the
+/// shared apiserver, so two would race on the same AppBuilds.
+static ONE_CONTROLLING_HUB: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A pod of App `app` as its Deployment would make it (label `shapeblock.io/app`, container
+/// `app`), run by kwok's fake node.
+async fn app_pod(admin: &kube::Client, ns: &str, app: &str, name: &str) {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"shapeblock.io/app": app}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/web:1",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
+                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"}}}]}
+    }))
+    .unwrap();
+    pods.create(&Default::default(), &pod).await.unwrap();
+    wait_for(
+        &format!("pod {name} running"),
+        Duration::from_secs(60),
+        async || {
+            pods.get(name).await.ok().is_some_and(|p| {
+                p.status
+                    .and_then(|s| s.container_statuses)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                    })
+            })
+        },
+    )
+    .await;
+}
+
+/// Long-running `pods/log` requests the apiserver is serving now.
+async fn log_requests(admin: &kube::Client) -> u64 {
+    let metrics = admin
+        .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_longrunning_requests{")
+                && l.contains("resource=\"pods\"")
+                && l.contains("subresource=\"log\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn app_logs_follow_every_pod_and_end_with_the_client() {
+    use http_body_util::BodyExt;
+    let _one = ONE_CONTROLLING_HUB.lock().await;
+    support::jobs().await;
+    support::write_container_log("app", &["listening on :8080", "GET / 200"]);
+    let cluster = support::cluster::connected_cluster("app-logs").await;
+    let admin = cluster.admin.clone();
+    let hub = cluster.hub.as_ref().unwrap();
+    let ns = support::cluster::active_project(&admin, "logs").await;
+    support::cluster::ready_app(
+        &admin,
+        &ns,
+        "web",
+        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
+    )
+    .await;
+    app_pod(&admin, &ns, "web", "web-a").await;
+    let logs = format!(
+        "/api/v1/clusters/{}/namespaces/{ns}/apps/web/logs",
+        cluster.cluster_id
+    );
+
+    // Without follow: the tail of each current pod, prefixed, and the response ends.
+    let all = hub.api("GET", &logs, None).await;
+    assert_eq!(all.status, 200, "{}", all.text());
+    assert_eq!(
+        all.text(),
+        "[web-a] listening on :8080\n[web-a] GET / 200\n"
+    );
+    let tail = hub.api("GET", &format!("{logs}?tail=1"), None).await;
+    assert_eq!(tail.text(), "[web-a] GET / 200\n");
+
+    // Following: the current pod, then a pod that starts later, from its first line.
+    let before = log_requests(&admin).await;
+    let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("{logs}?follow=true&tail=1"))
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut read_until = async |text: &mut String, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !text.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = tokio::time::timeout(left, body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("no {needle:?} within 60 s; got {text:?}"))
+                .expect("the stream ended")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    };
+    read_until(&mut text, "[web-a] GET / 200\n").await;
+    assert_eq!(text, "[web-a] GET / 200\n", "the tail of the running pod");
+    app_pod(&admin, &ns, "web", "web-b").await;
+    read_until(&mut text, "[web-b] GET / 200\n").await;
+    assert!(
+        text.ends_with("[web-b] listening on :8080\n[web-b] GET / 200\n"),
+        "a new pod from its first line: {text:?}"
+    );
+    wait_for(
+        "the two pods' logs followed",
+        Duration::from_secs(30),
+        async || log_requests(&admin).await >= before + 2,
+    )
+    .await;
+    // The client goes: every log request through the tunnel ends with it.
+    drop(body);
+    connection.abort();
+    wait_for("the followers gone", Duration::from_secs(15), async || {
+        log_requests(&admin).await <= before
+    })
+    .await;
+
+    // Errors in the API's shape.
+    let missing = hub
+        .api("GET", &logs.replace("/apps/web/", "/apps/nope/"), None)
+        .await;
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    assert_eq!(missing.json()["reason"], "NotFound");
+    let too_long = hub.api("GET", &format!("{logs}?tail=100000"), None).await;
+    assert_eq!(too_long.status, 400, "{}", too_long.text());
+    let unknown = hub.api("GET", &format!("{logs}?since=1h"), None).await;
+    assert_eq!(unknown.status, 400, "{}", unknown.text());
+    assert_eq!(
+        unknown.json()["reason"],
+        "BadRequest",
+        "JSON, like every error"
+    );
+}
+
+/// Waits for an AppBuild (by its API path) to reach `phase`; fails with its status.
+async fn wait_for_phase(hub: &TestHub, build: &str, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = hub.api("GET", build, None).await.json()["status"].clone();
+        if status["phase"] == phase {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{build} not {phase} within 60 s: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The image an AppBuild built, once its status names it.
+async fn wait_for_image(hub: &TestHub, build: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = hub.api("GET", build, None).await.json()["status"].clone();
+        if let Some(image) = status["image"].as_str() {
+            return image.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{build} built no image: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn rollback_creates_an_appbuild_and_refuses_unusable_targets() {
+    let _one = ONE_CONTROLLING_HUB.lock().await;
+    support::jobs().await;
+    let cluster = support::cluster::connected_cluster("rollback").await;
+    let admin = cluster.admin.clone();
+    let hub = cluster.hub.as_ref().unwrap();
+    let ns = support::cluster::active_project(&admin, "rollback").await;
+    let spec = json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+        "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}});
+    support::cluster::ready_app(&admin, &ns, "web", spec.clone()).await;
+    support::cluster::ready_app(&admin, &ns, "api", spec).await;
+    let builds = format!(
+        "/api/v1/clusters/{}/namespaces/{ns}/appbuilds",
+        cluster.cluster_id
+    );
+    let rollback = |app: &str| {
+        format!(
+            "/api/v1/clusters/{}/namespaces/{ns}/apps/{app}/rollback",
+            cluster.cluster_id
+        )
+    };
+    let created = hub
+        .api(
+            "POST",
+            &builds,
+            Some(json!({"metadata": {"name": "web-1"}, "spec": {"appName": "web", "gitRef": "main"}})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+
+    // Not Completed yet: refused, and nothing is created.
+    let early = hub
+        .api("POST", &rollback("web"), Some(json!({"to": "web-1"})))
+        .await;
+    assert_eq!(early.status, 422, "{}", early.text());
+    assert!(
+        early.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not Completed")
+    );
+
+    let sha = "4b825dc642cb6eb9a060e54bf8d69288fbee4904\n";
+    let end = support::PodEnd {
+        phase: "Succeeded",
+        init: vec![("clone", 0, ""), ("commit", 0, sha)],
+        containers: vec![("build", 0, "Completed", "")],
+    };
+    support::finish_job_pod(&admin, &ns, "web-1-build", end).await;
+    // helm would create the release's Deployment of the image built; play it.
+    let image = wait_for_image(hub, &format!("{builds}/web-1")).await;
+    support::cluster::release_deployment(&admin, &ns, "web", &image).await;
+    let end = support::PodEnd {
+        phase: "Succeeded",
+        init: vec![],
+        containers: vec![("helm", 0, "Completed", "")],
+    };
+    support::finish_job_pod(&admin, &ns, "web-1-deploy", end).await;
+    wait_for_phase(hub, &format!("{builds}/web-1"), "Completed").await;
+
+    let done = hub
+        .api("POST", &rollback("web"), Some(json!({"to": "web-1"})))
+        .await;
+    assert_eq!(done.status, 201, "{}", done.text());
+    let build = done.json();
+    let name = build["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with("web-rollback-"), "{name}");
+    assert_eq!(
+        build["spec"],
+        json!({"appName": "web", "rollbackTo": "web-1"})
+    );
+    // The controller takes it from there: the earlier image, redeployed without a build.
+    let end = support::PodEnd {
+        phase: "Succeeded",
+        init: vec![],
+        containers: vec![("helm", 0, "Completed", "")],
+    };
+    support::finish_job_pod(&admin, &ns, &format!("{name}-deploy"), end).await;
+    wait_for_phase(hub, &format!("{builds}/{name}"), "Completed").await;
+
+    let other = hub
+        .api("POST", &rollback("api"), Some(json!({"to": "web-1"})))
+        .await;
+    assert_eq!(other.status, 422, "{}", other.text());
+    assert!(
+        other.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to App web")
+    );
+    for (path, body) in [
+        (rollback("web"), json!({"to": "nope"})),
+        (rollback("ghost"), json!({"to": "web-1"})),
+    ] {
+        let missing = hub.api("POST", &path, Some(body)).await;
+        assert_eq!(missing.status, 404, "{}", missing.text());
+        assert_eq!(missing.json()["reason"], "NotFound");
+    }
+    let bad = hub
+        .api("POST", &rollback("web"), Some(json!({"to": "../x"})))
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let viewer = hub
+        .api_as(
+            VIEWER_TOKEN,
+            "POST",
+            &rollback("web"),
+            Some(json!({"to": "web-1"})),
+        )
+        .await;
+    assert_eq!(viewer.status, 403, "{}", viewer.text());
+}

@@ -527,6 +527,9 @@ impl Gateway {
                 },
                 _ = ticker.tick() => {
                     match tokio::time::timeout(self.config.ping_timeout, ping(&slot.id, &probe)).await {
+                        // A ping answered after the tunnel was closed (a deleted cluster's
+                        // metrics are already gone) must not bring its series back.
+                        Ok(Ok(_)) if closed.is_cancelled() => {}
                         Ok(Ok(rtt)) => {
                             let now = SystemTime::now();
                             let mut state = slot.state();

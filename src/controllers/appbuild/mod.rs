@@ -705,12 +705,37 @@ pub async fn run(ctx: Arc<Context>) {
     let metrics = ctx.metrics.clone();
     let managed = format!("{}={}", super::MANAGED_BY.0, super::MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<AppBuild>::all(client.clone()), &ctx);
+    // A build that finishes moves on the builds of its App still waiting (for its deploy to
+    // end, say). The cache already holds the finished build when its event passes here, so
+    // the woken builds decide from it, not from a cache that still shows it deploying.
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<AppBuild>>();
+    let wake_store = store.clone();
+    let stream = stream.inspect(move |event| {
+        if let Ok(build) = event
+            && matches!(
+                build.status.as_ref().and_then(|s| s.phase),
+                Some(AppBuildPhase::Completed | AppBuildPhase::Failed)
+            )
+        {
+            for waiting in waiting_on_app(
+                &wake_store,
+                build.namespace().as_deref(),
+                &build.spec.app_name,
+            ) {
+                let _ = wake.send(waiting);
+            }
+        }
+    });
+    let woken = futures_util::stream::unfold(woken, |mut rx| async move {
+        rx.recv().await.map(|object| (object, rx))
+    });
     let reconcile_store = store.clone();
     let app_store = store.clone();
     let deployment_store = store.clone();
     let pod_selector = format!("{managed},{BUILD_LABEL}");
     Controller::for_stream(stream, store)
         .with_config(super::controller_config())
+        .reconcile_on(woken)
         .owns_stream(
             watcher(
                 Api::<PartialObjectMeta<Job>>::all(client.clone()),

@@ -1,10 +1,11 @@
 //! Pure pieces of an AppBuild's Jobs: child names, image destinations, build arguments,
-//! buildpack platform env files and the Helm values of the deploy. User strings only ever
+//! buildpack platform env files, and the deep merge of Helm values (the deploy's values are
+//! rendered in [`super::app`]). User strings only ever
 //! become argv elements or file contents, never shell text.
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::Digest;
 
 use super::image::{ImageRef, ImageRefError};
@@ -70,34 +71,6 @@ pub fn deep_merge(base: &mut Value, overlay: &Value) {
     }
 }
 
-/// Values for the nxs-universal-chart deploy: the built image and the pull secret, with the
-/// AppBuild's `helmValues` deep-merged on top (so a user can still override them).
-pub fn helm_values(
-    image: &ImageRef,
-    pull_secret: &str,
-    overrides: Option<&BTreeMap<String, Value>>,
-) -> Value {
-    // The chart joins `defaultImage:defaultImageTag`; a digest rides on the tag, which
-    // yields `repo:tag@digest`, a valid reference in which the digest decides.
-    let tag = image.tag.clone().unwrap_or_else(|| "latest".to_string());
-    let tag = match &image.digest {
-        Some(digest) => format!("{tag}@{digest}"),
-        None => tag,
-    };
-    let mut values = json!({
-        "defaultImage": image.repository(),
-        "defaultImageTag": tag,
-        "generic": {"extraImagePullSecrets": [{"name": pull_secret}]},
-    });
-    if let Some(overrides) = overrides {
-        deep_merge(
-            &mut values,
-            &Value::Object(overrides.clone().into_iter().collect()),
-        );
-    }
-    values
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,41 +129,6 @@ mod tests {
         assert_eq!(
             platform_env(&vars)["B"],
             "$(reboot); rm -rf / `id`\nsecond line"
-        );
-    }
-
-    #[test]
-    fn helm_values_merge_user_values_over_the_image() {
-        let image = ImageRef::parse("registry.example.com:5000/shop/web:v2").unwrap();
-        let overrides: BTreeMap<String, Value> = serde_json::from_value(json!({
-            "replicaCount": 2,
-            "generic": {"labels": {"team": "a"}},
-            "envs": {"NODE_ENV": "production"}
-        }))
-        .unwrap();
-        let values = helm_values(&image, "registry-creds", Some(&overrides));
-        assert_eq!(values["defaultImage"], "registry.example.com:5000/shop/web");
-        assert_eq!(values["defaultImageTag"], "v2");
-        assert_eq!(
-            values["generic"]["extraImagePullSecrets"][0]["name"],
-            "registry-creds"
-        );
-        assert_eq!(
-            values["generic"]["labels"]["team"], "a",
-            "nested maps merge"
-        );
-        assert_eq!(values["replicaCount"], 2);
-        // A user value wins, as in the first ShapeBlock operator.
-        let pinned: BTreeMap<String, Value> =
-            serde_json::from_value(json!({"defaultImageTag": "pinned"})).unwrap();
-        assert_eq!(
-            helm_values(&image, "registry-creds", Some(&pinned))["defaultImageTag"],
-            "pinned"
-        );
-        let by_digest = ImageRef::parse(&format!("nginx@sha256:{}", "b".repeat(64))).unwrap();
-        assert_eq!(
-            helm_values(&by_digest, "r", None)["defaultImageTag"],
-            format!("latest@sha256:{}", "b".repeat(64))
         );
     }
 }

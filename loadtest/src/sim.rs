@@ -1067,6 +1067,13 @@ impl Cluster {
             Some(old) => {
                 let mut new = (*old).clone();
                 merge_patch(&mut new, &deployment);
+                // The Deployment controller observes the generation a changed spec brings.
+                let generation = old
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1)
+                    + i64::from(new.get("spec") != old.get("spec"));
+                new["status"]["observedGeneration"] = generation.into();
                 self.update(state, &resource, &key, &old, new);
             }
             None => {

@@ -60,23 +60,6 @@ async fn app_pod(admin: &kube::Client, ns: &str, app: &str, name: &str) {
     .await;
 }
 
-/// Long-running `pods/log` requests the apiserver is serving now.
-async fn log_requests(admin: &kube::Client) -> u64 {
-    let metrics = admin
-        .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("apiserver_longrunning_requests{")
-                && l.contains("resource=\"pods\"")
-                && l.contains("subresource=\"log\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 #[tokio::test]
 async fn app_logs_follow_every_pod_and_end_with_the_client() {
     use http_body_util::BodyExt;
@@ -112,7 +95,7 @@ async fn app_logs_follow_every_pod_and_end_with_the_client() {
     assert_eq!(tail.text(), "[web-a] GET / 200\n");
 
     // Following: the current pod, then a pod that starts later, from its first line.
-    let before = log_requests(&admin).await;
+    let before = support::apiserver_log_requests(&admin).await;
     let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
         .await
         .unwrap();
@@ -155,14 +138,14 @@ async fn app_logs_follow_every_pod_and_end_with_the_client() {
     wait_for(
         "the two pods' logs followed",
         Duration::from_secs(30),
-        async || log_requests(&admin).await >= before + 2,
+        async || support::apiserver_log_requests(&admin).await >= before + 2,
     )
     .await;
     // The client goes: every log request through the tunnel ends with it.
     drop(body);
     connection.abort();
     wait_for("the followers gone", Duration::from_secs(15), async || {
-        log_requests(&admin).await <= before
+        support::apiserver_log_requests(&admin).await <= before
     })
     .await;
 
@@ -194,22 +177,6 @@ async fn wait_for_phase(hub: &TestHub, build: &str, phase: &str) {
         assert!(
             Instant::now() < deadline,
             "{build} not {phase} within 60 s: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The image an AppBuild built, once its status names it.
-async fn wait_for_image(hub: &TestHub, build: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = hub.api("GET", build, None).await.json()["status"].clone();
-        if let Some(image) = status["image"].as_str() {
-            return image.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{build} built no image: {status}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -265,15 +232,8 @@ async fn rollback_creates_an_appbuild_and_refuses_unusable_targets() {
         containers: vec![("build", 0, "Completed", "")],
     };
     support::finish_job_pod(&admin, &ns, "web-1-build", end).await;
-    // helm would create the release's Deployment of the image built; play it.
-    let image = wait_for_image(hub, &format!("{builds}/web-1")).await;
-    support::cluster::release_deployment(&admin, &ns, "web", &image).await;
-    let end = support::PodEnd {
-        phase: "Succeeded",
-        init: vec![],
-        containers: vec![("helm", 0, "Completed", "")],
-    };
-    support::finish_job_pod(&admin, &ns, "web-1-deploy", end).await;
+    // helm installs the shipped chart for real; the Deployment rolls out on the kwok node.
+    support::cluster::helm_runs(&admin, &ns, "web-1-deploy").await;
     wait_for_phase(hub, &format!("{builds}/web-1"), "Completed").await;
 
     let done = hub
@@ -288,12 +248,7 @@ async fn rollback_creates_an_appbuild_and_refuses_unusable_targets() {
         json!({"appName": "web", "rollbackTo": "web-1"})
     );
     // The controller takes it from there: the earlier image, redeployed without a build.
-    let end = support::PodEnd {
-        phase: "Succeeded",
-        init: vec![],
-        containers: vec![("helm", 0, "Completed", "")],
-    };
-    support::finish_job_pod(&admin, &ns, &format!("{name}-deploy"), end).await;
+    support::cluster::helm_runs(&admin, &ns, &format!("{name}-deploy")).await;
     wait_for_phase(hub, &format!("{builds}/{name}"), "Completed").await;
 
     let other = hub

@@ -29,17 +29,19 @@ const WAIT: Duration = Duration::from_secs(60);
 const IMAGE: &str = "registry.example.com:5000/team/web";
 
 /// Creates an AppBuild, runs its deploy Job's helm for real and waits for `Completed`.
-async fn deploy(admin: &Client, builds: &Api<AppBuild>, name: &str, spec: Value) -> AppBuildStatus {
+async fn deploy(
+    admin: &Client,
+    ns: &str,
+    builds: &Api<AppBuild>,
+    name: &str,
+    spec: Value,
+) -> AppBuildStatus {
     builds
         .create(&PostParams::default(), &shapeblock("AppBuild", name, spec))
         .await
         .unwrap();
-    helm_runs(admin, &builds_ns(builds), &format!("{name}-deploy")).await;
+    helm_runs(admin, ns, &format!("{name}-deploy")).await;
     wait_build(builds, name, AppBuildPhase::Completed).await
-}
-
-fn builds_ns(builds: &Api<AppBuild>) -> String {
-    builds.resource_url().split('/').nth(5).unwrap().to_string()
 }
 
 async fn deployment(admin: &Client, ns: &str, name: &str) -> Deployment {
@@ -147,6 +149,7 @@ async fn changing_spec_run_releases_the_current_image_with_the_new_settings() {
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
     deploy(
         &admin,
+        &ns,
         &builds,
         "web-1",
         json!({"appName": "web", "helmValues": {"labels": {"team": "a"}}}),
@@ -251,6 +254,7 @@ async fn a_rollback_redeploys_an_earlier_builds_exact_image_and_values() {
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
     deploy(
         &admin,
+        &ns,
         &builds,
         "web-1",
         json!({"appName": "web", "imageTag": "1.0",
@@ -259,6 +263,7 @@ async fn a_rollback_redeploys_an_earlier_builds_exact_image_and_values() {
     .await;
     deploy(
         &admin,
+        &ns,
         &builds,
         "web-2",
         json!({"appName": "web", "imageTag": "2.0"}),
@@ -273,6 +278,7 @@ async fn a_rollback_redeploys_an_earlier_builds_exact_image_and_values() {
 
     let status = deploy(
         &admin,
+        &ns,
         &builds,
         "web-3",
         json!({"appName": "web", "rollbackTo": "web-1"}),
@@ -370,6 +376,7 @@ async fn the_build_history_is_pruned_with_its_jobs_and_secrets() {
     for i in 1..=4 {
         deploy(
             &admin,
+            &ns,
             &builds,
             &format!("web-{i}"),
             json!({"appName": "web", "imageTag": format!("{i}.0")}),

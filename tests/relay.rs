@@ -632,21 +632,7 @@ async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
     // Followers whose client went away end with it, even while the pod is quiet: each one's
     // log request through the tunnel is gone within seconds (the apiserver counts them).
     let hub = cluster.hub.as_ref().unwrap();
-    let log_requests = async || -> u64 {
-        let metrics = admin
-            .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
-            .await
-            .unwrap();
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("apiserver_longrunning_requests{")
-                    && l.contains("resource=\"pods\"")
-                    && l.contains("subresource=\"log\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
+    let log_requests = async || support::apiserver_log_requests(&admin).await;
     let before = log_requests().await;
     let mut abandoned = Vec::new();
     for _ in 0..5 {

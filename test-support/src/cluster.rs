@@ -300,15 +300,21 @@ pub async fn wait_build(
     }
 }
 
-/// Waits until Job `name` exists and returns it.
+/// Waits until Job `name` exists and returns it. (A plain loop rather than [`wait_for`]: its
+/// async closure would make the future of [`helm_runs`] not `Send`, so not spawnable.)
 pub async fn wait_job(admin: &Client, ns: &str, name: &str) -> k8s_openapi::api::batch::v1::Job {
     let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(admin.clone(), ns);
-    wait_for(
-        &format!("Job {name}"),
-        Duration::from_secs(60),
-        async || jobs.get_opt(name).await.ok()?,
-    )
-    .await
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(job)) = jobs.get_opt(name).await {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Job {ns}/{name} did not appear within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits for a deploy (or uninstall) Job, runs its helm for real as its pod would
@@ -318,32 +324,4 @@ pub async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
     let (ok, output) = super::run_helm_job(admin, ns, job).await;
     assert!(ok, "helm of {job} failed:\n{output}");
     output
-}
-
-/// Plays what helm would have made of an App's release: a Deployment `app` (annotated with
-/// the release, labelled `shapeblock.io/app`, one replica of `image`, restricted pod security),
-/// which kube-controller-manager and kwok then roll out, so the AppBuild's rollout check passes.
-pub async fn release_deployment(admin: &Client, ns: &str, app: &str, image: &str) {
-    use k8s_openapi::api::apps::v1::Deployment;
-    let deployment: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": app, "labels": {"shapeblock.io/app": app},
-            "annotations": {"meta.helm.sh/release-name": app}},
-        "spec": {"replicas": 1,
-            "selector": {"matchLabels": {"shapeblock.io/app": app}},
-            "template": {"metadata": {"labels": {"shapeblock.io/app": app}},
-                "spec": {"containers": [{"name": "app", "image": image,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
-                        "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
-                        "seccompProfile": {"type": "RuntimeDefault"}}}]}}}
-    }))
-    .unwrap();
-    Api::<Deployment>::namespaced(admin.clone(), ns)
-        .patch(
-            app,
-            &kube::api::PatchParams::apply("shapeblock-tests").force(),
-            &kube::api::Patch::Apply(&deployment),
-        )
-        .await
-        .unwrap();
 }

@@ -1012,6 +1012,28 @@ pub async fn run_helm_job(client: &Client, namespace: &str, job: &str) -> (bool,
     (ok, text)
 }
 
+/// Long-running `pods/log` requests the apiserver is serving now (its own metric): how a test
+/// sees that a log follower's request through the tunnel has ended.
+pub async fn apiserver_log_requests(admin: &Client) -> u64 {
+    let metrics = admin
+        .request_text(
+            http::Request::get("/metrics")
+                .body(vec![])
+                .expect("request"),
+        )
+        .await
+        .expect("apiserver metrics");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_longrunning_requests{")
+                && l.contains("resource=\"pods\"")
+                && l.contains("subresource=\"log\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// Plain HTTP/1.0 GET on loopback; true when the body contains `needle`.
 fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {

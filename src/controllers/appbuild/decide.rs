@@ -116,7 +116,7 @@ pub enum Step {
         finished: Option<Time>,
         progress: BuildProgress,
     },
-    /// Another build of the same App is deploying: deploys of one App never overlap.
+    /// Another build of the same App is deploying: deploys of one App wait for each other.
     WaitForDeploy { other: String },
     /// Create the deploy Job (and its values Secret): values rendered from the App, or for a
     /// rollback, the target's values as they were.

@@ -259,22 +259,23 @@ fn relay_log(ctx: &Context, store: &Store<AppBuild>, ns: &str, build: &str, pod:
 
 /// Records a successful deploy on the App: current image, the one before it, latest build.
 /// Guarded by the App's resourceVersion, so two builds finishing at once cannot interleave.
+/// Returns the App as it now stands (`None` when it is gone).
 async fn record_deploy(
     ctx: &Context,
     ns: &str,
     app_name: &str,
     image: &str,
     build: &str,
-) -> Result<(), ReconcileError> {
+) -> Result<Option<App>, ReconcileError> {
     let apps: Api<App> = Api::namespaced(ctx.client.clone(), ns);
     let Some(app) = apps.get_opt(app_name).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let status = app.status.clone().unwrap_or_default();
     if status.current_image.as_deref() == Some(image)
         && status.latest_build.as_deref() == Some(build)
     {
-        return Ok(());
+        return Ok(Some(app));
     }
     let previous = match &status.current_image {
         Some(current) if current != image => Some(current.clone()),
@@ -288,9 +289,10 @@ async fn record_deploy(
         field_manager: Some(APP_STATUS_MANAGER.into()),
         ..Default::default()
     };
-    apps.patch_status(app_name, &params, &Patch::Merge(&patch))
+    let recorded = apps
+        .patch_status(app_name, &params, &Patch::Merge(&patch))
         .await?;
-    Ok(())
+    Ok(Some(recorded))
 }
 
 /// The types of the two conditions an AppBuild carries: its image is built, and deployed.
@@ -404,9 +406,13 @@ async fn apply(
         | Step::WaitForDeploy { .. }
         | Step::DeployRunning
         | Step::RollingOut { .. } => {}
-        Step::Fail { progress, .. }
-        | Step::BuildRunning { progress }
-        | Step::BuildSucceeded { progress, .. } => {
+        Step::Fail { progress, .. } => {
+            if let Some(pod) = &progress.log_pod {
+                relay_log(ctx, store, &ns, &name, pod);
+            }
+            prune_history(ctx, store, app).await?;
+        }
+        Step::BuildRunning { progress } | Step::BuildSucceeded { progress, .. } => {
             if let Some(pod) = &progress.log_pod {
                 relay_log(ctx, store, &ns, &name, pod);
             }
@@ -428,38 +434,32 @@ async fn apply(
             start_deploy(build, app, image, values.as_ref(), ctx).await?
         }
         Step::Deployed { image } => {
-            record_deploy(ctx, &ns, &app.name_any(), &image.to_string(), &name).await?;
-            prune_history(ctx, store, &ns, &app.name_any()).await?;
+            // The App as the deploy left it: this build counts as the current one.
+            if let Some(recorded) =
+                record_deploy(ctx, &ns, &app.name_any(), &image.to_string(), &name).await?
+            {
+                prune_history(ctx, store, &recorded).await?;
+            }
         }
-    }
-    if let Step::Fail { .. } = step {
-        prune_history(ctx, store, &ns, &app.name_any()).await?;
     }
     Ok(())
 }
 
 /// Deletes the App's oldest finished builds beyond `apps.keep_builds` (their Jobs, Secrets
-/// and chart ConfigMap go with them). Reads the App afresh: a deploy just recorded must count
-/// as the current one.
+/// and chart ConfigMap go with them).
 async fn prune_history(
     ctx: &Context,
     store: &Store<AppBuild>,
-    ns: &str,
-    app_name: &str,
+    app: &App,
 ) -> Result<(), ReconcileError> {
-    let Some(app) = Api::<App>::namespaced(ctx.client.clone(), ns)
-        .get_opt(app_name)
-        .await?
-    else {
-        return Ok(());
-    };
+    let ns = app.namespace().unwrap_or_default();
     let builds = store.state();
     let refs: Vec<&AppBuild> = builds.iter().map(|b| b.as_ref()).collect();
-    let api: Api<AppBuild> = Api::namespaced(ctx.client.clone(), ns);
-    for name in prune(&refs, &app, ctx.config.apps.keep_builds as usize) {
+    let api: Api<AppBuild> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in prune(&refs, app, ctx.config.apps.keep_builds as usize) {
         match api.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {
-                tracing::info!(namespace = %ns, build = %name, app = %app_name, "pruned an old build")
+                tracing::info!(namespace = %ns, build = %name, app = %app.name_any(), "pruned an old build")
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),

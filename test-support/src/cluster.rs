@@ -274,8 +274,17 @@ pub async fn wait_build(
     name: &str,
     phase: shapeblock::crd::AppBuildPhase,
 ) -> shapeblock::crd::AppBuildStatus {
+    wait_build_within(builds, name, phase, Duration::from_secs(60)).await
+}
+
+/// Like [`wait_build`], waiting up to `wait` (real builds take minutes).
+pub async fn wait_build_within(
+    builds: &Api<shapeblock::crd::AppBuild>,
+    name: &str,
+    phase: shapeblock::crd::AppBuildPhase,
+    wait: Duration,
+) -> shapeblock::crd::AppBuildStatus {
     use shapeblock::crd::AppBuildPhase;
-    let wait = Duration::from_secs(60);
     let deadline = Instant::now() + wait;
     loop {
         let status = builds

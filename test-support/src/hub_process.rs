@@ -43,6 +43,7 @@ pub struct HubSettings {
     pub binary: PathBuf,
     pub dir: PathBuf,
     pub port: u16,
+    /// The ShapeBlock server the hub relays to; empty for none.
     pub relay_url: String,
     pub admin_token: String,
     /// Extra lines of YAML configuration.
@@ -150,17 +151,20 @@ impl HubProcess {
         let data = settings.dir.join("data");
         std::fs::create_dir_all(&data).expect("hub data directory");
         let mut file = std::fs::File::create(&config).expect("hub configuration");
+        let relay = match settings.relay_url.as_str() {
+            "" => String::new(),
+            url => format!("relay:\n  url: {url}\n  api_key: loadtest-relay-key\n"),
+        };
         write!(
             file,
             "listen: 127.0.0.1:{port}\ndata_dir: {data}\ntls_cert_file: {cert}\ntls_key_file: {key}\n\
              admin_tokens: [{token}]\nlog_format: json\npublic_url: wss://127.0.0.1:{port}\n\
-             relay:\n  url: {relay}\n  api_key: loadtest-relay-key\n{extra}",
+             {relay}{extra}",
             port = settings.port,
             data = data.display(),
             cert = pki.cert_file.display(),
             key = pki.key_file.display(),
             token = settings.admin_token,
-            relay = settings.relay_url,
             extra = settings.extra,
         )
         .expect("writing the hub configuration");

@@ -15,6 +15,9 @@
 //! `target/tmp/control-plane/<binary>-<pid>/logs`; a run directory is removed by the next run
 //! unless a test failed in it, in which case its logs are kept (and their path printed).
 //!
+//! A test binary that starts with [`real_node::node`] talks to a real single-node cluster
+//! instead (kubelet, containerd, a registry; see that module).
+//!
 //! With `SHAPEBLOCK_TEST_KUBECONFIG=<path>` the same tests run against that cluster instead:
 //! nothing is started, and [`jobs`] assumes the cluster runs Jobs itself.
 //!
@@ -31,6 +34,7 @@ pub mod hub;
 pub mod hub_process;
 pub mod pki;
 pub mod process;
+pub mod real_node;
 
 pub use process::rss_kib;
 
@@ -72,16 +76,50 @@ fn shared() -> &'static Shared {
     match SHARED.get_or_init(|| {
         // Any failing test of this binary keeps the control plane's logs, not only those that
         // hold a TestNamespace (libtest names each test's thread after the test).
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let thread = std::thread::current();
-            keep_logs(thread.name().unwrap_or("a test"));
-            previous(info);
-        }));
+        keep_logs_on_panic();
         start()
     }) {
         Ok(shared) => shared,
         Err(reason) => panic!("the test control plane is not available: {reason}"),
+    }
+}
+
+/// Any failing test of this binary keeps the logs of its cluster, not only those that hold a
+/// TestNamespace (libtest names each test's thread after the test).
+fn keep_logs_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or("a test");
+        keep_logs(test);
+        real_node::keep_logs(test);
+        previous(info);
+    }));
+}
+
+/// Makes `config` (a cluster started by this binary, the real node) the cluster every helper
+/// of this crate talks to. Fails when the built-in control plane was already started.
+fn use_cluster(config: Config, kubeconfig: PathBuf) -> Result<(), String> {
+    let mut used = false;
+    SHARED.get_or_init(|| {
+        used = true;
+        keep_logs_on_panic();
+        let (tx, _rx) = mpsc::channel();
+        Ok(Shared {
+            config,
+            kubeconfig,
+            run_dir: None,
+            requests: Mutex::new(tx),
+        })
+    });
+    if used {
+        Ok(())
+    } else {
+        Err(
+            "this test binary already started the built-in control plane; \
+             start the real node before any other cluster helper"
+                .into(),
+        )
     }
 }
 
@@ -324,10 +362,16 @@ fn external(path: PathBuf) -> Result<Shared, String> {
 /// Locates the control plane binaries, building them with the repository's script when no
 /// directory is given.
 fn binaries() -> Result<PathBuf, String> {
-    if let Ok(dir) = std::env::var("SHAPEBLOCK_TEST_BINS") {
-        return Ok(PathBuf::from(dir));
+    match std::env::var("SHAPEBLOCK_TEST_BINS") {
+        Ok(dir) => Ok(PathBuf::from(dir)),
+        Err(_) => script_output_dir("tests/control-plane/build.sh"),
     }
-    let script = process::repository().join("tests/control-plane/build.sh");
+}
+
+/// Runs one of the repository's build scripts (which build once, then reuse their cache) and
+/// returns the directory it prints on its last line.
+fn script_output_dir(script: &str) -> Result<PathBuf, String> {
+    let script = process::repository().join(script);
     let out = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
@@ -345,7 +389,7 @@ fn binaries() -> Result<PathBuf, String> {
         .lines()
         .last()
         .map(PathBuf::from)
-        .ok_or_else(|| format!("{} printed no binary directory", script.display()))
+        .ok_or_else(|| format!("{} printed no directory", script.display()))
 }
 
 /// Creates this run's directory and removes earlier runs whose process is gone, keeping

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kwok) from the Go module proxy with the machine's Go, into a cache outside the repository
-# keyed by version.
+# kwok; kubelet and kube-proxy for the real node of tests/real-node) from the Go module proxy
+# with the machine's Go, into a cache outside the repository keyed by version.
 # A binary is rebuilt only when the cached one does not report the pinned version.
 #
 # Prints the cache directory on its last line of stdout. Progress goes to stderr.
@@ -30,7 +30,7 @@ trap 'rm -rf "$work"' EXIT
 
 build_kubernetes() {
   local need=()
-  for c in kube-apiserver kube-controller-manager kube-scheduler; do
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
     reports "$BIN/$c" "Kubernetes $K8S_VERSION" || need+=("$c")
   done
   [ ${#need[@]} -eq 0 ] && { log "kubernetes $K8S_VERSION cached"; return; }

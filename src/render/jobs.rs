@@ -13,7 +13,8 @@ use crate::crd::{BuildType, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobSettings {
-    /// Image with git ≥ 2.49 (for `git clone --revision`) and ssh; also runs `chown`.
+    /// Image with git (any version since 2.18: a commit is fetched by SHA over protocol v2)
+    /// and ssh; also runs `chown`.
     pub git_image: String,
     /// kaniko executor image for `dockerfile` builds (the maintained fork).
     pub kaniko_image: String,
@@ -82,7 +83,9 @@ pub const SERVICE_LABEL: &str = "shapeblock.io/service";
 pub const STEP_LABEL: &str = "shapeblock.io/step";
 
 /// Container names, which the controllers read termination messages from.
+pub const GIT_INIT_CONTAINER: &str = "git-init";
 pub const CLONE_CONTAINER: &str = "clone";
+pub const CHECKOUT_CONTAINER: &str = "checkout";
 pub const COMMIT_CONTAINER: &str = "commit";
 pub const PREPARE_CONTAINER: &str = "prepare";
 pub const BUILD_CONTAINER: &str = "build";
@@ -179,26 +182,49 @@ fn join(base: &str, rel: Option<&str>) -> String {
     }
 }
 
-/// The clone argv: shallow `--branch` for a branch or tag, `--revision` (exact, detached)
-/// for a commit SHA. `--` ends the options, so the URL is never read as one.
-pub fn clone_args(git_url: &str, git_ref: &str) -> Vec<String> {
-    let selector = if is_commit_sha(git_ref) {
-        format!("--revision={git_ref}")
-    } else {
-        format!("--branch={git_ref}")
-    };
-    [
-        "clone",
-        "--depth=1",
-        "--single-branch",
-        "--no-tags",
-        &selector,
-        "--",
-        git_url,
-        SOURCE,
+/// The git steps that lay out the source, as (container name, argv): for a branch or tag one
+/// shallow `git clone --branch`; for a commit SHA `git init`, a shallow `git fetch` of that
+/// commit and a detached checkout of it (`git clone --revision` would do it in one, but needs
+/// git ≥ 2.49). The step that talks to the git host is always [`CLONE_CONTAINER`], whose
+/// output explains a failure. `--` ends the options, so the URL is never read as one.
+pub fn clone_steps(git_url: &str, git_ref: &str) -> Vec<(&'static str, Vec<String>)> {
+    let argv = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    if !is_commit_sha(git_ref) {
+        let branch = format!("--branch={git_ref}");
+        return vec![(
+            CLONE_CONTAINER,
+            argv(&[
+                "clone",
+                "--depth=1",
+                "--single-branch",
+                "--no-tags",
+                &branch,
+                "--",
+                git_url,
+                SOURCE,
+            ]),
+        )];
+    }
+    vec![
+        (GIT_INIT_CONTAINER, argv(&["init", "-q", SOURCE])),
+        (
+            CLONE_CONTAINER,
+            argv(&[
+                "-C",
+                SOURCE,
+                "fetch",
+                "--depth=1",
+                "--no-tags",
+                "--",
+                git_url,
+                git_ref,
+            ]),
+        ),
+        (
+            CHECKOUT_CONTAINER,
+            argv(&["-C", SOURCE, "checkout", "-q", "--detach", "FETCH_HEAD"]),
+        ),
     ]
-    .map(String::from)
-    .to_vec()
 }
 
 /// Environment of the git containers: constant settings only; credentials come from the
@@ -296,8 +322,11 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             "securityContext": restricted(Some((0, 0)), &[]),
         })
     };
-    let mut init = vec![
-        git_container(CLONE_CONTAINER, clone_args(job.git_url, job.git_ref)),
+    let mut init: Vec<Value> = clone_steps(job.git_url, job.git_ref)
+        .into_iter()
+        .map(|(name, args)| git_container(name, args))
+        .collect();
+    init.push(
         // The resolved commit, as the container's termination message.
         git_container(
             COMMIT_CONTAINER,
@@ -312,7 +341,7 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             .map(String::from)
             .to_vec(),
         ),
-    ];
+    );
     let context = join(SOURCE, job.context_dir);
     let resources = json!({
         "requests": {"cpu": settings.build_cpu_request, "memory": settings.build_memory_request},
@@ -693,20 +722,89 @@ mod tests {
     #[test]
     fn clone_is_shallow_for_branches_and_exact_for_commits() {
         assert_eq!(
-            clone_args("https://x/r.git", "release/1.2"),
+            clone_steps("https://x/r.git", "release/1.2"),
+            [(
+                CLONE_CONTAINER,
+                [
+                    "clone",
+                    "--depth=1",
+                    "--single-branch",
+                    "--no-tags",
+                    "--branch=release/1.2",
+                    "--",
+                    "https://x/r.git",
+                    SOURCE
+                ]
+                .map(String::from)
+                .to_vec()
+            )]
+        );
+        // A commit: no `git clone --revision` (git ≥ 2.49); init, fetch the one commit, check
+        // it out detached. The fetch, which talks to the git host, is the `clone` step.
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let steps = clone_steps("-u evil", sha);
+        let names: Vec<&str> = steps.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [GIT_INIT_CONTAINER, CLONE_CONTAINER, CHECKOUT_CONTAINER]
+        );
+        assert_eq!(steps[0].1, ["init", "-q", SOURCE]);
+        assert_eq!(
+            steps[1].1,
             [
-                "clone",
+                "-C",
+                SOURCE,
+                "fetch",
                 "--depth=1",
-                "--single-branch",
                 "--no-tags",
-                "--branch=release/1.2",
                 "--",
-                "https://x/r.git",
-                SOURCE
+                "-u evil",
+                sha
             ]
         );
+        assert_eq!(
+            steps[2].1,
+            ["-C", SOURCE, "checkout", "-q", "--detach", "FETCH_HEAD"]
+        );
+        assert!(
+            !steps
+                .iter()
+                .any(|(_, a)| a.iter().any(|a| a.starts_with("--revision"))),
+            "no option of git ≥ 2.49"
+        );
+    }
+
+    #[test]
+    fn a_commit_build_runs_the_git_steps_in_order_before_the_commit_step() {
+        let image = ImageRef::parse("r.example.com/shop/web:t").unwrap();
+        let cache = ImageRef::parse("r.example.com/shop/web-cache").unwrap();
         let sha = "0123456789abcdef0123456789abcdef01234567";
-        assert!(clone_args("https://x/r.git", sha).contains(&format!("--revision={sha}")));
+        let settings = JobSettings::default();
+        for build_type in [BuildType::Dockerfile, BuildType::Buildpack] {
+            let rendered = build_job(&job(build_type, sha, &image, &cache), &settings);
+            let init = rendered["spec"]["template"]["spec"]["initContainers"]
+                .as_array()
+                .unwrap();
+            let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+            let mut expected = vec![
+                GIT_INIT_CONTAINER,
+                CLONE_CONTAINER,
+                CHECKOUT_CONTAINER,
+                COMMIT_CONTAINER,
+            ];
+            if build_type == BuildType::Buildpack {
+                expected.push(PREPARE_CONTAINER);
+            }
+            assert_eq!(names, expected);
+            for git in &init[..4] {
+                assert_eq!(git["image"], settings.git_image);
+                assert_eq!(git["command"], json!(["git"]), "one argv, no shell");
+                assert!(
+                    git["env"].to_string().contains("GIT_SSH_COMMAND"),
+                    "every git step has the credentials"
+                );
+            }
+        }
     }
 
     #[test]

@@ -171,8 +171,8 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
     );
     let kaniko = args_of(&job, "build");
     for expected in [
-        "--context=dir:///workspace/source/svc",
-        "--dockerfile=/workspace/source/docker/web.Dockerfile",
+        "--context=dir:///kaniko/buildcontext/source/svc",
+        "--dockerfile=/kaniko/buildcontext/source/docker/web.Dockerfile",
         &format!(
             "--destination=registry.example.com:5000/{ns}/web:{}",
             &SHA[..12]

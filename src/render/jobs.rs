@@ -92,6 +92,15 @@ pub const BUILD_CONTAINER: &str = "build";
 pub const HELM_CONTAINER: &str = "helm";
 
 const SOURCE: &str = "/workspace/source";
+/// Where the kaniko container mounts the source volume. kaniko leaves every mount point and
+/// everything under `/kaniko` out of the image it snapshots, so the source mounted at
+/// `/workspace` would drop what a Dockerfile puts there (`WORKDIR /workspace` + `COPY . .`);
+/// `/kaniko/buildcontext` is kaniko's own build-context directory, never part of an image.
+const KANIKO_CONTEXT_MOUNT: &str = "/kaniko/buildcontext";
+const KANIKO_SOURCE: &str = "/kaniko/buildcontext/source";
+/// The kaniko container's registry credentials, under `/kaniko` for the same reason (and the
+/// directory kaniko's image points `DOCKER_CONFIG` at).
+const KANIKO_DOCKER_CONFIG_DIR: &str = "/kaniko/.docker";
 const KNOWN_HOSTS_DIR: &str = "/etc/shapeblock/known-hosts";
 const SSH_KEY_DIR: &str = "/etc/shapeblock/git-ssh";
 const DOCKER_CONFIG_DIR: &str = "/etc/shapeblock/docker";
@@ -342,15 +351,15 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             .to_vec(),
         ),
     );
-    let context = join(SOURCE, job.context_dir);
     let resources = json!({
         "requests": {"cpu": settings.build_cpu_request, "memory": settings.build_memory_request},
         "limits": {"cpu": settings.build_cpu_limit, "memory": settings.build_memory_limit},
     });
     let build = match job.build_type {
         BuildType::Dockerfile | BuildType::Image => {
+            let context = join(KANIKO_SOURCE, job.context_dir);
             let dockerfile = match job.dockerfile_path {
-                Some(path) => join(SOURCE, Some(path)),
+                Some(path) => join(KANIKO_SOURCE, Some(path)),
                 None => format!("{context}/Dockerfile"),
             };
             let mut args = vec![
@@ -364,10 +373,10 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             args.extend(job.build_args.iter().cloned());
             json!({
                 "name": BUILD_CONTAINER, "image": settings.kaniko_image, "args": args,
-                "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}],
+                "env": [{"name": "DOCKER_CONFIG", "value": KANIKO_DOCKER_CONFIG_DIR}],
                 "volumeMounts": [
-                    {"name": "source", "mountPath": "/workspace"},
-                    {"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": true},
+                    {"name": "source", "mountPath": KANIKO_CONTEXT_MOUNT},
+                    {"name": "docker-config", "mountPath": KANIKO_DOCKER_CONFIG_DIR, "readOnly": true},
                 ],
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "resources": resources,
@@ -376,6 +385,7 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             })
         }
         BuildType::Buildpack => {
+            let context = join(SOURCE, job.context_dir);
             let (uid, gid) = (settings.builder_uid, settings.builder_gid);
             init.push(json!({
                 "name": PREPARE_CONTAINER, "image": settings.git_image, "command": ["chown"],
@@ -845,11 +855,35 @@ mod tests {
 
         let build = container(&rendered, "containers", BUILD_CONTAINER);
         let a = args(build);
-        assert_eq!(a[0], "--context=dir:///workspace/source/services/web");
+        assert_eq!(
+            a[0],
+            "--context=dir:///kaniko/buildcontext/source/services/web"
+        );
         assert_eq!(
             a[1],
-            "--dockerfile=/workspace/source/services/web/Dockerfile"
+            "--dockerfile=/kaniko/buildcontext/source/services/web/Dockerfile"
         );
+        // Nothing is mounted where a Dockerfile could put files: kaniko leaves mount points
+        // out of the image, so every mount of its container is under /kaniko.
+        let mounts: Vec<&str> = build["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        assert_eq!(mounts, ["/kaniko/buildcontext", "/kaniko/.docker"]);
+        assert_eq!(
+            build["env"],
+            json!([{"name": "DOCKER_CONFIG", "value": "/kaniko/.docker"}])
+        );
+        // The git steps still lay the source out under /workspace, in the same volume.
+        let clone_source = clone["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "source")
+            .unwrap();
+        assert_eq!(clone_source["mountPath"], "/workspace");
         assert!(a.contains(&"--destination=registry.example.com:5000/shop/web:web-1"));
         assert!(a.contains(&"--cache-repo=registry.example.com:5000/shop/web-cache"));
         assert!(a.contains(&"--digest-file=/dev/termination-log"));
@@ -879,9 +913,12 @@ mod tests {
         spec.context_dir = None;
         let rendered = build_job(&spec, &JobSettings::default());
         let a = args(container(&rendered, "containers", BUILD_CONTAINER)).join(" ");
-        assert!(a.contains("--context=dir:///workspace/source "), "{a}");
         assert!(
-            a.contains("--dockerfile=/workspace/source/docker/web.Dockerfile"),
+            a.contains("--context=dir:///kaniko/buildcontext/source "),
+            "{a}"
+        );
+        assert!(
+            a.contains("--dockerfile=/kaniko/buildcontext/source/docker/web.Dockerfile"),
             "{a}"
         );
     }

@@ -138,24 +138,41 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
     );
 
     // Every user string is one argv element, verbatim; no container runs a shell.
+    // A commit: git init, a shallow fetch of exactly that commit (the `clone` step), a
+    // detached checkout; nothing that needs git ≥ 2.49.
+    assert_eq!(
+        args_of(&job, "git-init"),
+        ["init", "-q", "/workspace/source"]
+    );
     let clone = args_of(&job, "clone");
     assert_eq!(
         clone,
         [
-            "clone",
+            "-C",
+            "/workspace/source",
+            "fetch",
             "--depth=1",
-            "--single-branch",
             "--no-tags",
-            &format!("--revision={SHA}"),
             "--",
             hostile_url,
-            "/workspace/source"
+            SHA
+        ]
+    );
+    assert_eq!(
+        args_of(&job, "checkout"),
+        [
+            "-C",
+            "/workspace/source",
+            "checkout",
+            "-q",
+            "--detach",
+            "FETCH_HEAD"
         ]
     );
     let kaniko = args_of(&job, "build");
     for expected in [
-        "--context=dir:///workspace/source/svc",
-        "--dockerfile=/workspace/source/docker/web.Dockerfile",
+        "--context=dir:///kaniko/buildcontext/source/svc",
+        "--dockerfile=/kaniko/buildcontext/source/docker/web.Dockerfile",
         &format!(
             "--destination=registry.example.com:5000/{ns}/web:{}",
             &SHA[..12]

@@ -13,7 +13,8 @@ use crate::crd::{BuildType, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobSettings {
-    /// Image with git ≥ 2.49 (for `git clone --revision`) and ssh; also runs `chown`.
+    /// Image with git (any version since 2.18: a commit is fetched by SHA over protocol v2)
+    /// and ssh; also runs `chown`.
     pub git_image: String,
     /// kaniko executor image for `dockerfile` builds (the maintained fork).
     pub kaniko_image: String,
@@ -82,13 +83,24 @@ pub const SERVICE_LABEL: &str = "shapeblock.io/service";
 pub const STEP_LABEL: &str = "shapeblock.io/step";
 
 /// Container names, which the controllers read termination messages from.
+pub const GIT_INIT_CONTAINER: &str = "git-init";
 pub const CLONE_CONTAINER: &str = "clone";
+pub const CHECKOUT_CONTAINER: &str = "checkout";
 pub const COMMIT_CONTAINER: &str = "commit";
 pub const PREPARE_CONTAINER: &str = "prepare";
 pub const BUILD_CONTAINER: &str = "build";
 pub const HELM_CONTAINER: &str = "helm";
 
 const SOURCE: &str = "/workspace/source";
+/// Where the kaniko container mounts the source volume. kaniko leaves every mount point and
+/// everything under `/kaniko` out of the image it snapshots, so the source mounted at
+/// `/workspace` would drop what a Dockerfile puts there (`WORKDIR /workspace` + `COPY . .`);
+/// `/kaniko/buildcontext` is kaniko's own build-context directory, never part of an image.
+const KANIKO_CONTEXT_MOUNT: &str = "/kaniko/buildcontext";
+const KANIKO_SOURCE: &str = "/kaniko/buildcontext/source";
+/// The kaniko container's registry credentials, under `/kaniko` for the same reason (and the
+/// directory kaniko's image points `DOCKER_CONFIG` at).
+const KANIKO_DOCKER_CONFIG_DIR: &str = "/kaniko/.docker";
 const KNOWN_HOSTS_DIR: &str = "/etc/shapeblock/known-hosts";
 const SSH_KEY_DIR: &str = "/etc/shapeblock/git-ssh";
 const DOCKER_CONFIG_DIR: &str = "/etc/shapeblock/docker";
@@ -179,26 +191,49 @@ fn join(base: &str, rel: Option<&str>) -> String {
     }
 }
 
-/// The clone argv: shallow `--branch` for a branch or tag, `--revision` (exact, detached)
-/// for a commit SHA. `--` ends the options, so the URL is never read as one.
-pub fn clone_args(git_url: &str, git_ref: &str) -> Vec<String> {
-    let selector = if is_commit_sha(git_ref) {
-        format!("--revision={git_ref}")
-    } else {
-        format!("--branch={git_ref}")
-    };
-    [
-        "clone",
-        "--depth=1",
-        "--single-branch",
-        "--no-tags",
-        &selector,
-        "--",
-        git_url,
-        SOURCE,
+/// The git steps that lay out the source, as (container name, argv): for a branch or tag one
+/// shallow `git clone --branch`; for a commit SHA `git init`, a shallow `git fetch` of that
+/// commit and a detached checkout of it (`git clone --revision` would do it in one, but needs
+/// git ≥ 2.49). The step that talks to the git host is always [`CLONE_CONTAINER`], whose
+/// output explains a failure. `--` ends the options, so the URL is never read as one.
+pub fn clone_steps(git_url: &str, git_ref: &str) -> Vec<(&'static str, Vec<String>)> {
+    let argv = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    if !is_commit_sha(git_ref) {
+        let branch = format!("--branch={git_ref}");
+        return vec![(
+            CLONE_CONTAINER,
+            argv(&[
+                "clone",
+                "--depth=1",
+                "--single-branch",
+                "--no-tags",
+                &branch,
+                "--",
+                git_url,
+                SOURCE,
+            ]),
+        )];
+    }
+    vec![
+        (GIT_INIT_CONTAINER, argv(&["init", "-q", SOURCE])),
+        (
+            CLONE_CONTAINER,
+            argv(&[
+                "-C",
+                SOURCE,
+                "fetch",
+                "--depth=1",
+                "--no-tags",
+                "--",
+                git_url,
+                git_ref,
+            ]),
+        ),
+        (
+            CHECKOUT_CONTAINER,
+            argv(&["-C", SOURCE, "checkout", "-q", "--detach", "FETCH_HEAD"]),
+        ),
     ]
-    .map(String::from)
-    .to_vec()
 }
 
 /// Environment of the git containers: constant settings only; credentials come from the
@@ -296,8 +331,11 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             "securityContext": restricted(Some((0, 0)), &[]),
         })
     };
-    let mut init = vec![
-        git_container(CLONE_CONTAINER, clone_args(job.git_url, job.git_ref)),
+    let mut init: Vec<Value> = clone_steps(job.git_url, job.git_ref)
+        .into_iter()
+        .map(|(name, args)| git_container(name, args))
+        .collect();
+    init.push(
         // The resolved commit, as the container's termination message.
         git_container(
             COMMIT_CONTAINER,
@@ -312,16 +350,16 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             .map(String::from)
             .to_vec(),
         ),
-    ];
-    let context = join(SOURCE, job.context_dir);
+    );
     let resources = json!({
         "requests": {"cpu": settings.build_cpu_request, "memory": settings.build_memory_request},
         "limits": {"cpu": settings.build_cpu_limit, "memory": settings.build_memory_limit},
     });
     let build = match job.build_type {
         BuildType::Dockerfile | BuildType::Image => {
+            let context = join(KANIKO_SOURCE, job.context_dir);
             let dockerfile = match job.dockerfile_path {
-                Some(path) => join(SOURCE, Some(path)),
+                Some(path) => join(KANIKO_SOURCE, Some(path)),
                 None => format!("{context}/Dockerfile"),
             };
             let mut args = vec![
@@ -335,10 +373,10 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             args.extend(job.build_args.iter().cloned());
             json!({
                 "name": BUILD_CONTAINER, "image": settings.kaniko_image, "args": args,
-                "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}],
+                "env": [{"name": "DOCKER_CONFIG", "value": KANIKO_DOCKER_CONFIG_DIR}],
                 "volumeMounts": [
-                    {"name": "source", "mountPath": "/workspace"},
-                    {"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": true},
+                    {"name": "source", "mountPath": KANIKO_CONTEXT_MOUNT},
+                    {"name": "docker-config", "mountPath": KANIKO_DOCKER_CONFIG_DIR, "readOnly": true},
                 ],
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "resources": resources,
@@ -347,6 +385,7 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
             })
         }
         BuildType::Buildpack => {
+            let context = join(SOURCE, job.context_dir);
             let (uid, gid) = (settings.builder_uid, settings.builder_gid);
             init.push(json!({
                 "name": PREPARE_CONTAINER, "image": settings.git_image, "command": ["chown"],
@@ -693,20 +732,89 @@ mod tests {
     #[test]
     fn clone_is_shallow_for_branches_and_exact_for_commits() {
         assert_eq!(
-            clone_args("https://x/r.git", "release/1.2"),
+            clone_steps("https://x/r.git", "release/1.2"),
+            [(
+                CLONE_CONTAINER,
+                [
+                    "clone",
+                    "--depth=1",
+                    "--single-branch",
+                    "--no-tags",
+                    "--branch=release/1.2",
+                    "--",
+                    "https://x/r.git",
+                    SOURCE
+                ]
+                .map(String::from)
+                .to_vec()
+            )]
+        );
+        // A commit: no `git clone --revision` (git ≥ 2.49); init, fetch the one commit, check
+        // it out detached. The fetch, which talks to the git host, is the `clone` step.
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let steps = clone_steps("-u evil", sha);
+        let names: Vec<&str> = steps.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [GIT_INIT_CONTAINER, CLONE_CONTAINER, CHECKOUT_CONTAINER]
+        );
+        assert_eq!(steps[0].1, ["init", "-q", SOURCE]);
+        assert_eq!(
+            steps[1].1,
             [
-                "clone",
+                "-C",
+                SOURCE,
+                "fetch",
                 "--depth=1",
-                "--single-branch",
                 "--no-tags",
-                "--branch=release/1.2",
                 "--",
-                "https://x/r.git",
-                SOURCE
+                "-u evil",
+                sha
             ]
         );
+        assert_eq!(
+            steps[2].1,
+            ["-C", SOURCE, "checkout", "-q", "--detach", "FETCH_HEAD"]
+        );
+        assert!(
+            !steps
+                .iter()
+                .any(|(_, a)| a.iter().any(|a| a.starts_with("--revision"))),
+            "no option of git ≥ 2.49"
+        );
+    }
+
+    #[test]
+    fn a_commit_build_runs_the_git_steps_in_order_before_the_commit_step() {
+        let image = ImageRef::parse("r.example.com/shop/web:t").unwrap();
+        let cache = ImageRef::parse("r.example.com/shop/web-cache").unwrap();
         let sha = "0123456789abcdef0123456789abcdef01234567";
-        assert!(clone_args("https://x/r.git", sha).contains(&format!("--revision={sha}")));
+        let settings = JobSettings::default();
+        for build_type in [BuildType::Dockerfile, BuildType::Buildpack] {
+            let rendered = build_job(&job(build_type, sha, &image, &cache), &settings);
+            let init = rendered["spec"]["template"]["spec"]["initContainers"]
+                .as_array()
+                .unwrap();
+            let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+            let mut expected = vec![
+                GIT_INIT_CONTAINER,
+                CLONE_CONTAINER,
+                CHECKOUT_CONTAINER,
+                COMMIT_CONTAINER,
+            ];
+            if build_type == BuildType::Buildpack {
+                expected.push(PREPARE_CONTAINER);
+            }
+            assert_eq!(names, expected);
+            for git in &init[..4] {
+                assert_eq!(git["image"], settings.git_image);
+                assert_eq!(git["command"], json!(["git"]), "one argv, no shell");
+                assert!(
+                    git["env"].to_string().contains("GIT_SSH_COMMAND"),
+                    "every git step has the credentials"
+                );
+            }
+        }
     }
 
     #[test]
@@ -747,11 +855,35 @@ mod tests {
 
         let build = container(&rendered, "containers", BUILD_CONTAINER);
         let a = args(build);
-        assert_eq!(a[0], "--context=dir:///workspace/source/services/web");
+        assert_eq!(
+            a[0],
+            "--context=dir:///kaniko/buildcontext/source/services/web"
+        );
         assert_eq!(
             a[1],
-            "--dockerfile=/workspace/source/services/web/Dockerfile"
+            "--dockerfile=/kaniko/buildcontext/source/services/web/Dockerfile"
         );
+        // Nothing is mounted where a Dockerfile could put files: kaniko leaves mount points
+        // out of the image, so every mount of its container is under /kaniko.
+        let mounts: Vec<&str> = build["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        assert_eq!(mounts, ["/kaniko/buildcontext", "/kaniko/.docker"]);
+        assert_eq!(
+            build["env"],
+            json!([{"name": "DOCKER_CONFIG", "value": "/kaniko/.docker"}])
+        );
+        // The git steps still lay the source out under /workspace, in the same volume.
+        let clone_source = clone["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "source")
+            .unwrap();
+        assert_eq!(clone_source["mountPath"], "/workspace");
         assert!(a.contains(&"--destination=registry.example.com:5000/shop/web:web-1"));
         assert!(a.contains(&"--cache-repo=registry.example.com:5000/shop/web-cache"));
         assert!(a.contains(&"--digest-file=/dev/termination-log"));
@@ -781,9 +913,12 @@ mod tests {
         spec.context_dir = None;
         let rendered = build_job(&spec, &JobSettings::default());
         let a = args(container(&rendered, "containers", BUILD_CONTAINER)).join(" ");
-        assert!(a.contains("--context=dir:///workspace/source "), "{a}");
         assert!(
-            a.contains("--dockerfile=/workspace/source/docker/web.Dockerfile"),
+            a.contains("--context=dir:///kaniko/buildcontext/source "),
+            "{a}"
+        );
+        assert!(
+            a.contains("--dockerfile=/kaniko/buildcontext/source/docker/web.Dockerfile"),
             "{a}"
         );
     }

@@ -830,7 +830,9 @@ fn hub_pods_wait_for_the_test(stages: &Path, dir: &Path) -> Result<PathBuf, Stri
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
     let mut documents = patched;
     documents.push_str("\n---\napiVersion: kwok.x-k8s.io/v1alpha1\nkind: ClusterLogs\nmetadata:\n  name: hub-pods\nspec:\n  logs:\n");
-    for container in ["clone", "commit", "prepare", "build", "helm", "app"] {
+    for container in [
+        "git-init", "clone", "checkout", "commit", "prepare", "build", "helm", "app",
+    ] {
         let file = logs.join(format!("{container}.log"));
         std::fs::write(&file, "").map_err(|e| e.to_string())?;
         documents.push_str(&format!(

@@ -8,7 +8,8 @@ use crate::crd::BuildType;
 use crate::observed;
 use crate::observed::workload::PodProblem;
 use crate::render::jobs::{
-    self as render, BUILD_CONTAINER, CLONE_CONTAINER, COMMIT_CONTAINER, PREPARE_CONTAINER,
+    self as render, BUILD_CONTAINER, CHECKOUT_CONTAINER, CLONE_CONTAINER, COMMIT_CONTAINER,
+    GIT_INIT_CONTAINER, PREPARE_CONTAINER,
 };
 
 /// Why an AppBuild ended `Failed`.
@@ -83,6 +84,10 @@ pub fn clone_failure(output: &str, git_ref: &str) -> String {
         || output.contains("Could not find remote branch")
     {
         format!("git ref '{git_ref}' was not found in the repository")
+    } else if output.contains("does not allow request for unadvertised object") {
+        format!(
+            "the git host does not serve a commit by its SHA (it speaks git protocol v0 only): build a branch or tag instead of '{git_ref}'"
+        )
     } else if output.contains("Authentication failed") || output.contains("could not read Username")
     {
         "the git host refused the credentials in spec.git.secretName".to_string()
@@ -117,7 +122,12 @@ pub fn build_failure(
     }
     for pod in pods {
         let failed = |name: &str| observed::terminated(pod, name).filter(|t| t.exit_code != 0);
-        for step in [CLONE_CONTAINER, COMMIT_CONTAINER] {
+        for step in [
+            GIT_INIT_CONTAINER,
+            CLONE_CONTAINER,
+            CHECKOUT_CONTAINER,
+            COMMIT_CONTAINER,
+        ] {
             if let Some(t) = failed(step) {
                 let output = t.message.as_deref().unwrap_or_default();
                 return (
@@ -198,6 +208,32 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("fatal: Remote branch nope"), "{message}");
+
+        // A commit the host does not have: the fetch step (named `clone`) says so.
+        let fetch = pod(json!({"initContainerStatuses": [
+            terminated("git-init", 0, "Completed", ""),
+            terminated("clone", 128, "Error",
+                "fatal: remote error: upload-pack: not our ref 0123456789abcdef0123456789abcdef01234567")]}));
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let (reason, message) =
+            build_failure("", "", &[fetch], BuildType::Dockerfile, sha, &settings);
+        assert_eq!(reason, FailureReason::GitCloneFailed);
+        assert!(
+            message.starts_with(&format!("git ref '{sha}' was not found")),
+            "{message}"
+        );
+        let v0 = pod(
+            json!({"initContainerStatuses": [terminated("clone", 1, "Error",
+            "error: Server does not allow request for unadvertised object 0123")]}),
+        );
+        let (_, message) = build_failure("", "", &[v0], BuildType::Dockerfile, sha, &settings);
+        assert!(message.contains("protocol v0"), "{message}");
+        let checkout = pod(json!({"initContainerStatuses": [
+            terminated("checkout", 128, "Error", "fatal: reference is not a tree: FETCH_HEAD")]}));
+        assert_eq!(
+            build_failure("", "", &[checkout], BuildType::Dockerfile, sha, &settings).0,
+            FailureReason::GitCloneFailed
+        );
 
         let key = pod(json!({"initContainerStatuses": [terminated(
             "clone", 128, "Error", "git@github.com: Permission denied (publickey).")]}));

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use shapeblock::crd::{App, AppBuild, AppBuildPhase, RuntimeState};
+use shapeblock::crd::{App, AppBuild, AppBuildPhase, AppBuildStatus, RuntimeState};
 use shapeblock::render::agent::{AgentManifestParams, agent_manifest};
 use support::cluster::{active_project, shapeblock, wait_build_within, wait_for};
 use support::hub::{AgentProcess, scratch_dir, service_account_kubeconfig};
@@ -31,14 +31,25 @@ use support::real_node::{self, BASE_IMAGE, REGISTRY, RealNode};
 
 const ADMIN_TOKEN: &str = "real-node-admin-token-0123456789";
 
-/// The hub binary with Jobs that run the node's images, and one agent connecting the node.
+/// The hub binary with Jobs that run the node's images, and one agent connecting the node:
+/// one per test binary (a second hub on the same cluster would fight the first).
 struct Fleet {
+    node: &'static RealNode,
     _hub: HubProcess,
     _agent: AgentProcess,
-    admin: Client,
 }
 
-async fn fleet(node: &RealNode) -> Fleet {
+static FLEET: tokio::sync::OnceCell<Fleet> = tokio::sync::OnceCell::const_new();
+/// Builds share two cores: one scenario at a time keeps the figures readable.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn fleet() -> (&'static RealNode, Client) {
+    let fleet = FLEET.get_or_init(start_fleet).await;
+    (fleet.node, support::client().await)
+}
+
+async fn start_fleet() -> Fleet {
+    let node = real_node::node().await;
     let admin = support::client().await;
     let dir = scratch_dir("real-node-hub");
     let pki = Pki::create(&dir);
@@ -103,7 +114,6 @@ async fn fleet(node: &RealNode) -> Fleet {
         &kubeconfig,
         "agent",
     );
-    let _ = node;
     wait_for(
         "the agent connected and the hub installed the CRDs",
         Duration::from_secs(60),
@@ -116,10 +126,25 @@ async fn fleet(node: &RealNode) -> Fleet {
     )
     .await;
     Fleet {
+        node,
         _hub: hub,
         _agent: agent,
-        admin,
     }
+}
+
+/// Creates AppBuild `name` with `spec` and waits (up to 10 minutes) until it Completed.
+async fn completed(builds: &Api<AppBuild>, name: &str, spec: serde_json::Value) -> AppBuildStatus {
+    builds
+        .create(&PostParams::default(), &shapeblock("AppBuild", name, spec))
+        .await
+        .unwrap();
+    wait_build_within(
+        builds,
+        name,
+        AppBuildPhase::Completed,
+        Duration::from_secs(600),
+    )
+    .await
 }
 
 /// Waits until the app's Service answers `path` with a body containing `needle`; returns the
@@ -147,40 +172,35 @@ async fn answers(
     }
 }
 
-/// Start and end of the build pod's containers, from their statuses: (clone, build) seconds.
-async fn step_seconds(admin: &Client, ns: &str, build: &str) -> (f64, f64) {
+/// Seconds (the kubelet's timestamps have whole seconds) of the clone (pod start to the
+/// build container's start: the git containers) and of the build and push (the build
+/// container's run), from the build pod's status.
+async fn build_pod_seconds(admin: &Client, ns: &str, build: &str) -> (i64, i64) {
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let selector = format!("batch.kubernetes.io/job-name={build}-build");
-    let pod = pods
+    let status = pods
         .list(&ListParams::default().labels(&selector))
         .await
         .unwrap()
         .items
         .into_iter()
-        .next();
-    let Some(status) = pod.and_then(|p| p.status) else {
-        return (f64::NAN, f64::NAN);
-    };
-    let span = |s: &k8s_openapi::api::core::v1::ContainerStatus| {
-        let t = s.state.as_ref()?.terminated.as_ref()?;
-        let start = t.started_at.as_ref()?.0;
-        let end = t.finished_at.as_ref()?.0;
-        Some(end.duration_since(start).as_secs_f64())
-    };
-    let clone = status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .filter_map(span)
-        .sum();
+        .next()
+        .and_then(|p| p.status)
+        .expect("the build pod's status");
+    let pod_start = status.start_time.as_ref().expect("pod start").0;
     let build = status
         .container_statuses
         .iter()
         .flatten()
         .find(|c| c.name == "build")
-        .and_then(span)
-        .unwrap_or(f64::NAN);
-    (clone, build)
+        .and_then(|c| c.state.as_ref()?.terminated.clone())
+        .expect("the build container's end");
+    let started = build.started_at.expect("build start").0;
+    let finished = build.finished_at.expect("build end").0;
+    (
+        started.duration_since(pod_start).as_secs(),
+        finished.duration_since(started).as_secs(),
+    )
 }
 
 fn dockerfile_app(greeting: &str) -> Vec<(&'static str, Vec<u8>)> {
@@ -201,51 +221,40 @@ fn files<'a>(list: &'a [(&'static str, Vec<u8>)]) -> Vec<(&'static str, &'a [u8]
     list.iter().map(|(p, c)| (*p, c.as_slice())).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dockerfile_app_is_built_from_git_deployed_and_answers_http() {
-    let node = real_node::node().await;
-    let fleet = fleet(node).await;
-    let admin = &fleet.admin;
-    let ns = active_project(admin, "shop").await;
-
-    let repo = node.git_repo("shop");
-    let first = repo.commit(
-        "first",
-        &files(&dockerfile_app("hello from the first commit")),
-    );
-    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
+/// Creates a dockerfile App `name` building from `repo`, pushing to the node's registry.
+async fn dockerfile_app_object(admin: &Client, ns: &str, name: &str, url: &str) -> Api<App> {
+    let apps: Api<App> = Api::namespaced(admin.clone(), ns);
     apps.create(
         &PostParams::default(),
         &shapeblock(
             "App",
-            "web",
-            json!({"displayName": "Web", "git": {"url": repo.url, "branch": "main"},
+            name,
+            json!({"displayName": name, "git": {"url": url, "branch": "main"},
                 "registry": {"url": REGISTRY}, "build": {"type": "dockerfile"}}),
         ),
     )
     .await
     .unwrap();
+    apps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_app_is_built_from_git_deployed_and_answers_http() {
+    let (node, admin) = fleet().await;
+    let _serial = SERIAL.lock().await;
+    let admin = &admin;
+    let ns = active_project(admin, "shop").await;
+    let repo = node.git_repo("shop");
+    let first = repo.commit(
+        "first",
+        &files(&dockerfile_app("hello from the first commit")),
+    );
+    let apps = dockerfile_app_object(admin, &ns, "web", &repo.url).await;
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+
     let created = Instant::now();
-    builds
-        .create(
-            &PostParams::default(),
-            &shapeblock(
-                "AppBuild",
-                "web-1",
-                json!({"appName": "web", "gitRef": "main"}),
-            ),
-        )
-        .await
-        .unwrap();
-    let status = wait_build_within(
-        &builds,
-        "web-1",
-        AppBuildPhase::Completed,
-        Duration::from_secs(600),
-    )
-    .await;
-    let completed = created.elapsed();
+    let status = completed(&builds, "web-1", json!({"appName": "web", "gitRef": first})).await;
+    let completed_after = created.elapsed();
     let body = answers(node, admin, &ns, "web", "/", "hello from the first commit").await;
     let answering = created.elapsed();
     assert_eq!(body.trim(), "hello from the first commit");
@@ -254,18 +263,169 @@ async fn a_dockerfile_app_is_built_from_git_deployed_and_answers_http() {
         image.starts_with(&format!("{REGISTRY}/{ns}/web")) && image.contains("@sha256:"),
         "the deployed image is the pushed digest: {image}"
     );
+    assert_eq!(status.git_commit.as_deref(), Some(first.as_str()));
     wait_for("App runtime Running", Duration::from_secs(60), async || {
-        let app = apps.get("web").await.ok()?;
-        let runtime = app.status?.runtime?;
+        let runtime = apps.get("web").await.ok()?.status?.runtime?;
         (runtime.state == RuntimeState::Running).then_some(())
     })
     .await;
-    let (clone, build) = step_seconds(admin, &ns, "web-1").await;
+    let (clone, build) = build_pod_seconds(admin, &ns, "web-1").await;
+    let seconds = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        t.as_ref().expect("a status time").0.as_second()
+    };
+    let deploy = seconds(&status.completion_time) - seconds(&status.build_end_time);
     eprintln!(
-        "figures (real node, this machine): clone {clone:.1} s, build + push {build:.1} s, \
-         AppBuild created -> Completed {:.1} s, -> app answering HTTP {:.1} s",
-        completed.as_secs_f64(),
+        "figures (real node, this machine): clone {clone} s, build + push {build} s, \
+         deploy {deploy} s (whole seconds); AppBuild created -> Completed {:.1} s, \
+         -> app answering HTTP {:.1} s",
+        completed_after.as_secs_f64(),
         answering.as_secs_f64()
     );
-    assert_eq!(status.git_commit.as_deref(), Some(first.as_str()));
+
+    // A new commit rolls out and serves its content.
+    let second = repo.commit(
+        "second",
+        &files(&dockerfile_app("hello from the second commit")),
+    );
+    let rolled = Instant::now();
+    let second_status = completed(
+        &builds,
+        "web-2",
+        json!({"appName": "web", "gitRef": second}),
+    )
+    .await;
+    answers(node, admin, &ns, "web", "/", "hello from the second commit").await;
+    eprintln!(
+        "figures: a new commit built, rolled out and answering after {:.1} s",
+        rolled.elapsed().as_secs_f64()
+    );
+    // The same commit again: no build, the image of web-2.
+    let reused = completed(
+        &builds,
+        "web-3",
+        json!({"appName": "web", "gitRef": second}),
+    )
+    .await;
+    assert_eq!(
+        reused.image, second_status.image,
+        "web-3 reuses web-2's image"
+    );
+    let built = reused.conditions.iter().find(|c| c.type_ == "Built");
+    assert!(
+        built.is_some_and(|c| c.reason == "Reused" && c.message.contains("web-2")),
+        "web-3 says it reused web-2: {reused:#?}"
+    );
+    let web3_jobs = Api::<k8s_openapi::api::batch::v1::Job>::namespaced(admin.clone(), &ns)
+        .get_opt("web-3-build")
+        .await
+        .unwrap();
+    assert!(web3_jobs.is_none(), "a reused build runs no build Job");
+    // A rollback serves the first commit's content again.
+    completed(
+        &builds,
+        "web-4",
+        json!({"appName": "web", "rollbackTo": "web-1"}),
+    )
+    .await;
+    answers(node, admin, &ns, "web", "/", "hello from the first commit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_exits_at_start_is_down_with_its_own_last_words() {
+    let (node, admin) = fleet().await;
+    let _serial = SERIAL.lock().await;
+    let admin = &admin;
+    let ns = active_project(admin, "crash").await;
+    let repo = node.git_repo("crash");
+    let commit = repo.commit(
+        "exits",
+        &[(
+            "Dockerfile",
+            format!(
+                "FROM {BASE_IMAGE}\nUSER 10001\n\
+                 CMD [\"sh\", \"-c\", \"echo 'fatal: DATABASE_URL is not set'; exit 3\"]\n"
+            )
+            .as_bytes(),
+        )],
+    );
+    let apps = dockerfile_app_object(admin, &ns, "api", &repo.url).await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "AppBuild",
+                "api-1",
+                json!({"appName": "api", "gitRef": commit}),
+            ),
+        )
+        .await
+        .unwrap();
+    let failed = wait_build_within(
+        &builds,
+        "api-1",
+        AppBuildPhase::Failed,
+        Duration::from_secs(600),
+    )
+    .await;
+    let message = failed.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("CrashLoopBackOff") && message.contains("DATABASE_URL is not set"),
+        "the build fails with the app's crash and its last output: {failed:#?}"
+    );
+    let runtime = wait_for("App runtime Down", Duration::from_secs(120), async || {
+        let runtime = apps.get("api").await.ok()?.status?.runtime?;
+        (runtime.state == RuntimeState::Down).then_some(runtime)
+    })
+    .await;
+    let said = format!("{runtime:?}");
+    assert!(
+        said.contains("CrashLoopBackOff") && said.contains("DATABASE_URL is not set"),
+        "App status.runtime names the crash and the app's last output: {runtime:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_cannot_be_pulled_fails_the_deploy_quickly() {
+    let (_node, admin) = fleet().await;
+    let _serial = SERIAL.lock().await;
+    let admin = &admin;
+    let ns = active_project(admin, "pull").await;
+    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
+    apps.create(
+        &PostParams::default(),
+        &shapeblock(
+            "App",
+            "ghost",
+            json!({"displayName": "Ghost", "registry": {},
+                "build": {"type": "image", "image": format!("{REGISTRY}/nobody/ghost:1.0")}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    let started = Instant::now();
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock("AppBuild", "ghost-1", json!({"appName": "ghost"})),
+        )
+        .await
+        .unwrap();
+    let failed = wait_build_within(
+        &builds,
+        "ghost-1",
+        AppBuildPhase::Failed,
+        Duration::from_secs(300),
+    )
+    .await;
+    let message = failed.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("ImagePullBackOff") || message.contains("ErrImagePull"),
+        "the deploy fails with the pull error: {failed:#?}"
+    );
+    eprintln!(
+        "figures: an unpullable image failed its deploy after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -201,6 +201,14 @@ async fn a_dockerfile_build_clones_builds_and_deploys_and_the_same_commit_is_reu
             c.name
         );
     }
+    // The registry Secret pulls the build's own images too (a private builder, say).
+    let pull_secrets: Vec<String> = pod_spec
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(pull_secrets, ["registry-creds"]);
     assert_eq!(job.owner_references()[0].kind, "AppBuild");
     assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
 

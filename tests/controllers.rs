@@ -8,12 +8,15 @@ use shapeblock_test_support as support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use serde_json::json;
-use shapeblock::crd::{Project, ProjectPhase};
+use serde_json::{Value, json};
+use shapeblock::crd::{BuildType, Project, ProjectPhase};
+use shapeblock::render::image::ImageRef;
+use shapeblock::render::jobs::{BuildJob, GitAuth, JobSettings, build_job};
+use support::TestNamespace;
 use support::cluster::{
     active_project, connected_cluster, phase, project_active, registry_secret, wait_for,
 };
@@ -50,6 +53,12 @@ async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_w
 
     let ns = namespaces.get(&name).await.unwrap();
     assert_eq!(ns.labels().get("shapeblock.io/project"), Some(&name));
+    assert_eq!(
+        ns.labels()
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("baseline")
+    );
     assert_eq!(ns.owner_references()[0].kind, "Project");
     let copy = Api::<Secret>::namespaced(admin.clone(), &name)
         .get("registry-creds")
@@ -179,6 +188,91 @@ async fn projects_get_a_namespace_registry_secret_and_deployer_and_are_deleted_w
             },
         )
         .await;
+    }
+}
+
+/// The pod of a build Job the hub renders, for an App of this build type in `namespace`.
+fn build_pod(namespace: &str, build_type: BuildType) -> Pod {
+    let image = ImageRef::parse("registry.example.com/shop/web:t").unwrap();
+    let cache = ImageRef::parse("registry.example.com/shop/web-cache").unwrap();
+    let job = build_job(
+        &BuildJob {
+            name: "web-1-build",
+            namespace,
+            build: "web-1",
+            app: "web",
+            build_type,
+            git_url: "git@github.com:org/web.git",
+            git_ref: "4b825dc642cb6eb9a060e54bf8d69288fbee4904",
+            git_auth: GitAuth::Ssh {
+                secret: "web-deploy-key".into(),
+                known_hosts_config_map: "web-git-known-hosts".into(),
+            },
+            context_dir: None,
+            dockerfile_path: None,
+            builder_image: None,
+            image: &image,
+            cache: &cache,
+            build_args: vec![],
+            platform_env_secret: Some("web-1-env"),
+            registry_secret: "registry-creds",
+            owner: json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u"}),
+            node_affinity: None,
+        },
+        &JobSettings::default(),
+    );
+    let mut pod: Value = job["spec"]["template"].clone();
+    pod["apiVersion"] = "v1".into();
+    pod["kind"] = "Pod".into();
+    pod["metadata"]["name"] = format!("{build_type:?}-build").to_lowercase().into();
+    serde_json::from_value(pod).unwrap()
+}
+
+#[tokio::test]
+async fn project_namespaces_admit_build_pods_where_the_cluster_default_is_restricted() {
+    let cluster = connected_cluster("ctl-podsec").await;
+    let admin = cluster.admin.clone();
+    let project = active_project(&admin, "podsec").await;
+    let labels = Api::<Namespace>::all(admin.clone())
+        .get(&project)
+        .await
+        .unwrap()
+        .labels()
+        .clone();
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "baseline");
+    assert_eq!(
+        labels["pod-security.kubernetes.io/enforce-version"],
+        "latest"
+    );
+    // A namespace as a cluster whose default level is `restricted` leaves it: the build pod,
+    // which runs as root, is rejected there by the apiserver's PodSecurity admission.
+    let strict = TestNamespace::new("strict").await;
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            &strict.name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted"}}})),
+        )
+        .await
+        .unwrap();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    for build_type in [BuildType::Dockerfile, BuildType::Buildpack] {
+        let rejected = Api::<Pod>::namespaced(admin.clone(), &strict.name)
+            .create(&dry_run, &build_pod(&strict.name, build_type))
+            .await
+            .expect_err("a root build pod under `restricted`");
+        assert!(
+            rejected.to_string().contains("violates PodSecurity"),
+            "{build_type:?}: {rejected}"
+        );
+        Api::<Pod>::namespaced(admin.clone(), &project)
+            .create(&dry_run, &build_pod(&project, build_type))
+            .await
+            .unwrap_or_else(|e| panic!("{build_type:?} build pod refused in a project: {e}"));
     }
 }
 

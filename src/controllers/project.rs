@@ -34,15 +34,32 @@ fn labels(project: &str) -> Value {
     json!({ PROJECT_LABEL: project, MANAGED_BY.0: MANAGED_BY.1 })
 }
 
+/// The Pod Security level a project namespace enforces, whatever the cluster's default.
+///
+/// `baseline`, not `restricted`: the build pod runs its git steps, kaniko and the buildpacks
+/// `creator` as root (kaniko unpacks images as root; the creator starts as root to drop to
+/// the builder's user), which `restricted` forbids and `baseline` allows, since none of them
+/// is privileged, shares a host namespace or mounts a host path. The Apps' own pods are
+/// rendered to `restricted` anyway. No `warn` or `audit` label at `restricted`: every build
+/// Job created would then come back with warnings no one can act on.
+pub const POD_SECURITY_ENFORCE: (&str, &str) = ("pod-security.kubernetes.io/enforce", "baseline");
+/// The policy version enforced: the cluster's own (`latest`), not one pinned to a release.
+pub const POD_SECURITY_ENFORCE_VERSION: (&str, &str) =
+    ("pod-security.kubernetes.io/enforce-version", "latest");
+
 /// The namespace of a project (pure).
 pub fn namespace(project: &Project) -> Value {
     let name = project.name_any();
     let owner = project
         .controller_owner_ref(&())
         .map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
+    let mut labels = labels(&name);
+    for (key, value) in [POD_SECURITY_ENFORCE, POD_SECURITY_ENFORCE_VERSION] {
+        labels[key] = value.into();
+    }
     json!({
         "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": labels(&name), "ownerReferences": owner.into_iter().collect::<Vec<_>>()}
+        "metadata": {"name": name, "labels": labels, "ownerReferences": owner.into_iter().collect::<Vec<_>>()}
     })
 }
 
@@ -416,6 +433,27 @@ mod tests {
         assert_eq!(
             status_after(&Step::Ensure, "shapeblock"),
             Some((ProjectPhase::Active, "Project setup completed".into()))
+        );
+    }
+
+    #[test]
+    fn a_project_namespace_enforces_the_baseline_pod_security_level() {
+        let ns = namespace(&project(true, false));
+        let labels = &ns["metadata"]["labels"];
+        assert_eq!(labels["pod-security.kubernetes.io/enforce"], "baseline");
+        assert_eq!(
+            labels["pod-security.kubernetes.io/enforce-version"],
+            "latest"
+        );
+        assert_eq!(labels[PROJECT_LABEL], "shop");
+        assert_eq!(labels[MANAGED_BY.0], MANAGED_BY.1);
+        let keys: Vec<&String> = labels.as_object().unwrap().keys().collect();
+        assert!(
+            !keys
+                .iter()
+                .any(|k| k.starts_with("pod-security.kubernetes.io/warn")
+                    || k.starts_with("pod-security.kubernetes.io/audit")),
+            "no warn or audit level: {keys:?}"
         );
     }
 

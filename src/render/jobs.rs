@@ -434,6 +434,9 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
         "restartPolicy": "Never",
         "automountServiceAccountToken": false,
         "enableServiceLinks": false,
+        // The registry Secret also pulls the build's own images (a private builder image or
+        // a mirror of the git, kaniko or lifecycle images).
+        "imagePullSecrets": [{"name": job.registry_secret}],
         "initContainers": init,
         "containers": [build],
         "volumes": volumes,
@@ -884,6 +887,7 @@ mod tests {
             .find(|m| m["name"] == "source")
             .unwrap();
         assert_eq!(clone_source["mountPath"], "/workspace");
+        assert_eq!(pod["imagePullSecrets"], json!([{"name": "registry-creds"}]));
         assert!(a.contains(&"--destination=registry.example.com:5000/shop/web:web-1"));
         assert!(a.contains(&"--cache-repo=registry.example.com:5000/shop/web-cache"));
         assert!(a.contains(&"--digest-file=/dev/termination-log"));

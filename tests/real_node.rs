@@ -429,3 +429,170 @@ async fn an_image_that_cannot_be_pulled_fails_the_deploy_quickly() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// A small chart for a ShapeBlock Service: a web server that says `greeting` (restricted pod
+/// security, so it runs in any namespace).
+fn greeter_chart(dir: &std::path::Path) {
+    let templates = dir.join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(
+        dir.join("Chart.yaml"),
+        "apiVersion: v2\nname: greeter\nversion: 0.1.0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("values.yaml"), "greeting: hello\n").unwrap();
+    std::fs::write(
+        templates.join("greeter.yaml"),
+        format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: "{{{{ .Release.Name }}}}"}}
+spec:
+  selector: {{matchLabels: {{greeter: "{{{{ .Release.Name }}}}"}}}}
+  template:
+    metadata: {{labels: {{greeter: "{{{{ .Release.Name }}}}"}}}}
+    spec:
+      securityContext: {{runAsNonRoot: true, runAsUser: 10001, seccompProfile: {{type: RuntimeDefault}}}}
+      containers:
+      - name: web
+        image: {BASE_IMAGE}
+        command: ["sh", "-c", 'mkdir -p /tmp/www && echo "$GREETING" > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www']
+        env: [{{name: GREETING, value: {{{{ .Values.greeting | quote }}}}}}]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{tcpSocket: {{port: http}}, periodSeconds: 1}}
+        securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: "{{{{ .Release.Name }}}}"}}
+spec:
+  selector: {{greeter: "{{{{ .Release.Name }}}}"}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+"#
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_chart_is_installed_upgraded_and_uninstalled_for_real() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    use shapeblock::crd::{Service, ServicePhase};
+    let (node, admin) = fleet().await;
+    let _serial = SERIAL.lock().await;
+    let admin = &admin;
+    let ns = active_project(admin, "svc").await;
+    let chart = scratch_dir("greeter-chart").join("greeter");
+    greeter_chart(&chart);
+    let repository = node.push_chart(&chart);
+    let services: Api<Service> = Api::namespaced(admin.clone(), &ns);
+    services
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "Service",
+                "greeter",
+                json!({"chart": {"name": "greeter", "version": "0.1.0", "repoURL": repository},
+                    "helmValues": {"greeting": "hello from the first values"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let deployed = async |generation: i64| {
+        wait_for("Service Deployed", Duration::from_secs(300), async || {
+            let status = services.get("greeter").await.ok()?.status?;
+            assert_ne!(
+                status.phase,
+                Some(ServicePhase::Failed),
+                "the Service failed: {status:#?}"
+            );
+            (status.phase == Some(ServicePhase::Deployed)
+                && status.observed_generation == Some(generation))
+            .then_some(())
+        })
+        .await
+    };
+    deployed(1).await;
+    let answer = async |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let last = match node.http_get(admin, &ns, "greeter", "/").await {
+                Ok((_, body)) if body.contains(needle) => return,
+                Ok((status, body)) => format!("HTTP {status}: {body}"),
+                Err(e) => e,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "the greeter did not say {needle:?}; last answer: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    answer("hello from the first values").await;
+
+    services
+        .patch(
+            "greeter",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"spec": {"helmValues": {"greeting": "hello after the upgrade"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    deployed(2).await;
+    answer("hello after the upgrade").await;
+
+    services
+        .delete("greeter", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("Service gone", Duration::from_secs(300), async || {
+        services
+            .get_opt("greeter")
+            .await
+            .ok()
+            .and_then(|s| s.is_none().then_some(()))
+    })
+    .await;
+    let left = Api::<Deployment>::namespaced(admin.clone(), &ns)
+        .get_opt("greeter")
+        .await
+        .unwrap();
+    assert!(
+        left.is_none_or(|d| d.metadata.deletion_timestamp.is_some()),
+        "helm uninstall removed the release's Deployment"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_enforces_restricted_pod_security_where_a_namespace_does_not_choose() {
+    use kube::ResourceExt;
+    let (_node, admin) = fleet().await;
+    let plain = support::TestNamespace::new("plain").await;
+    let root_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "root"},
+        "spec": {"containers": [{"name": "c", "image": BASE_IMAGE,
+            "securityContext": {"runAsUser": 0}}]}
+    }))
+    .unwrap();
+    let refused = Api::<Pod>::namespaced(admin.clone(), &plain.name)
+        .create(&PostParams::default(), &root_pod)
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.message.contains("violates PodSecurity")),
+        "an unlabelled namespace refuses a root pod: {refused:?}"
+    );
+    // A Project's namespace chooses baseline, so its build pods (kaniko runs as root) run:
+    // the build tests above are the proof; here, the label itself.
+    let ns = active_project(&admin, "psa").await;
+    let namespace = Api::<Namespace>::all(admin.clone()).get(&ns).await.unwrap();
+    assert_eq!(
+        namespace
+            .labels()
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("baseline")
+    );
+}

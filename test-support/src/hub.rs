@@ -14,7 +14,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use shapeblock::hub::config::{TokenHash, hash_token};
 use shapeblock::hub::{GatewayConfig, Hub, HubConfig, Registry, TlsFiles};
-use tokio::process::{Child, Command};
+use std::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::TestCa;
@@ -378,23 +378,31 @@ impl AgentProcess {
             .env("RUST_LOG", "info")
             .stdout(out)
             .stderr(err);
-        let mut cmd = Command::from(cmd);
-        cmd.kill_on_drop(true);
-        let child = cmd.spawn().expect("start shapeblock-agent");
+        let child = crate::process::spawn_tied(cmd).expect("start shapeblock-agent");
         Self { child, log }
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        Some(self.child.id())
     }
 
-    /// SIGKILL, as a node failure or OOM kill would.
+    /// SIGKILL, as a node failure or OOM kill would; waits for the process to end.
     pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

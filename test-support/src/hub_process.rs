@@ -74,14 +74,15 @@ impl HubBinary {
     ) -> HubBinary {
         std::fs::create_dir_all(dir).expect("hub directory");
         let out = crate::process::append_log(log);
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(args)
             .current_dir(dir)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("hub log"))
-            .stderr(out)
-            .spawn()
+            .stderr(out);
+        let child = crate::process::spawn_tied(command)
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         let mut hub = HubBinary {
             pid: child.id(),

@@ -166,3 +166,47 @@ pub fn cores(before: &ProcSample, after: &ProcSample) -> f64 {
     };
     (after.cpu.saturating_sub(before.cpu)).as_secs_f64() / wall.max(1e-3)
 }
+
+/// Spawns `command` so that it dies with this test binary, however the binary ends: the
+/// child gets `PR_SET_PDEATHSIG`, which fires when the thread that spawned it ends, so every
+/// such child is spawned by one thread that lives as long as the process. (A hub or agent
+/// kept in a `static`, whose `Drop` never runs, would otherwise outlive the tests.)
+pub fn spawn_tied(mut command: std::process::Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::{Mutex, OnceLock, mpsc};
+    type Reply = mpsc::Sender<std::io::Result<std::process::Child>>;
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<(std::process::Command, Reply)>>> = OnceLock::new();
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<(std::process::Command, Reply)>();
+        let _ = std::thread::Builder::new()
+            .name("tied-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+                // Every sender gone (never, it is a static): keep the children alive.
+                loop {
+                    std::thread::park();
+                }
+            });
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    spawner
+        .lock()
+        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+        .send((command, reply_tx))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}

@@ -42,6 +42,8 @@ pub struct RealNode {
     pub dir: PathBuf,
     /// What `tests/real-node/build.sh` made: images, the registry's CA.
     pub images: PathBuf,
+    /// The process holding the node's namespaces.
+    holder: u32,
     /// Held until the process ends; closing it tears the node down.
     _janitor: Mutex<ChildStdin>,
 }
@@ -156,6 +158,7 @@ fn start() -> Result<RealNode, String> {
         config,
         dir,
         images,
+        holder,
         _janitor: Mutex::new(stdin),
     })
 }
@@ -309,6 +312,65 @@ impl RealNode {
         repo
     }
 
+    /// Runs `program` with `args` on the host's filesystem but in the node's network
+    /// namespace (where 10.250.0.1 is); fails the test unless it succeeds. Returns stdout.
+    pub fn run_in_node(&self, program: &Path, args: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg("-t")
+            .arg(self.holder.to_string())
+            .arg("--net")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .output()
+            .expect("running nsenter");
+        assert!(
+            out.status.success(),
+            "{} {args:?} in the node failed: {}{}",
+            program.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Packages the chart in `chart_dir` with helm and pushes it to the node's registry at
+    /// `oci://10.250.0.1:5000/charts`; returns that repository URL.
+    pub fn push_chart(&self, chart_dir: &Path) -> String {
+        let helm = super::binaries().expect("test binaries").join("helm");
+        let out_dir = chart_dir.with_extension("packaged");
+        std::fs::create_dir_all(&out_dir).expect("chart package directory");
+        let packaged = Command::new(&helm)
+            .arg("package")
+            .arg(chart_dir)
+            .arg("--destination")
+            .arg(&out_dir)
+            .output()
+            .expect("helm package");
+        assert!(
+            packaged.status.success(),
+            "helm package: {}",
+            String::from_utf8_lossy(&packaged.stderr)
+        );
+        let tgz = std::fs::read_dir(&out_dir)
+            .expect("packaged chart")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+            .expect("a .tgz from helm package");
+        let repository = format!("oci://{REGISTRY}/charts");
+        let home = self.dir.join("helm-home");
+        let _ = std::fs::create_dir_all(&home);
+        let tgz = tgz.display().to_string();
+        let ca = self.images.join("ca.crt").display().to_string();
+        let config = format!("--registry-config={}/registry.json", home.display());
+        self.run_in_node(
+            &helm,
+            &["push", &tgz, &repository, "--ca-file", &ca, &config],
+        );
+        repository
+    }
+
     /// An HTTP GET to a Service of the node through the apiserver's service proxy (which
     /// reaches the pods from inside the node): (status, body).
     pub async fn http_get(
@@ -318,8 +380,20 @@ impl RealNode {
         service: &str,
         path: &str,
     ) -> Result<(u16, String), String> {
+        self.http_get_port(client, namespace, &format!("{service}:http"), path)
+            .await
+    }
+
+    /// Like [`RealNode::http_get`] for `service` given as `<name>:<port name or number>`.
+    pub async fn http_get_port(
+        &self,
+        client: &Client,
+        namespace: &str,
+        service: &str,
+        path: &str,
+    ) -> Result<(u16, String), String> {
         let request = http::Request::get(format!(
-            "/api/v1/namespaces/{namespace}/services/{service}:http/proxy{path}"
+            "/api/v1/namespaces/{namespace}/services/{service}/proxy{path}"
         ))
         .body(Vec::new())
         .map_err(|e| e.to_string())?;

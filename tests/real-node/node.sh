@@ -15,7 +15,8 @@
 #
 # Inside the namespaces: node address 10.250.0.1 (a veth pair), the apiserver on 127.0.0.1:6443
 # and 10.250.0.1:6443, the registry on 10.250.0.1:5000, git on git://10.250.0.1/, pods on
-# 10.88.0.0/16 behind the bridge `sbnode0`, Services on 10.96.0.0/16 through kube-proxy.
+# 10.88.0.0/16 behind the bridge `sbnode0`, Services on 10.96.0.0/16 through kube-proxy. Pod
+# Security admission enforces `restricted` wherever a namespace does not choose a level.
 set -uo pipefail
 CGROUP=shapeblock-real-node
 LOCK=/tmp/shapeblock-real-node.lock
@@ -107,6 +108,20 @@ start() {
 
   for h in /sys/fs/cgroup/*/; do [ -f "$h/cgroup.procs" ] && mkdir -p "$h$CGROUP"; done
   local p=$run/pki
+  # Pod Security admission enforcing `restricted` in every namespace that does not say
+  # otherwise, as hardened clusters do: what the hub creates must either comply or label its
+  # namespaces (Project namespaces ask for baseline, for the build pods).
+  cat > "$run/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: PodSecurity
+  configuration:
+    apiVersion: pod-security.admission.config.k8s.io/v1
+    kind: PodSecurityConfiguration
+    defaults: {enforce: restricted, enforce-version: latest, warn: restricted, warn-version: latest}
+    exemptions: {namespaces: [kube-system]}
+EOF
   bg etcd "$bins/etcd" --name=node --data-dir="$run/etcd" --listen-client-urls=http://127.0.0.1:2379 \
     --advertise-client-urls=http://127.0.0.1:2379 --listen-peer-urls=http://127.0.0.1:2380 \
     --initial-advertise-peer-urls=http://127.0.0.1:2380 --initial-cluster=node=http://127.0.0.1:2380 \
@@ -118,6 +133,7 @@ start() {
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$p/sa.pub" \
     --service-account-signing-key-file="$p/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
     --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction --allow-privileged=true \
+    --admission-control-config-file="$run/admission.yaml" \
     --kubelet-client-certificate="$p/admin.crt" --kubelet-client-key="$p/admin.key" \
     --kubelet-certificate-authority="$p/ca.crt" --kubelet-preferred-address-types=InternalIP --profiling=false
   wait_for kube-apiserver api /readyz

@@ -596,3 +596,224 @@ async fn the_node_enforces_restricted_pod_security_where_a_namespace_does_not_ch
         Some("baseline")
     );
 }
+
+/// An ed25519 key pair made by the host's ssh-keygen in `dir`: (private key file, public
+/// key line without its comment).
+fn ssh_host_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let key = dir.join(name);
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(key.with_extension("pub"));
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen");
+    assert!(made.status.success(), "ssh-keygen: {made:?}");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let public = public
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    (key, public)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_repositories_clone_over_ssh_with_the_deploy_key_and_over_https_with_credentials() {
+    let (node, admin) = fleet().await;
+    let _serial = SERIAL.lock().await;
+    let admin = &admin;
+    let ns = active_project(admin, "private").await;
+    let repo = node.git_repo("private");
+    let commit = repo.commit(
+        "private",
+        &files(&dockerfile_app("hello from a private repository")),
+    );
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
+
+    // SSH: sshd (Debian's) in the node, the App's generated deploy key as the only key it
+    // accepts (git-shell only), its host key pinned in the App.
+    let dir = scratch_dir("sshd");
+    let (host_key, host_public) = ssh_host_key(&dir, "host_key");
+    let known_hosts = format!("[{}]:2222 {host_public}", real_node::NODE_ADDRESS);
+    let url = format!(
+        "ssh://root@{}:2222{}",
+        real_node::NODE_ADDRESS,
+        repo.dir.display()
+    );
+    let app = |name: &str, url: &str, known_hosts: &str| {
+        shapeblock::<App>(
+            "App",
+            name,
+            json!({"displayName": name,
+                "git": {"url": url, "branch": "main", "isPrivate": true, "knownHosts": known_hosts},
+                "registry": {"url": REGISTRY}, "build": {"type": "dockerfile"}}),
+        )
+    };
+    apps.create(&PostParams::default(), &app("bysh", &url, &known_hosts))
+        .await
+        .unwrap();
+    let deploy_key = wait_for(
+        "the App's deploy key",
+        Duration::from_secs(60),
+        async || apps.get("bysh").await.ok()?.status?.deploy_key,
+    )
+    .await;
+    let authorized = dir.join("authorized_keys");
+    std::fs::write(
+        &authorized,
+        format!("restrict,command=\"git-shell -c \\\"$SSH_ORIGINAL_COMMAND\\\"\" {deploy_key}\n"),
+    )
+    .unwrap();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress {}:2222\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+             PermitRootLogin forced-commands-only\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n",
+            real_node::NODE_ADDRESS,
+            host_key.display(),
+            authorized.display(),
+            dir.join("sshd.pid").display()
+        ),
+    )
+    .unwrap();
+    let sshd = node.spawn_in_node(
+        "sshd",
+        std::path::Path::new("/bin/sh"),
+        &[
+            "-c",
+            "mkdir -p /run/sshd && chmod 0755 /run/sshd && exec /usr/sbin/sshd -D -e -f \"$0\"",
+            config.to_str().unwrap(),
+        ],
+    );
+    node.wait_listening(&format!("{}:2222", real_node::NODE_ADDRESS), &sshd)
+        .await;
+    completed(
+        &builds,
+        "bysh-1",
+        json!({"appName": "bysh", "gitRef": commit}),
+    )
+    .await;
+    answers(
+        node,
+        admin,
+        &ns,
+        "bysh",
+        "/",
+        "hello from a private repository",
+    )
+    .await;
+
+    // A host key other than the pinned one: the clone refuses, and says what to do.
+    let (_, other_public) = ssh_host_key(&dir, "other_key");
+    let wrong = format!("[{}]:2222 {other_public}", real_node::NODE_ADDRESS);
+    apps.create(&PostParams::default(), &app("spoofed", &url, &wrong))
+        .await
+        .unwrap();
+    wait_for(
+        "the second deploy key",
+        Duration::from_secs(60),
+        async || apps.get("spoofed").await.ok()?.status?.deploy_key,
+    )
+    .await;
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "AppBuild",
+                "spoofed-1",
+                json!({"appName": "spoofed", "gitRef": commit}),
+            ),
+        )
+        .await
+        .unwrap();
+    let failed = wait_build_within(
+        &builds,
+        "spoofed-1",
+        AppBuildPhase::Failed,
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("GitCloneFailed"),
+        "{failed:#?}"
+    );
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("spec.git.knownHosts"),
+        "the failure says to pin the host key: {failed:#?}"
+    );
+    drop(sshd);
+
+    // HTTPS with a username and password from a Secret, to a server that refuses without.
+    let images = &node.images;
+    let https = node.spawn_in_node(
+        "git-https",
+        std::path::Path::new("/usr/bin/python3"),
+        &[
+            support::process::repository()
+                .join("tests/real-node/git-https.py")
+                .to_str()
+                .unwrap(),
+            node.dir.join("git").to_str().unwrap(),
+            real_node::NODE_ADDRESS,
+            "8443",
+            images.join("registry.crt").to_str().unwrap(),
+            images.join("registry.key").to_str().unwrap(),
+            "deployer",
+            "s3cret-password",
+        ],
+    );
+    node.wait_listening(&format!("{}:8443", real_node::NODE_ADDRESS), &https)
+        .await;
+    let credentials = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("git-creds".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("username".to_string(), "deployer".to_string()),
+            ("password".to_string(), "s3cret-password".to_string()),
+        ])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &credentials)
+        .await
+        .unwrap();
+    apps.create(
+        &PostParams::default(),
+        &shapeblock(
+            "App",
+            "byhttps",
+            json!({"displayName": "byhttps",
+                "git": {"url": format!("https://{}:8443/private", real_node::NODE_ADDRESS),
+                    "branch": "main", "isPrivate": true, "secretName": "git-creds"},
+                "registry": {"url": REGISTRY}, "build": {"type": "dockerfile"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    completed(
+        &builds,
+        "byhttps-1",
+        json!({"appName": "byhttps", "gitRef": commit}),
+    )
+    .await;
+    answers(
+        node,
+        admin,
+        &ns,
+        "byhttps",
+        "/",
+        "hello from a private repository",
+    )
+    .await;
+}

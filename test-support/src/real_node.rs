@@ -44,6 +44,8 @@ pub struct RealNode {
     pub images: PathBuf,
     /// The process holding the node's namespaces.
     holder: u32,
+    /// Opens connections from inside the node's network namespace.
+    dial: Dial,
     /// Held until the process ends; closing it tears the node down.
     _janitor: Mutex<ChildStdin>,
 }
@@ -123,7 +125,8 @@ fn start() -> Result<RealNode, String> {
         started.elapsed().as_secs_f64(),
         dir.join("logs").display()
     );
-    let port = forward_apiserver(holder)?;
+    let dial = netns_dialer(holder)?;
+    let port = forward_apiserver(dial.clone())?;
     let pki = dir.join("pki");
     let kubeconfig = dir.join("admin-forwarded.kubeconfig");
     std::fs::write(
@@ -159,6 +162,7 @@ fn start() -> Result<RealNode, String> {
         dir,
         images,
         holder,
+        dial,
         _janitor: Mutex::new(stdin),
     })
 }
@@ -210,8 +214,7 @@ pub(crate) fn keep_logs(test: &str) {
 
 /// Listens on a free loopback port of the host and forwards every connection to the
 /// apiserver at 127.0.0.1:6443 inside the node's network namespace; returns the port.
-fn forward_apiserver(holder: u32) -> Result<u16, String> {
-    let dial = netns_dialer(holder)?;
+fn forward_apiserver(dial: Dial) -> Result<u16, String> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("forwarder: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -334,6 +337,51 @@ impl RealNode {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Starts `program` with `args` in the node's network and mount namespaces (a server
+    /// the pods reach at 10.250.0.1), its output in the run's `logs/<name>.log`. It is killed
+    /// when the returned handle drops, and by the teardown in any case.
+    pub fn spawn_in_node(&self, name: &str, program: &Path, args: &[&str]) -> NodeProcess {
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let out = process::append_log(&log);
+        let mut command = Command::new("nsenter");
+        command
+            .arg("-t")
+            .arg(self.holder.to_string())
+            .arg("--net")
+            .arg("--mount")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        let child = process::spawn_tied(command)
+            .unwrap_or_else(|e| panic!("starting {} in the node: {e}", program.display()));
+        NodeProcess { child, log }
+    }
+
+    /// Waits up to 30 s until something accepts TCP connections at `addr` inside the node.
+    pub async fn wait_listening(&self, addr: &str, what: &NodeProcess) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let dial = self.dial.clone();
+            let target = addr.to_string();
+            let connected = tokio::task::spawn_blocking(move || dial(&target).is_ok())
+                .await
+                .unwrap_or(false);
+            if connected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens at {addr} inside the node after 30 s; {}:\n{}",
+                what.log.display(),
+                process::log_tail(&what.log, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Packages the chart in `chart_dir` with helm and pushes it to the node's registry at
     /// `oci://10.250.0.1:5000/charts`; returns that repository URL.
     pub fn push_chart(&self, chart_dir: &Path) -> String {
@@ -445,5 +493,18 @@ impl GitRepo {
         self.git(&["add", "-A"]);
         self.git(&["commit", "-q", "-m", message]);
         self.git(&["rev-parse", "HEAD"])
+    }
+}
+
+/// A process a test started inside the node ([`RealNode::spawn_in_node`]).
+pub struct NodeProcess {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -586,6 +586,104 @@ async fn clone_build_and_deploy_failures_end_failed_with_a_reason() {
     );
 }
 
+/// Waits until Job `name` is gone.
+async fn wait_job_gone(admin: &Client, ns: &str, name: &str) {
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
+    wait_for(&format!("Job {name} deleted"), WAIT, async || {
+        let job = jobs.get_opt(name).await.ok()?;
+        job.is_none_or(|j| j.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn build_pods_that_can_never_start_fail_the_build_at_once() {
+    support::jobs().await;
+    let cluster = connected_cluster("builds-unstartable").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "unstartable").await;
+    ready_app(
+        &admin,
+        &ns,
+        "web",
+        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+            "registry": {"url": "registry.example.com"},
+            "build": {"type": "buildpack", "builderImage": "registry.example.com/private/builder:24"}}),
+    )
+    .await;
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+
+    // A builder image the registry refuses: the kubelet reports ErrImagePull on the build
+    // container; the build fails with the kubelet's words, and its Job goes.
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("pull", json!({"appName": "web", "gitRef": "main"})),
+        )
+        .await
+        .unwrap();
+    wait_job(&admin, &ns, "pull-build").await;
+    let started = Instant::now();
+    support::job_pod_waits(
+        &admin,
+        &ns,
+        "pull-build",
+        &["clone", "commit", "prepare"],
+        "build",
+        "ErrImagePull",
+        "failed to pull and unpack image \"registry.example.com/private/builder:24\": 401 Unauthorized",
+    )
+    .await;
+    let status = wait_build(&builds, "pull", AppBuildPhase::Failed).await;
+    eprintln!("ErrImagePull -> AppBuild Failed: {:?}", started.elapsed());
+    assert_eq!(status.reason.as_deref(), Some("BuildImagePullFailed"));
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("the build pod cannot start: pod pull-build-"),
+        "{message}"
+    );
+    assert!(
+        message.contains("container build: ErrImagePull: failed to pull and unpack image")
+            && message.contains("401 Unauthorized"),
+        "{message}"
+    );
+    wait_events(&admin, &ns, "pull", &[("Warning", "BuildImagePullFailed")]).await;
+    wait_job_gone(&admin, &ns, "pull-build").await;
+
+    // A namespace quota of no pods: the Job controller cannot create the pod (FailedCreate on
+    // the Job, no pod at all); the build fails with the apiserver's refusal.
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("quota", json!({"appName": "web", "gitRef": "main"})),
+        )
+        .await
+        .unwrap();
+    wait_job(&admin, &ns, "quota-build").await;
+    let started = Instant::now();
+    let status = wait_build(&builds, "quota", AppBuildPhase::Failed).await;
+    eprintln!(
+        "build Job without a pod -> AppBuild Failed: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.reason.as_deref(), Some("BuildPodRejected"));
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("the build Job cannot create its pod: Error creating: pods"),
+        "{message}"
+    );
+    assert!(message.contains("forbidden"), "{message}");
+    wait_job_gone(&admin, &ns, "quota-build").await;
+}
+
 #[tokio::test]
 async fn a_hub_restarted_mid_build_finds_its_job_and_finishes_the_build() {
     support::jobs().await;

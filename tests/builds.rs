@@ -18,8 +18,8 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use shapeblock::crd::{AppBuild, AppBuildPhase, AppPhase, Service, ServicePhase};
 use support::cluster::{
-    active_project, connected_cluster, helm_runs, ready_app, shapeblock, wait_build, wait_for,
-    wait_job,
+    ConnectedCluster, active_project, connected_cluster, helm_runs, ready_app, shapeblock,
+    wait_build, wait_for, wait_job,
 };
 use support::{PodEnd, finish_job_pod};
 
@@ -586,6 +586,76 @@ async fn clone_build_and_deploy_failures_end_failed_with_a_reason() {
     );
 }
 
+/// A connected cluster with a Project holding a Ready buildpack App `app` built with
+/// `builder`; the cluster, the Project's namespace and its AppBuilds.
+async fn buildpack_app(
+    prefix: &str,
+    app: &str,
+    builder: &str,
+) -> (ConnectedCluster, String, Api<AppBuild>) {
+    support::jobs().await;
+    let cluster = connected_cluster(&format!("builds-{prefix}")).await;
+    let ns = active_project(&cluster.admin, prefix).await;
+    ready_app(
+        &cluster.admin,
+        &ns,
+        app,
+        json!({"displayName": app, "git": {"url": format!("https://github.com/org/{app}.git")},
+            "registry": {"url": "registry.example.com"},
+            "build": {"type": "buildpack", "builderImage": builder}}),
+    )
+    .await;
+    let builds = Api::namespaced(cluster.admin.clone(), &ns);
+    (cluster, ns, builds)
+}
+
+#[tokio::test]
+async fn a_buildpack_build_deploys_the_digest_of_the_lifecycle_report() {
+    let (cluster, ns, builds) = buildpack_app("cnb", "site", "heroku/builder:24").await;
+    let admin = cluster.admin.clone();
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("site-1", json!({"appName": "site", "gitRef": SHA})),
+        )
+        .await
+        .unwrap();
+    let job = wait_job(&admin, &ns, "site-1-build").await;
+    let creator = args_of(&job, "build");
+    assert!(
+        creator.contains(&"-report=/dev/termination-log".to_string()),
+        "{creator:?}"
+    );
+    // The lifecycle writes its report.toml to /dev/termination-log: the kubelet's message.
+    let image = format!("registry.example.com/{ns}/site:{}", &SHA[..12]);
+    let report = format!(
+        "[image]\n  tags = [\"{image}\"]\n  digest = \"{}\"\n  manifest-size = 1721\n",
+        digest()
+    );
+    finish_job_pod(
+        &admin,
+        &ns,
+        "site-1-build",
+        PodEnd {
+            phase: "Succeeded",
+            init: vec![
+                ("git-init", 0, ""),
+                ("clone", 0, ""),
+                ("checkout", 0, ""),
+                ("commit", 0, SHA),
+                ("prepare", 0, ""),
+            ],
+            containers: vec![("build", 0, "Completed", &report)],
+        },
+    )
+    .await;
+    let status = wait_build(&builds, "site-1", AppBuildPhase::Deploying).await;
+    assert_eq!(
+        status.image.as_deref(),
+        Some(format!("{image}@{}", digest()).as_str())
+    );
+}
+
 /// Waits until Job `name` is gone.
 async fn wait_job_gone(admin: &Client, ns: &str, name: &str) {
     let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
@@ -599,20 +669,13 @@ async fn wait_job_gone(admin: &Client, ns: &str, name: &str) {
 
 #[tokio::test]
 async fn build_pods_that_can_never_start_fail_the_build_at_once() {
-    support::jobs().await;
-    let cluster = connected_cluster("builds-unstartable").await;
-    let admin = cluster.admin.clone();
-    let ns = active_project(&admin, "unstartable").await;
-    ready_app(
-        &admin,
-        &ns,
+    let (cluster, ns, builds) = buildpack_app(
+        "unstartable",
         "web",
-        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
-            "registry": {"url": "registry.example.com"},
-            "build": {"type": "buildpack", "builderImage": "registry.example.com/private/builder:24"}}),
+        "registry.example.com/private/builder:24",
     )
     .await;
-    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    let admin = cluster.admin.clone();
 
     // A builder image the registry refuses: the kubelet reports ErrImagePull on the build
     // container; the build fails with the kubelet's words, and its Job goes.

@@ -416,7 +416,11 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
                 "args": [
                     format!("-app={context}"),
                     format!("-cache-image={}", job.cache.repository()),
-                    "-layers=/layers", "-platform=/platform", "-report=/layers/report.toml",
+                    "-layers=/layers", "-platform=/platform",
+                    // The report (TOML, with the pushed digest) as the termination message,
+                    // which the kubelet creates with mode 0666: the lifecycle writes it (one
+                    // os.Create, no rename) after dropping to the builder's user.
+                    "-report=/dev/termination-log",
                     job.image.to_string(),
                 ],
                 "env": [
@@ -947,6 +951,7 @@ mod tests {
         let a = args(build);
         assert_eq!(a[0], "-app=/workspace/source/services/web");
         assert!(a.contains(&"-cache-image=r.example.com/shop/web-cache"));
+        assert!(a.contains(&"-report=/dev/termination-log"));
         assert_eq!(*a.last().unwrap(), "r.example.com/shop/web:t");
         // Root, to drop to the builder's own user (whichever it is), with the capabilities
         // that takes and no other.

@@ -463,18 +463,14 @@ fn decide_build(o: &Observed, app: &App) -> Step {
                     );
                 }
             };
-            // kaniko writes the pushed digest as its termination message: deploy exactly it.
+            // kaniko (the digest) and the lifecycle (its report) write what they pushed as the
+            // termination message: deploy exactly that digest.
             image.digest = o
                 .build_pods
                 .iter()
                 .find_map(|p| observed::terminated(p, BUILD_CONTAINER))
                 .and_then(|t| t.message.as_deref())
-                .map(str::trim)
-                .filter(|m| {
-                    m.strip_prefix("sha256:")
-                        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                })
-                .map(String::from);
+                .and_then(observed::reported_digest);
             Step::BuildSucceeded {
                 image,
                 finished: job.status.as_ref().and_then(|s| s.completion_time.clone()),
@@ -1190,6 +1186,18 @@ mod tests {
             Step::BuildSucceeded { image, .. } => {
                 assert_eq!(image.digest.as_deref(), Some(digest.as_str()));
                 assert_eq!(image.tag.as_deref(), Some("web-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The buildpacks lifecycle's report (TOML) as the termination message.
+        let report = format!(
+            "[image]\n  tags = [\"registry.example.com/p/web:web-1\"]\n  digest = \"{digest}\"\n  manifest-size = 1721\n"
+        );
+        case.build_pods = vec![pod(json!({"phase": "Succeeded",
+            "containerStatuses": [terminated("build", 0, &report)]}))];
+        match case.decide() {
+            Step::BuildSucceeded { image, .. } => {
+                assert_eq!(image.digest.as_deref(), Some(digest.as_str()))
             }
             other => panic!("{other:?}"),
         }

@@ -80,6 +80,55 @@ pub fn terminated<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStat
         })
 }
 
+/// The image digest a build container reported as its termination message, if it is one
+/// (pure): kaniko's `--digest-file` writes the digest alone; the buildpacks lifecycle's
+/// `-report` writes its TOML report, whose `[image]` table holds `digest` (beside `tags` and
+/// `manifest-size`). Only a `sha256:` digest of 64 hex digits counts.
+pub fn reported_digest(message: &str) -> Option<String> {
+    let digest = |text: &str| {
+        text.strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| text.to_string())
+    };
+    let message = message.trim();
+    digest(message).or_else(|| report_value(message, "image", "digest").and_then(digest))
+}
+
+/// The string value of `key` in `[table]` of a TOML document, read line by line: enough for
+/// the lifecycle's report (one key per line, basic or literal strings; a dotted `table.key`
+/// at the top also counts) without a TOML dependency (pure).
+fn report_value<'a>(toml: &'a str, table: &str, key: &str) -> Option<&'a str> {
+    let unquote = |k: &'a str| k.trim().trim_matches(|c| c == '"' || c == '\'');
+    let mut current = "";
+    for line in toml.lines().map(str::trim) {
+        if let Some(header) = line.strip_prefix('[') {
+            current = unquote(
+                header
+                    .split(']')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches('['),
+            );
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let name = unquote(name);
+        let dotted = current.is_empty()
+            && name
+                .split_once('.')
+                .is_some_and(|(t, k)| unquote(t) == table && unquote(k) == key);
+        if !(dotted || (current == table && name == key)) {
+            continue;
+        }
+        let value = value.trim_start();
+        let quote = value.chars().next().filter(|c| *c == '"' || *c == '\'')?;
+        return value[1..].split(quote).next();
+    }
+    None
+}
+
 /// The last `max` bytes of a message, on a character boundary, trimmed (pure).
 pub fn tail(message: &str, max: usize) -> String {
     let message = message.trim();
@@ -139,6 +188,37 @@ mod tests {
         .unwrap();
         assert_eq!(terminated(&pod, "clone").unwrap().exit_code, 128);
         assert!(terminated(&pod, "build").is_none());
+    }
+
+    /// A report.toml as the lifecycle (v0.20.20) writes it: its `files.Report` types encoded
+    /// by the BurntSushi/toml v1.5.0 encoder it is built with (`internal/encoding.WriteTOML`).
+    const LIFECYCLE_REPORT: &str = include_str!("observed/testdata/report.toml");
+
+    #[test]
+    fn digests_are_read_from_kaniko_and_from_the_lifecycle_report() {
+        let sha = "sha256:4d7b6e5a0b0f1e2e9c8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e";
+        assert_eq!(reported_digest(&format!("{sha}\n")).as_deref(), Some(sha));
+        assert_eq!(reported_digest(LIFECYCLE_REPORT).as_deref(), Some(sha));
+        // Other spellings TOML allows.
+        for report in [
+            format!("[image]\ndigest='{sha}' # pushed\n"),
+            format!(
+                "[build]\n[ image ]\n  tags = [\n    \"r/x:y\",\n  ]\n  \"digest\" = \"{sha}\"\n"
+            ),
+            format!("image.digest = \"{sha}\"\n"),
+        ] {
+            assert_eq!(reported_digest(&report).as_deref(), Some(sha), "{report}");
+        }
+        // A digest in another table, a bad digest, no report: no digest.
+        for report in [
+            format!("[image]\ntags = []\n[other]\ndigest = \"{sha}\"\n"),
+            "[image]\ndigest = \"sha256:abc\"\n".to_string(),
+            "[image]\ndigest = sha256:x\n".to_string(),
+            "done".to_string(),
+            String::new(),
+        ] {
+            assert_eq!(reported_digest(&report), None, "{report}");
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use shapeblock::crd::{AppBuild, AppBuildPhase, AppPhase, Service, ServicePhase};
 use support::cluster::{
-    active_project, connected_cluster, helm_runs, ready_app, shapeblock, wait_build, wait_for,
-    wait_job,
+    ConnectedCluster, active_project, connected_cluster, helm_runs, ready_app, shapeblock,
+    wait_build, wait_for, wait_job,
 };
 use support::{PodEnd, finish_job_pod};
 
@@ -584,6 +584,167 @@ async fn clone_build_and_deploy_failures_end_failed_with_a_reason() {
         message.starts_with("buildpacks: no buildpack detected the application"),
         "{message}"
     );
+}
+
+/// A connected cluster with a Project holding a Ready buildpack App `app` built with
+/// `builder`; the cluster, the Project's namespace and its AppBuilds.
+async fn buildpack_app(
+    prefix: &str,
+    app: &str,
+    builder: &str,
+) -> (ConnectedCluster, String, Api<AppBuild>) {
+    support::jobs().await;
+    let cluster = connected_cluster(&format!("builds-{prefix}")).await;
+    let ns = active_project(&cluster.admin, prefix).await;
+    ready_app(
+        &cluster.admin,
+        &ns,
+        app,
+        json!({"displayName": app, "git": {"url": format!("https://github.com/org/{app}.git")},
+            "registry": {"url": "registry.example.com"},
+            "build": {"type": "buildpack", "builderImage": builder}}),
+    )
+    .await;
+    let builds = Api::namespaced(cluster.admin.clone(), &ns);
+    (cluster, ns, builds)
+}
+
+#[tokio::test]
+async fn a_buildpack_build_deploys_the_digest_of_the_lifecycle_report() {
+    let (cluster, ns, builds) = buildpack_app("cnb", "site", "heroku/builder:24").await;
+    let admin = cluster.admin.clone();
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("site-1", json!({"appName": "site", "gitRef": SHA})),
+        )
+        .await
+        .unwrap();
+    let job = wait_job(&admin, &ns, "site-1-build").await;
+    let creator = args_of(&job, "build");
+    assert!(
+        creator.contains(&"-report=/dev/termination-log".to_string()),
+        "{creator:?}"
+    );
+    // The lifecycle writes its report.toml to /dev/termination-log: the kubelet's message.
+    let image = format!("registry.example.com/{ns}/site:{}", &SHA[..12]);
+    let report = format!(
+        "[image]\n  tags = [\"{image}\"]\n  digest = \"{}\"\n  manifest-size = 1721\n",
+        digest()
+    );
+    finish_job_pod(
+        &admin,
+        &ns,
+        "site-1-build",
+        PodEnd {
+            phase: "Succeeded",
+            init: vec![
+                ("git-init", 0, ""),
+                ("clone", 0, ""),
+                ("checkout", 0, ""),
+                ("commit", 0, SHA),
+                ("prepare", 0, ""),
+            ],
+            containers: vec![("build", 0, "Completed", &report)],
+        },
+    )
+    .await;
+    let status = wait_build(&builds, "site-1", AppBuildPhase::Deploying).await;
+    assert_eq!(
+        status.image.as_deref(),
+        Some(format!("{image}@{}", digest()).as_str())
+    );
+}
+
+/// Waits until Job `name` is gone.
+async fn wait_job_gone(admin: &Client, ns: &str, name: &str) {
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
+    wait_for(&format!("Job {name} deleted"), WAIT, async || {
+        let job = jobs.get_opt(name).await.ok()?;
+        job.is_none_or(|j| j.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn build_pods_that_can_never_start_fail_the_build_at_once() {
+    let (cluster, ns, builds) = buildpack_app(
+        "unstartable",
+        "web",
+        "registry.example.com/private/builder:24",
+    )
+    .await;
+    let admin = cluster.admin.clone();
+
+    // A builder image the registry refuses: the kubelet reports ErrImagePull on the build
+    // container; the build fails with the kubelet's words, and its Job goes.
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("pull", json!({"appName": "web", "gitRef": "main"})),
+        )
+        .await
+        .unwrap();
+    wait_job(&admin, &ns, "pull-build").await;
+    let started = Instant::now();
+    support::job_pod_waits(
+        &admin,
+        &ns,
+        "pull-build",
+        &["clone", "commit", "prepare"],
+        "build",
+        "ErrImagePull",
+        "failed to pull and unpack image \"registry.example.com/private/builder:24\": 401 Unauthorized",
+    )
+    .await;
+    let status = wait_build(&builds, "pull", AppBuildPhase::Failed).await;
+    eprintln!("ErrImagePull -> AppBuild Failed: {:?}", started.elapsed());
+    assert_eq!(status.reason.as_deref(), Some("BuildImagePullFailed"));
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("the build pod cannot start: pod pull-build-"),
+        "{message}"
+    );
+    assert!(
+        message.contains("container build: ErrImagePull: failed to pull and unpack image")
+            && message.contains("401 Unauthorized"),
+        "{message}"
+    );
+    wait_events(&admin, &ns, "pull", &[("Warning", "BuildImagePullFailed")]).await;
+    wait_job_gone(&admin, &ns, "pull-build").await;
+
+    // A namespace quota of no pods: the Job controller cannot create the pod (FailedCreate on
+    // the Job, no pod at all); the build fails with the apiserver's refusal.
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    builds
+        .create(
+            &PostParams::default(),
+            &appbuild("quota", json!({"appName": "web", "gitRef": "main"})),
+        )
+        .await
+        .unwrap();
+    wait_job(&admin, &ns, "quota-build").await;
+    let started = Instant::now();
+    let status = wait_build(&builds, "quota", AppBuildPhase::Failed).await;
+    eprintln!(
+        "build Job without a pod -> AppBuild Failed: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.reason.as_deref(), Some("BuildPodRejected"));
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("the build Job cannot create its pod: Error creating: pods"),
+        "{message}"
+    );
+    assert!(message.contains("forbidden"), "{message}");
+    wait_job_gone(&admin, &ns, "quota-build").await;
 }
 
 #[tokio::test]

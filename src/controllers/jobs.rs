@@ -3,7 +3,7 @@
 //! finalizers.
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -39,6 +39,37 @@ pub async fn job_pods(pods: &Api<Pod>, job: &str) -> Result<Vec<Pod>, ReconcileE
         .list(&ListParams::default().labels(&selector))
         .await?
         .items)
+}
+
+/// The `FailedCreate` Warning Events the Job controller recorded on a Job (the pod it could
+/// not create, and why: Pod Security admission, a quota, a webhook). One LIST by field
+/// selector, on the Job's uid so that an earlier Job of the same name does not count.
+pub async fn failed_creates(
+    client: &kube::Client,
+    job: &Job,
+) -> Result<Vec<Event>, ReconcileError> {
+    let (Some(namespace), Some(uid)) = (job.namespace(), job.metadata.uid.as_deref()) else {
+        return Ok(vec![]);
+    };
+    let fields = format!("involvedObject.uid={uid},reason=FailedCreate");
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    Ok(events
+        .list(&ListParams::default().fields(&fields))
+        .await?
+        .items)
+}
+
+/// Deletes a Job and its pods (background propagation); one already gone is fine.
+pub async fn delete_job(client: &kube::Client, job: &Job) -> Result<(), ReconcileError> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    match jobs
+        .delete(&job.name_any(), &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The most telling message of a failed Helm Job: the helm container's termination message

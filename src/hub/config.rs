@@ -589,6 +589,9 @@ mod tests {
             ("apps: {keep_builds: 0}\n", "apps.keep_builds"),
             ("apps: {chart: helm}\n", "chart"),
             ("jobs: {gitimage: x}\n", "gitimage"),
+            // Removed keys are unknown keys: the creator now drops to the builder image's
+            // own user, so a configured one would be ignored silently otherwise.
+            ("jobs: {builder_uid: 1001}\n", "unknown field `builder_uid`"),
             ("shards: 0\n", "shards"),
         ] {
             let err = HubConfig::load(HubArgs {

@@ -111,6 +111,55 @@ fn last_exit(status: &ContainerStatus) -> String {
     }
 }
 
+/// The problem a container's waiting reason names, if any (pure).
+fn waiting_kind(c: &ContainerStatus) -> Option<PodProblem> {
+    let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref())?;
+    match waiting.reason.as_deref()? {
+        "CrashLoopBackOff" => Some(PodProblem::CrashLoopBackOff),
+        "ImagePullBackOff" => Some(PodProblem::ImagePullBackOff),
+        "ErrImagePull" => Some(PodProblem::ErrImagePull),
+        "InvalidImageName" => Some(PodProblem::InvalidImageName),
+        "CreateContainerError" | "RunContainerError" => Some(PodProblem::CreateContainerError),
+        "CreateContainerConfigError" => Some(PodProblem::CreateContainerConfigError),
+        _ => None,
+    }
+}
+
+/// `problem` of a pod's container, told: the pod, the container, the kubelet's waiting
+/// message, restarts and the last exit (pure).
+fn describe(pod_name: &str, c: &ContainerStatus, kind: PodProblem) -> Problem {
+    let detail = c
+        .state
+        .as_ref()
+        .and_then(|s| s.waiting.as_ref())
+        .and_then(|w| w.message.as_deref())
+        .map(|m| format!(": {}", super::tail(m, 1024)))
+        .unwrap_or_default();
+    let restarts = match c.restart_count {
+        0 => String::new(),
+        1 => ", restarted once".to_string(),
+        n => format!(", restarted {n} times"),
+    };
+    Problem {
+        kind,
+        message: format!(
+            "pod {pod_name}, container {}: {}{detail}{restarts}{}",
+            c.name,
+            kind.as_str(),
+            last_exit(c)
+        ),
+    }
+}
+
+/// The first container of a pod, init containers first, that waits with a problem (an image
+/// that cannot be pulled, a configuration the kubelet cannot use) (pure). For pods that run
+/// once, like a build's, where a waiting container never starts by itself.
+pub fn waiting_problem(pod: &Pod) -> Option<Problem> {
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    super::container_statuses(pod)
+        .find_map(|c| waiting_kind(c).map(|kind| describe(&pod_name, c, kind)))
+}
+
 /// What keeps `container` of a pod from serving, if anything (pure). Waiting reasons come
 /// first, then an OOM kill, then an unscheduled pod, then a running container that is not
 /// ready.
@@ -123,45 +172,18 @@ pub fn pod_problem(pod: &Pod, container: &str) -> Option<Problem> {
         .flatten()
         .find(|c| c.name == container);
     if let Some(c) = container_status {
-        let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
-        let waiting_reason = waiting
-            .and_then(|w| w.reason.as_deref())
-            .unwrap_or_default();
-        let detail = waiting
-            .and_then(|w| w.message.as_deref())
-            .map(|m| format!(": {}", super::tail(m, 1024)))
-            .unwrap_or_default();
         let oom = c
             .last_state
             .as_ref()
             .and_then(|s| s.terminated.as_ref())
             .or_else(|| c.state.as_ref().and_then(|s| s.terminated.as_ref()))
             .is_some_and(|t| t.reason.as_deref() == Some("OOMKilled"));
-        let kind = match waiting_reason {
-            "CrashLoopBackOff" if oom => Some(PodProblem::OomKilled),
-            "CrashLoopBackOff" => Some(PodProblem::CrashLoopBackOff),
-            "ImagePullBackOff" => Some(PodProblem::ImagePullBackOff),
-            "ErrImagePull" => Some(PodProblem::ErrImagePull),
-            "InvalidImageName" => Some(PodProblem::InvalidImageName),
-            "CreateContainerError" | "RunContainerError" => Some(PodProblem::CreateContainerError),
-            "CreateContainerConfigError" => Some(PodProblem::CreateContainerConfigError),
-            _ if oom => Some(PodProblem::OomKilled),
-            _ => None,
+        let kind = match waiting_kind(c) {
+            Some(PodProblem::CrashLoopBackOff) | None if oom => Some(PodProblem::OomKilled),
+            kind => kind,
         };
         if let Some(kind) = kind {
-            let restarts = match c.restart_count {
-                0 => String::new(),
-                1 => ", restarted once".to_string(),
-                n => format!(", restarted {n} times"),
-            };
-            return Some(Problem {
-                kind,
-                message: format!(
-                    "pod {pod_name}, container {container}: {}{detail}{restarts}{}",
-                    kind.as_str(),
-                    last_exit(c)
-                ),
-            });
+            return Some(describe(&pod_name, c, kind));
         }
     }
     let conditions = status.conditions.iter().flatten();
@@ -578,6 +600,46 @@ mod tests {
             "{}",
             problem.message
         );
+    }
+
+    #[test]
+    fn a_waiting_init_container_is_a_problem_of_a_run_once_pod() {
+        let p: Pod = serde_json::from_value(json!({"metadata": {"name": "web-1-build-x"},
+            "status": {"phase": "Pending",
+                "initContainerStatuses": [
+                    {"name": "clone", "image": "alpine/git", "imageID": "", "ready": false,
+                     "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                    {"name": "commit", "image": "registry.example.com/git:x", "imageID": "",
+                     "ready": false, "restartCount": 0, "state": {"waiting": {
+                        "reason": "ErrImagePull",
+                        "message": "failed to pull and unpack image: 401 Unauthorized"}}}],
+                "containerStatuses": [{"name": "build", "image": "k", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}]}}))
+        .unwrap();
+        let problem = waiting_problem(&p).unwrap();
+        assert_eq!(problem.kind, PodProblem::ErrImagePull);
+        assert_eq!(
+            problem.message,
+            "pod web-1-build-x, container commit: ErrImagePull: failed to pull and unpack image: 401 Unauthorized"
+        );
+        // PodInitializing, ContainerCreating: on the way, no problem.
+        let starting: Pod = serde_json::from_value(json!({"metadata": {"name": "b"},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "build", "image": "k",
+                "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}}]}}))
+        .unwrap();
+        assert_eq!(waiting_problem(&starting), None);
+        // The App's container reads the same as before.
+        let app = pod(
+            container(
+                json!({"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"db\" not found"}}),
+                json!({}),
+                false,
+                0,
+            ),
+            json!([]),
+        );
+        assert_eq!(waiting_problem(&app), pod_problem(&app, "app"));
     }
 
     #[test]

@@ -77,8 +77,11 @@ pub fn agent_rules() -> Value {
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["batch"], "resources": ["jobs"],
          "verbs": ["get", "list", "watch", "create", "delete"]},
-        // Events on the ShapeBlock objects (`kubectl describe`), created once each.
+        // Events on the ShapeBlock objects (`kubectl describe`), created once each; and the
+        // Job controller's `FailedCreate` Events on a build Job that has no pod, read by field
+        // selector.
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": applied},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
          "resourceNames": [DEPLOYER_ROLE], "verbs": ["bind"]},

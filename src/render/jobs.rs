@@ -20,9 +20,6 @@ pub struct JobSettings {
     pub kaniko_image: String,
     /// Builder image for `buildpack` builds when an App names none.
     pub builder_image: String,
-    /// User and group the builder image's lifecycle runs as (Paketo: 1001 and 1000).
-    pub builder_uid: i64,
-    pub builder_gid: i64,
     /// Buildpacks Platform API the `creator` is run with.
     pub platform_api: String,
     /// Image with the helm CLI, for deploys and Services.
@@ -55,8 +52,6 @@ impl Default for JobSettings {
             git_image: "alpine/git:v2.49.1".into(),
             kaniko_image: "ghcr.io/osscontainertools/kaniko:v1.28.0".into(),
             builder_image: "paketobuildpacks/builder-jammy-base:latest".into(),
-            builder_uid: 1001,
-            builder_gid: 1000,
             platform_api: "0.12".into(),
             helm_image: "alpine/helm:3.19.0".into(),
             app_chart: "https://registry.nixys.io/chartrepo/public#nxs-universal-chart".into(),
@@ -386,14 +381,19 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
         }
         BuildType::Buildpack => {
             let context = join(SOURCE, job.context_dir);
-            let (uid, gid) = (settings.builder_uid, settings.builder_gid);
+            // The lifecycle builds as the builder image's own user (its CNB_USER_ID and
+            // CNB_GROUP_ID, which the hub does not know: 1001 for Paketo, 1002 for Heroku),
+            // and never takes ownership of the app directory itself: the source (cloned as
+            // root) is made writable by any user. The files keep their owner root here; the
+            // exporter writes the app layer with the CNB user as owner.
             init.push(json!({
-                "name": PREPARE_CONTAINER, "image": settings.git_image, "command": ["chown"],
-                "args": ["-R", format!("{uid}:{gid}"), SOURCE],
+                "name": PREPARE_CONTAINER, "image": settings.git_image, "command": ["chmod"],
+                "args": ["-R", "a+rwX", SOURCE],
                 "volumeMounts": [{"name": "source", "mountPath": "/workspace"}],
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-                "securityContext": restricted(Some((0, 0)), &["CHOWN"]),
+                // The files are root's, so root changes their mode without any capability.
+                "securityContext": restricted(Some((0, 0)), &[]),
             }));
             volumes.push(json!({"name": "layers", "emptyDir": {}}));
             volumes.push(json!({"name": "platform", "emptyDir": {}}));
@@ -416,7 +416,11 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
                 "args": [
                     format!("-app={context}"),
                     format!("-cache-image={}", job.cache.repository()),
-                    "-layers=/layers", "-platform=/platform", "-report=/layers/report.toml",
+                    "-layers=/layers", "-platform=/platform",
+                    // The report (TOML, with the pushed digest) as the termination message,
+                    // which the kubelet creates with mode 0666: the lifecycle writes it (one
+                    // os.Create, no rename) after dropping to the builder's user.
+                    "-report=/dev/termination-log",
                     job.image.to_string(),
                 ],
                 "env": [
@@ -426,7 +430,13 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "resources": resources,
-                "securityContext": restricted(Some((uid, gid)), &[]),
+                // The creator starts as root and drops to CNB_USER_ID:CNB_GROUP_ID from the
+                // builder image's environment itself (lifecycle `priv.RunAs`: setresgid, then
+                // setresuid: SETGID, SETUID), after taking ownership of the layers directory
+                // when that user cannot write it (`priv.EnsureOwner`: CHOWN). All three are
+                // in the baseline Pod Security level; nothing else is kept, and no privilege
+                // can be gained after the drop.
+                "securityContext": restricted(Some((0, 0)), &["CHOWN", "SETGID", "SETUID"]),
             })
         }
     };
@@ -941,10 +951,24 @@ mod tests {
         let a = args(build);
         assert_eq!(a[0], "-app=/workspace/source/services/web");
         assert!(a.contains(&"-cache-image=r.example.com/shop/web-cache"));
+        assert!(a.contains(&"-report=/dev/termination-log"));
         assert_eq!(*a.last().unwrap(), "r.example.com/shop/web:t");
-        assert_eq!(build["securityContext"]["runAsUser"], 1001);
+        // Root, to drop to the builder's own user (whichever it is), with the capabilities
+        // that takes and no other.
+        let context = &build["securityContext"];
+        assert_eq!(context["runAsUser"], 0);
+        assert_eq!(context["allowPrivilegeEscalation"], false);
+        assert_eq!(
+            context["capabilities"],
+            json!({"drop": ["ALL"], "add": ["CHOWN", "SETGID", "SETUID"]})
+        );
         let prepare = container(&rendered, "initContainers", PREPARE_CONTAINER);
-        assert_eq!(args(prepare), ["-R", "1001:1000", SOURCE]);
+        assert_eq!(prepare["command"], json!(["chmod"]));
+        assert_eq!(args(prepare), ["-R", "a+rwX", SOURCE]);
+        assert_eq!(
+            prepare["securityContext"]["capabilities"],
+            json!({"drop": ["ALL"], "add": []})
+        );
         let env_mount = build["volumeMounts"]
             .as_array()
             .unwrap()

@@ -871,18 +871,16 @@ pub struct PodEnd<'a> {
     pub containers: Vec<(&'a str, i32, &'a str, &'a str)>,
 }
 
-/// Waits for the pod of `job` to run, then writes its end as the kubelet would.
-pub async fn finish_job_pod(
+/// Waits (60 s at most) for a pod of `job` that kwok runs.
+async fn running_job_pod(
     client: &Client,
     namespace: &str,
     job: &str,
-    end: PodEnd<'_>,
-) -> String {
-    use kube::ResourceExt;
+) -> k8s_openapi::api::core::v1::Pod {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
     let selector = format!("batch.kubernetes.io/job-name={job}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let pod = loop {
+    loop {
         let list = pods
             .list(&kube::api::ListParams::default().labels(&selector))
             .await
@@ -899,48 +897,115 @@ pub async fn finish_job_pod(
             "no running pod of Job {namespace}/{job} within 60 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+/// The image of a pod's container (init or regular).
+fn container_image(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> String {
+    let spec = pod.spec.as_ref().expect("pod spec");
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == name)
+        .and_then(|c| c.image.clone())
+        .unwrap_or_else(|| panic!("pod {:?} has no container {name}", pod.metadata.name))
+}
+
+/// One container status, as the kubelet writes it for a terminated container.
+fn terminated_status(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    name: &str,
+    code: i32,
+    reason: &str,
+    message: &str,
+) -> serde_json::Value {
     let now = jiff::Timestamp::now().to_string();
-    // One container status, as the kubelet writes it for a terminated container.
-    let terminated = |name: &str, code: i32, reason: &str, message: &str| {
-        let spec = pod.spec.as_ref().expect("pod spec");
-        let image = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(spec.containers.iter())
-            .find(|c| c.name == name)
-            .and_then(|c| c.image.clone())
-            .unwrap_or_else(|| panic!("pod of {job} has no container {name}"));
-        serde_json::json!({"name": name, "image": image, "imageID": "", "ready": false,
-            "restartCount": 0, "state": {"terminated": {"exitCode": code, "reason": reason,
-            "message": message, "startedAt": now, "finishedAt": now}}})
+    serde_json::json!({"name": name, "image": container_image(pod, name), "imageID": "",
+        "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": code,
+        "reason": reason, "message": message, "startedAt": now, "finishedAt": now}}})
+}
+
+/// Writes a pod's status as its kubelet; returns the pod's name.
+async fn write_pod_status(
+    client: &Client,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    status: serde_json::Value,
+) -> String {
+    use kube::ResourceExt;
+    let namespace = pod.namespace().expect("pod namespace");
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &namespace)
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": status})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("writing the status of pod {}: {e}", pod.name_any()));
+    pod.name_any()
+}
+
+/// Waits for the pod of `job` to run, then writes, as the kubelet would, that its init
+/// containers `done` have succeeded and that `container` waits with `reason` and `message`
+/// (`ErrImagePull`, say). The pod's phase stays `Running`: kwok would start a `Pending` pod
+/// again, and the hub judges a waiting container by its state, not by the phase.
+pub async fn job_pod_waits(
+    client: &Client,
+    namespace: &str,
+    job: &str,
+    done: &[&str],
+    container: &str,
+    reason: &str,
+    message: &str,
+) -> String {
+    let pod = running_job_pod(client, namespace, job).await;
+    let mut init: Vec<_> = done
+        .iter()
+        .map(|name| terminated_status(&pod, name, 0, "Completed", ""))
+        .collect();
+    let waiting = serde_json::json!({"name": container, "image": container_image(&pod, container),
+        "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"waiting": {"reason": reason, "message": message}}});
+    let is_init = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .any(|c| c.name == container);
+    let status = if is_init {
+        init.push(waiting);
+        serde_json::json!({"initContainerStatuses": init})
+    } else {
+        serde_json::json!({"initContainerStatuses": init, "containerStatuses": [waiting]})
     };
+    write_pod_status(client, &pod, status).await
+}
+
+/// Waits for the pod of `job` to run, then writes its end as the kubelet would.
+pub async fn finish_job_pod(
+    client: &Client,
+    namespace: &str,
+    job: &str,
+    end: PodEnd<'_>,
+) -> String {
+    let pod = running_job_pod(client, namespace, job).await;
     let init: Vec<_> = end
         .init
         .iter()
         .map(|(name, code, message)| {
             let reason = if *code == 0 { "Completed" } else { "Error" };
-            terminated(name, *code, reason, message)
+            terminated_status(&pod, name, *code, reason, message)
         })
         .collect();
     let containers: Vec<_> = end
         .containers
         .iter()
-        .map(|(name, code, reason, message)| terminated(name, *code, reason, message))
+        .map(|(name, code, reason, message)| terminated_status(&pod, name, *code, reason, message))
         .collect();
     let mut status = serde_json::json!({"phase": end.phase, "initContainerStatuses": init});
     if !containers.is_empty() {
         status["containerStatuses"] = containers.into();
     }
-    pods.patch_status(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&serde_json::json!({"status": status})),
-    )
-    .await
-    .expect("writing the pod's end");
-    pod.name_any()
+    write_pod_status(client, &pod, status).await
 }
 
 /// Runs a hub helm Job's pod for real: the pod's own helm argv, with the chart and values

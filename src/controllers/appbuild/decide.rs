@@ -18,7 +18,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
@@ -41,6 +41,9 @@ pub struct Observed<'a> {
     /// The build Job named in `status.jobName`, and its pods.
     pub build_job: Option<&'a Job>,
     pub build_pods: &'a [Pod],
+    /// The `FailedCreate` Events of the build Job, read only while it has had no pod for
+    /// [`POD_CREATE_GRACE`] (see [`awaiting_pod`]); empty otherwise.
+    pub build_job_failures: &'a [Event],
     /// The deploy Job, once the image is known.
     pub deploy_job: Option<&'a Job>,
     /// The helm output of a failed deploy Job (read only when it failed).
@@ -341,6 +344,74 @@ pub fn started(pod: &Pod) -> bool {
         || observed::container_statuses(pod).any(observed::has_started)
 }
 
+/// How long a running build Job may have no pod before its Events are read for why: the Job
+/// controller creates the pod (or records `FailedCreate`) within a second or two.
+pub const POD_CREATE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a build Job that still has no pod is looked at again: its `FailedCreate` Events
+/// change nothing the hub watches (the Job stays as it is).
+pub const POD_CREATE_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a running build Job has been without a pod, if it has none (pure).
+pub fn awaiting_pod(job: &Job, pods: &[Pod], now: jiff::Timestamp) -> Option<std::time::Duration> {
+    if !pods.is_empty() || observed::outcome(job) != Outcome::Running {
+        return None;
+    }
+    let created = job.metadata.creation_timestamp.as_ref()?.0;
+    let age = now.duration_since(created);
+    Some(std::time::Duration::try_from(age).unwrap_or_default())
+}
+
+/// When to look at a build Job with no pod again: at the end of [`POD_CREATE_GRACE`], then
+/// every [`POD_CREATE_RECHECK`] (pure).
+pub fn recheck_pod_creation(waited: std::time::Duration) -> std::time::Duration {
+    POD_CREATE_GRACE
+        .checked_sub(waited)
+        .filter(|left| !left.is_zero())
+        .unwrap_or(POD_CREATE_RECHECK)
+}
+
+/// A running build whose pod can never start, and why (pure): the Job could not create it
+/// (its latest `FailedCreate` Event), or a container waits for what will not come by itself
+/// (an image that cannot be pulled, a configuration the kubelet cannot use). Waiting reasons
+/// that pass with time (`ContainerCreating`, `PodInitializing`) are not failures; neither is an
+/// unschedulable pod, which may find a node as the cluster scales.
+fn unstartable(o: &Observed) -> Option<(FailureReason, String)> {
+    if o.build_pods.is_empty() {
+        let latest = o
+            .build_job_failures
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
+            .max_by_key(|e| {
+                (e.last_timestamp.as_ref().map(|t| t.0))
+                    .or_else(|| e.event_time.as_ref().map(|t| t.0))
+            })?;
+        return Some((
+            FailureReason::BuildPodRejected,
+            format!(
+                "the build Job cannot create its pod: {}",
+                observed::tail(latest.message.as_deref().unwrap_or("FailedCreate"), 1500)
+            ),
+        ));
+    }
+    o.build_pods
+        .iter()
+        .filter(|p| !observed::pod_finished(p))
+        .find_map(|pod| {
+            let problem = workload::waiting_problem(pod)?;
+            let reason = match problem.kind {
+                PodProblem::ErrImagePull
+                | PodProblem::ImagePullBackOff
+                | PodProblem::InvalidImageName => FailureReason::BuildImagePullFailed,
+                PodProblem::CreateContainerConfigError => FailureReason::BuildPodRejected,
+                _ => return None,
+            };
+            Some((
+                reason,
+                format!("the build pod cannot start: {}", problem.message),
+            ))
+        })
+}
+
 /// Follows the build Job.
 fn decide_build(o: &Observed, app: &App) -> Step {
     let status = o.build.status.clone().unwrap_or_default();
@@ -371,7 +442,14 @@ fn decide_build(o: &Observed, app: &App) -> Step {
         }
     }
     match observed::outcome(job) {
-        Outcome::Running => Step::BuildRunning { progress },
+        Outcome::Running => match unstartable(o) {
+            Some((reason, message)) => Step::Fail {
+                reason,
+                message,
+                progress,
+            },
+            None => Step::BuildRunning { progress },
+        },
         Outcome::Succeeded => {
             let tag = status.image_tag.clone().unwrap_or_default();
             let registry = app.spec.registry.url.clone().unwrap_or_default();
@@ -385,18 +463,14 @@ fn decide_build(o: &Observed, app: &App) -> Step {
                     );
                 }
             };
-            // kaniko writes the pushed digest as its termination message: deploy exactly it.
+            // kaniko (the digest) and the lifecycle (its report) write what they pushed as the
+            // termination message: deploy exactly that digest.
             image.digest = o
                 .build_pods
                 .iter()
                 .find_map(|p| observed::terminated(p, BUILD_CONTAINER))
                 .and_then(|t| t.message.as_deref())
-                .map(str::trim)
-                .filter(|m| {
-                    m.strip_prefix("sha256:")
-                        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                })
-                .map(String::from);
+                .and_then(observed::reported_digest);
             Step::BuildSucceeded {
                 image,
                 finished: job.status.as_ref().and_then(|s| s.completion_time.clone()),
@@ -814,6 +888,7 @@ mod tests {
         siblings: Vec<Arc<AppBuild>>,
         build_job: Option<Job>,
         build_pods: Vec<Pod>,
+        build_job_failures: Vec<Event>,
         deploy_job: Option<Job>,
         deploy_output: Option<String>,
         rollback_values: Option<Value>,
@@ -828,6 +903,7 @@ mod tests {
                 siblings: vec![],
                 build_job: None,
                 build_pods: vec![],
+                build_job_failures: vec![],
                 deploy_job: None,
                 deploy_output: None,
                 rollback_values: None,
@@ -842,6 +918,7 @@ mod tests {
                 siblings: &self.siblings,
                 build_job: self.build_job.as_ref(),
                 build_pods: &self.build_pods,
+                build_job_failures: &self.build_job_failures,
                 deploy_job: self.deploy_job.as_ref(),
                 deploy_output: self.deploy_output.as_deref(),
                 rollback_values: self.rollback_values.as_ref(),
@@ -1112,6 +1189,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // The buildpacks lifecycle's report (TOML) as the termination message.
+        let report = format!(
+            "[image]\n  tags = [\"registry.example.com/p/web:web-1\"]\n  digest = \"{digest}\"\n  manifest-size = 1721\n"
+        );
+        case.build_pods = vec![pod(json!({"phase": "Succeeded",
+            "containerStatuses": [terminated("build", 0, &report)]}))];
+        match case.decide() {
+            Step::BuildSucceeded { image, .. } => {
+                assert_eq!(image.digest.as_deref(), Some(digest.as_str()))
+            }
+            other => panic!("{other:?}"),
+        }
         // Anything else as a termination message is not taken for a digest.
         case.build_pods = vec![pod(json!({"phase": "Succeeded",
             "containerStatuses": [terminated("build", 0, "done")]}))];
@@ -1119,6 +1208,111 @@ mod tests {
             Step::BuildSucceeded { image, .. } => assert_eq!(image.digest, None),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_build_job_that_cannot_create_its_pod_fails_at_once() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "main"}), building()),
+            Some(dockerfile_app()),
+        );
+        case.build_job = Some(running());
+        // No pod yet, no FailedCreate (yet): the build runs.
+        assert!(matches!(case.decide(), Step::BuildRunning { .. }));
+        let event = |message: &str, at: &str| -> Event {
+            serde_json::from_value(json!({"metadata": {"name": "e"},
+                "involvedObject": {"kind": "Job", "name": "web-1-build"},
+                "type": "Warning", "reason": "FailedCreate", "message": message,
+                "lastTimestamp": at}))
+            .unwrap()
+        };
+        case.build_job_failures = vec![
+            event("Error creating: older", "2026-01-01T00:00:00Z"),
+            event(
+                "Error creating: pods \"web-1-build-x\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true",
+                "2026-01-01T00:00:09Z",
+            ),
+        ];
+        let step = case.decide();
+        let (reason, message) = failure(&step);
+        assert_eq!(reason, FailureReason::BuildPodRejected);
+        assert_eq!(reason.as_str(), "BuildPodRejected");
+        assert!(
+            message.starts_with("the build Job cannot create its pod: Error creating: pods"),
+            "{message}"
+        );
+        assert!(message.contains("violates PodSecurity"), "{message}");
+        assert!(reason.leaves_the_job_running());
+        // Once a pod exists, an earlier FailedCreate (a quota since freed) is history.
+        case.build_pods = vec![pod(json!({"phase": "Running"}))];
+        assert!(matches!(case.decide(), Step::BuildRunning { .. }));
+    }
+
+    #[test]
+    fn a_build_pod_waiting_for_an_image_it_cannot_pull_fails_at_once() {
+        let mut case = Case::new(
+            build(json!({"gitRef": "main"}), building()),
+            Some(dockerfile_app()),
+        );
+        case.build_job = Some(running());
+        let waiting = |name: &str, reason: &str, message: &str| {
+            json!({"name": name, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}}})
+        };
+        for (reason, expected) in [
+            ("ErrImagePull", FailureReason::BuildImagePullFailed),
+            ("ImagePullBackOff", FailureReason::BuildImagePullFailed),
+            ("InvalidImageName", FailureReason::BuildImagePullFailed),
+            (
+                "CreateContainerConfigError",
+                FailureReason::BuildPodRejected,
+            ),
+        ] {
+            case.build_pods = vec![pod(json!({"phase": "Pending", "initContainerStatuses": [
+                terminated("clone", 0, ""),
+                waiting("commit", "PodInitializing", "")],
+                "containerStatuses": [waiting("build", reason,
+                    "Back-off pulling image \"heroku/builder:nope\"")]}))];
+            let step = case.decide();
+            let (got, message) = failure(&step);
+            assert_eq!(got, expected, "{reason}");
+            assert!(
+                message.starts_with(&format!(
+                    "the build pod cannot start: pod web-1-build-x, container build: {reason}: Back-off pulling image"
+                )),
+                "{message}"
+            );
+        }
+        // Waiting for what comes by itself is no failure.
+        case.build_pods = vec![pod(json!({"phase": "Pending", "initContainerStatuses": [
+            waiting("clone", "ContainerCreating", "")]}))];
+        assert!(matches!(case.decide(), Step::BuildRunning { .. }));
+    }
+
+    #[test]
+    fn a_build_job_without_a_pod_is_looked_at_again_after_a_grace() {
+        let created = "2026-01-01T00:00:00Z";
+        let job: Job = serde_json::from_value(json!({"metadata": {"name": "j",
+            "creationTimestamp": created}, "status": {}}))
+        .unwrap();
+        let at = |secs: i64| {
+            created.parse::<jiff::Timestamp>().unwrap() + jiff::SignedDuration::from_secs(secs)
+        };
+        let waited = awaiting_pod(&job, &[], at(2)).unwrap();
+        assert_eq!(waited, std::time::Duration::from_secs(2));
+        assert_eq!(
+            recheck_pod_creation(waited),
+            std::time::Duration::from_secs(3)
+        );
+        let waited = awaiting_pod(&job, &[], at(5)).unwrap();
+        assert_eq!(recheck_pod_creation(waited), POD_CREATE_RECHECK);
+        assert_eq!(
+            recheck_pod_creation(std::time::Duration::from_secs(600)),
+            POD_CREATE_RECHECK
+        );
+        // A Job with a pod, or one that ended, waits for nothing.
+        assert_eq!(awaiting_pod(&job, &[pod(json!({}))], at(60)), None);
+        assert_eq!(awaiting_pod(&failed(), &[], at(60)), None);
     }
 
     #[test]

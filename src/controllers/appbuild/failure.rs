@@ -29,6 +29,13 @@ pub enum FailureReason {
     BuildOutOfMemory,
     /// The build ran past `jobs.build_deadline_seconds`.
     BuildTimedOut,
+    /// The build pod can never start: the Job cannot create it (`FailedCreate`: refused by
+    /// Pod Security admission, a quota, a webhook), or the kubelet cannot create a container
+    /// from its configuration (`CreateContainerConfigError`).
+    BuildPodRejected,
+    /// An image of the build pod cannot be pulled (`ErrImagePull`, `ImagePullBackOff`,
+    /// `InvalidImageName`).
+    BuildImagePullFailed,
     /// `helm upgrade --install` failed.
     DeployFailed,
     /// helm succeeded, but the release holds no Deployment running the image.
@@ -52,12 +59,24 @@ impl FailureReason {
             FailureReason::BuildFailed => "BuildFailed",
             FailureReason::BuildOutOfMemory => "BuildOutOfMemory",
             FailureReason::BuildTimedOut => "BuildTimedOut",
+            FailureReason::BuildPodRejected => "BuildPodRejected",
+            FailureReason::BuildImagePullFailed => "BuildImagePullFailed",
             FailureReason::DeployFailed => "DeployFailed",
             FailureReason::DeployedNothing => "DeployedNothing",
             FailureReason::RolloutStuck => "RolloutStuck",
             FailureReason::Runtime(problem) => problem.as_str(),
             FailureReason::RollbackUnusable => "RollbackUnusable",
         }
+    }
+
+    /// Whether the build Job is left running when the build fails for this reason (its pod
+    /// waits for an image, or the Job keeps retrying a pod it cannot create): the Job is then
+    /// deleted, so that nothing holds the node's resources until the build deadline.
+    pub fn leaves_the_job_running(self) -> bool {
+        matches!(
+            self,
+            FailureReason::BuildPodRejected | FailureReason::BuildImagePullFailed
+        )
     }
 
     /// The condition a failure of this kind sets to False.

@@ -15,7 +15,10 @@ mod decide;
 mod failure;
 mod history;
 
-pub use decide::{Observed, Step, decide, started, status_after};
+pub use decide::{
+    Observed, POD_CREATE_GRACE, Step, awaiting_pod, decide, recheck_pod_creation, started,
+    status_after,
+};
 pub use failure::{FailureReason, build_failure, clone_failure};
 pub use history::prune;
 
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -305,6 +308,7 @@ struct Children {
     app: Option<App>,
     build_job: Option<Job>,
     build_pods: Vec<Pod>,
+    build_job_failures: Vec<Event>,
     deploy_job: Option<Job>,
     deploy_output: Option<String>,
     rollback_values: Option<Value>,
@@ -312,7 +316,8 @@ struct Children {
 }
 
 /// Reads what the next decision needs, and nothing more: the App, then the build Job and its
-/// pods while a build runs, or the deploy Job (and a failed one's output) once the image is
+/// pods while a build runs (and its `FailedCreate` Events, only once it has had no pod for
+/// [`POD_CREATE_GRACE`]), or the deploy Job (and a failed one's output) once the image is
 /// known.
 async fn read(build: &AppBuild, ctx: &Context) -> Result<Children, ReconcileError> {
     let ns = build.namespace().unwrap_or_default();
@@ -356,8 +361,13 @@ async fn read(build: &AppBuild, ctx: &Context) -> Result<Children, ReconcileErro
         }
     } else if let Some(name) = &status.job_name {
         children.build_job = jobs_api.get_opt(name).await?;
-        if children.build_job.is_some() {
+        if let Some(job) = &children.build_job {
             children.build_pods = jobs::job_pods(&pods_api, name).await?;
+            if awaiting_pod(job, &children.build_pods, jiff::Timestamp::now())
+                .is_some_and(|waited| waited >= POD_CREATE_GRACE)
+            {
+                children.build_job_failures = jobs::failed_creates(&ctx.client, job).await?;
+            }
         }
     }
     Ok(children)
@@ -651,6 +661,7 @@ async fn reconcile(
         siblings: &siblings,
         build_job: children.build_job.as_ref(),
         build_pods: &children.build_pods,
+        build_job_failures: &children.build_job_failures,
         deploy_job: children.deploy_job.as_ref(),
         deploy_output: children.deploy_output.as_deref(),
         rollback_values: children.rollback_values.as_ref(),
@@ -672,8 +683,24 @@ async fn reconcile(
     .await?;
     let status = status_after(&build, &step, &Time(jiff::Timestamp::now()));
     report(&build, &status, &ctx, &mut version).await?;
-    // The status (or metadata) just written, or a child's next change, brings the next step.
-    Ok(Action::await_change())
+    if let Step::Fail { reason, .. } = &step
+        && reason.leaves_the_job_running()
+        && let Some(job) = &children.build_job
+    {
+        // Only once the failure is recorded: a Job gone before that reads as BuildJobLost.
+        jobs::delete_job(&ctx.client, job).await?;
+    }
+    // A build Job without a pod changes nothing the hub watches while its pod cannot be
+    // created: look again. Otherwise the status (or metadata) just written, or a child's next
+    // change, brings the next step.
+    let waiting = children
+        .build_job
+        .as_ref()
+        .filter(|_| matches!(step, Step::BuildRunning { .. }));
+    match waiting.and_then(|job| awaiting_pod(job, &children.build_pods, jiff::Timestamp::now())) {
+        Some(waited) => Ok(Action::requeue(recheck_pod_creation(waited))),
+        None => Ok(Action::await_change()),
+    }
 }
 
 /// The builds of an App that its changes move on, every one not yet finished: those waiting

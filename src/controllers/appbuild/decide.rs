@@ -324,6 +324,7 @@ fn reusable<'a>(o: &'a Observed, hash: &str) -> Option<&'a AppBuild> {
         .map(|b| b.as_ref())
         .filter(|b| {
             b.namespace() == o.build.namespace()
+                && b.spec.app_name == o.build.spec.app_name
                 && b.name_any() != o.build.name_any()
                 && b.labels().get(INPUTS_LABEL).map(String::as_str) == Some(hash)
                 && b.status.as_ref().and_then(|s| s.phase) == Some(AppBuildPhase::Completed)

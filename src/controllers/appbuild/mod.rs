@@ -89,7 +89,10 @@ pub fn inputs_hash(
         .map(|v| (v.key.as_str(), v.value.as_str()))
         .collect();
     vars.sort();
+    // The App is an input: its image lives under its own repository path, and another App
+    // of the same repository checks the host with its own settings (knownHosts, secret).
     let inputs = json!([
+        app.name_any(),
         app.spec.git.as_ref().map(|g| &g.url),
         commit,
         s.build_type,
@@ -886,5 +889,10 @@ mod tests {
                 &settings
             )
         );
+        // Another App of the same repository and commit builds its own image.
+        let mut other = app.clone();
+        other.metadata.name = Some("other".into());
+        let same_vars = build(json!([{"key": "A", "value": "1"}, {"key": "B", "value": "2"}]));
+        assert_ne!(a, inputs_hash(&other, &same_vars, sha, &settings));
     }
 }

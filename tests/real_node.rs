@@ -817,3 +817,78 @@ async fn private_repositories_clone_over_ssh_with_the_deploy_key_and_over_https_
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buildpack_app_is_built_by_the_test_builder_with_its_build_vars() {
+    let (node, admin) = fleet().await;
+    let _serial = SERIAL.lock().await;
+    let admin = &admin;
+    let ns = active_project(admin, "cnb").await;
+    let repo = node.git_repo("cnb");
+    let commit = repo.commit(
+        "static site",
+        &[(
+            "www/index.html",
+            b"hello from a buildpack build\n".as_slice(),
+        )],
+    );
+    let apps: Api<App> = Api::namespaced(admin.clone(), &ns);
+    apps.create(
+        &PostParams::default(),
+        &shapeblock(
+            "App",
+            "site",
+            json!({"displayName": "Site", "git": {"url": repo.url, "branch": "main"},
+                "registry": {"url": REGISTRY},
+                "build": {"type": "buildpack", "builderImage": "shapeblock.test/builder:1"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    let created = Instant::now();
+    let status = completed(
+        &builds,
+        "site-1",
+        json!({"appName": "site", "gitRef": commit,
+            "buildVars": [{"key": "GREETING", "value": "hello from a build var"}]}),
+    )
+    .await;
+    answers(
+        node,
+        admin,
+        &ns,
+        "site",
+        "/",
+        "hello from a buildpack build",
+    )
+    .await;
+    answers(
+        node,
+        admin,
+        &ns,
+        "site",
+        "/greeting.txt",
+        "hello from a build var",
+    )
+    .await;
+    // The lifecycle dropped to the builder's own user (1002), not a uid the hub assumed.
+    answers(
+        node,
+        admin,
+        &ns,
+        "site",
+        "/builder.txt",
+        "built by 1002:1000",
+    )
+    .await;
+    let image = status.image.clone().expect("status.image");
+    assert!(
+        image.contains("@sha256:"),
+        "the digest from the lifecycle's report is deployed: {image}"
+    );
+    eprintln!(
+        "figures: buildpack AppBuild created -> app answering HTTP {:.1} s",
+        created.elapsed().as_secs_f64()
+    );
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what the real node of tests/real_node.rs runs that the control plane build does not:
-# the kaniko executor (from the Go module proxy) and the images the hub's Jobs and the test
+# the kaniko executor and the buildpacks lifecycle (from the Go module proxy) and the images the hub's Jobs and the test
 # apps run, as OCI archives made here from Debian packages and the binaries built here, so no
 # image is ever pulled. Also a test CA with a certificate for the node's registry, which the
 # images trust. Everything goes to a cache outside the repository keyed by version and by the
@@ -14,6 +14,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 KANIKO_VERSION=${KANIKO_VERSION:-v1.24.0}
+# v0.20.12: the newest lifecycle the proxy serves whose checksum database lookup answers
+# (v0.20.19's says 404, and this script does not turn the check off).
+LIFECYCLE_VERSION=${LIFECYCLE_VERSION:-v0.20.12}
 CACHE_ROOT=${SHAPEBLOCK_TEST_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shapeblock-test-bins}
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
@@ -42,8 +45,24 @@ if ! "$KANIKO/executor" version 2>/dev/null | grep -qF "$KANIKO_VERSION"; then
   mv "$KANIKO/executor.tmp" "$KANIKO/executor"
 fi
 
+# The buildpacks lifecycle (creator, launcher), for a test builder: no builder image or
+# buildpack is on any registry this machine reaches.
+LIFECYCLE="$CACHE_ROOT/lifecycle-$LIFECYCLE_VERSION"
+if ! [ -x "$LIFECYCLE/lifecycle" ] || ! [ -x "$LIFECYCLE/launcher" ]; then
+  log "building the buildpacks lifecycle $LIFECYCLE_VERSION"
+  w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
+  mkdir -p "$LIFECYCLE"
+  (cd "$w" && go mod init example.invalid/shapeblock-test-lifecycle >/dev/null 2>&1 &&
+    go get "github.com/buildpacks/lifecycle@$LIFECYCLE_VERSION" >&2 &&
+    for c in lifecycle launcher; do
+      go build -trimpath -ldflags "-s -w -X github.com/buildpacks/lifecycle/cmd.Version=${LIFECYCLE_VERSION#v}" \
+        -o "$LIFECYCLE/$c.tmp" "github.com/buildpacks/lifecycle/cmd/$c" >&2 || exit 1
+    done)
+  for c in lifecycle launcher; do mv "$LIFECYCLE/$c.tmp" "$LIFECYCLE/$c"; done
+fi
+
 key=$(cat "$here/build.sh" "$here/oci-image.py" | sha256sum | cut -c1-12)
-OUT="$CACHE_ROOT/real-node-kaniko-$KANIKO_VERSION-$key"
+OUT="$CACHE_ROOT/real-node-kaniko-$KANIKO_VERSION-lifecycle-$LIFECYCLE_VERSION-$key"
 if [ -f "$OUT/done" ]; then
   log "images cached in $OUT"
   echo "$OUT"
@@ -83,6 +102,12 @@ for applet in $($base/bin/busybox --list); do [ "$applet" = busybox ] || ln -sf 
 printf 'root:x:0:0:root:/root:/bin/sh\napp:x:10001:10001:app:/tmp:/bin/sh\n' > $base/etc/passwd
 printf 'root:x:0:\napp:x:10001:\n' > $base/etc/group
 image $base busybox.tar shapeblock.test/busybox:1 --cmd '["/bin/sh"]'
+# The buildpack apps' run image: busybox with a non-root user (the lifecycle keeps the run
+# image's user, and the app chart runs nothing as root), as builders' run images have.
+image $base run.tar shapeblock.test/run:1 --user 1002:1000 --env CNB_USER_ID=1002 --env CNB_GROUP_ID=1000 \
+  --env PATH=/usr/bin:/bin
+# Images node.sh pushes to the node's registry (kaniko and the lifecycle pull from there).
+printf 'shapeblock.test/busybox:1 10.250.0.1:5000/base/busybox:1\nshapeblock.test/run:1 10.250.0.1:5000/base/run:1\n' > registry-images.txt
 
 # pause: the sandbox image (registry.k8s.io is out of reach).
 cat > pause.c <<'C'
@@ -121,6 +146,51 @@ image $k kaniko.tar "shapeblock.test/kaniko:$KANIKO_VERSION" --entrypoint '["/ka
 h=rootfs-helm; cp -a $base $h; mkdir -p $h/usr/bin $h/etc/ssl/certs
 cp -L "$BINS/helm" $h/usr/bin/helm; cp ca-bundle.crt $h/etc/ssl/certs/ca-certificates.crt
 image $h helm.tar shapeblock.test/helm:1 --env PATH=/usr/bin:/bin --entrypoint '["/usr/bin/helm"]'
+
+# A test builder: the lifecycle, one buildpack (shell scripts on busybox) that serves the
+# app's www/ directory and writes the build variable GREETING into it, and the busybox base as
+# the run image. Its user is 1002:1000, as heroku/builder:24's, not the 1001 many assume.
+b=rootfs-builder; cp -a $base $b
+mkdir -p $b/cnb/lifecycle $b/cnb/buildpacks/shapeblock.test_static/0.0.1/bin $b/etc/ssl/certs $b/layers $b/workspace
+cp "$LIFECYCLE/lifecycle" "$LIFECYCLE/launcher" $b/cnb/lifecycle/
+for phase in detector analyzer restorer builder exporter rebaser creator extender; do
+  ln -sf lifecycle "$b/cnb/lifecycle/$phase"
+done
+cp ca-bundle.crt $b/etc/ssl/certs/ca-certificates.crt
+echo 'cnb:x:1002:1000:cnb:/home/cnb:/bin/sh' >> $b/etc/passwd; echo 'cnb:x:1000:' >> $b/etc/group
+bp=$b/cnb/buildpacks/shapeblock.test_static/0.0.1
+cat > $bp/buildpack.toml <<'TOML'
+api = "0.10"
+[buildpack]
+id = "shapeblock.test/static"
+version = "0.0.1"
+name = "Static files (ShapeBlock tests)"
+TOML
+cat > $bp/bin/detect <<'SH'
+#!/bin/sh
+# Applies to any app with a www/ directory.
+[ -d www ]
+SH
+cat > $bp/bin/build <<'SH'
+#!/bin/sh
+set -eu
+# A build variable, as the platform hands it over: a file in $CNB_PLATFORM_DIR/env.
+if [ -f "$CNB_PLATFORM_DIR/env/GREETING" ]; then
+  cp "$CNB_PLATFORM_DIR/env/GREETING" www/greeting.txt
+fi
+echo "built by $(id -u):$(id -g)" > www/builder.txt
+cat > "$CNB_LAYERS_DIR/launch.toml" <<'TOML'
+[[processes]]
+type = "web"
+command = ["httpd", "-f", "-v", "-p", "8080", "-h", "www"]
+default = true
+TOML
+SH
+chmod +x $bp/bin/detect $bp/bin/build
+printf '[[order]]\n[[order.group]]\nid = "shapeblock.test/static"\nversion = "0.0.1"\n' > $b/cnb/order.toml
+printf '[[images]]\nimage = "10.250.0.1:5000/base/run:1"\n' > $b/cnb/run.toml
+image $b builder.tar shapeblock.test/builder:1 --env PATH=/cnb/lifecycle:/usr/bin:/bin \
+  --env CNB_USER_ID=1002 --env CNB_GROUP_ID=1000 --user 1002:1000 --workdir /workspace
 
 rm -rf rootfs-* pause.c
 touch done

@@ -211,14 +211,16 @@ EOF
   bg containerd containerd --config "$run/containerd.toml" --log-level warn
   wait_for containerd ctr --address "$run/containerd.sock" version
   # The images the Jobs run, straight into the kubelet's namespace (never pulled), and the
-  # test apps' base image into the registry too (kaniko pulls it from there).
+  # test apps' base images into the registry too (kaniko and the lifecycle pull from there).
   for tar in "$images"/*.tar; do
     ctr --address "$run/containerd.sock" -n k8s.io images import "$tar" >/dev/null ||
       die "importing $tar failed"
   done
-  NS ctr --address "$run/containerd.sock" -n k8s.io images tag shapeblock.test/busybox:1 10.250.0.1:5000/base/busybox:1 >/dev/null
-  NS ctr --address "$run/containerd.sock" -n k8s.io images push --hosts-dir "$run/containerd/certs.d" \
-    10.250.0.1:5000/base/busybox:1 >/dev/null || die "pushing the base image to the registry failed"
+  while read -r local remote; do
+    NS ctr --address "$run/containerd.sock" -n k8s.io images tag "$local" "$remote" >/dev/null &&
+      NS ctr --address "$run/containerd.sock" -n k8s.io images push --hosts-dir "$run/containerd/certs.d" \
+        "$remote" >/dev/null || die "pushing $remote to the node's registry failed"
+  done < "$images/registry-images.txt"
 
   cat > "$run/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1

@@ -575,3 +575,32 @@ async fn a_rollout_whose_new_pods_cannot_run_fails_at_once_with_their_reason() {
         "a release that cannot run is not the current one"
     );
 }
+
+#[tokio::test]
+async fn a_deploy_retried_after_its_chart_config_map_was_created_goes_on() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    support::jobs().await;
+    let cluster = connected_cluster("deploy-retried").await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "retried").await;
+    ready_app(&admin, &ns, "web", image_app("1.0")).await;
+    // An earlier attempt of this deploy created the chart ConfigMap, then failed (a conflict,
+    // a dropped tunnel): the retry finds it there and must read it, not stop at Forbidden.
+    let earlier: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "web-1-chart", "namespace": ns}, "data": {"Chart.yaml": "x"}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &earlier)
+        .await
+        .unwrap();
+    let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
+    builds
+        .create(
+            &PostParams::default(),
+            &shapeblock("AppBuild", "web-1", json!({"appName": "web"})),
+        )
+        .await
+        .unwrap();
+    wait_build(&builds, "web-1", AppBuildPhase::Deploying).await;
+}

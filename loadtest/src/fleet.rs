@@ -2,6 +2,7 @@
 //! TLS websocket connections to the hub), and a few behind real `shapeblock-agent` processes
 //! that reach their simulated cluster over loopback HTTP, to measure the agent's own memory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
@@ -244,6 +245,37 @@ pub fn ready_apps(members: &[Member]) -> usize {
                 .count()
         })
         .sum()
+}
+
+/// Why AppBuilds failed across the fleet: reason → (count, one message).
+pub fn failure_reasons(members: &[Member]) -> BTreeMap<String, (usize, String)> {
+    let mut reasons: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for m in members {
+        let failed = m.cluster.phases("apps.shapeblock.io/appbuilds");
+        for key in failed
+            .iter()
+            .filter(|(_, p)| *p == "Failed")
+            .map(|(k, _)| k)
+        {
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            let Some(build) = m.cluster.object("apps.shapeblock.io/appbuilds", ns, name) else {
+                continue;
+            };
+            let reason = build["status"]["reason"]
+                .as_str()
+                .unwrap_or("none")
+                .to_string();
+            let message = build["status"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let entry = reasons.entry(reason).or_insert((0, message));
+            entry.0 += 1;
+        }
+    }
+    reasons
 }
 
 /// AppBuilds in a final phase across the fleet: (completed, failed).

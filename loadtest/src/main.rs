@@ -374,6 +374,9 @@ async fn scenario(
     let after = process::sample(hub.pid);
     received.measuring.store(false, Ordering::Relaxed);
     let (done, failed) = fleet::finished_builds(&members);
+    for (reason, (count, message)) in fleet::failure_reasons(&members) {
+        println!("  failed builds: {count} {reason}, e.g. {message}");
+    }
     let mut latencies = received.take_latencies("AppBuild");
     let mut health = received.take_latencies(shapeblock_loadtest::sim::HEALTH_KIND);
     figures.health_samples = health.len();

@@ -274,13 +274,13 @@ async fn a_dockerfile_app_is_built_from_git_deployed_and_answers_http() {
         t.as_ref().expect("a status time").0.as_second()
     };
     let deploy = seconds(&status.completion_time) - seconds(&status.build_end_time);
-    eprintln!(
+    support::figures::report(&format!(
         "figures (real node, this machine): clone {clone} s, build + push {build} s, \
          deploy {deploy} s (whole seconds); AppBuild created -> Completed {:.1} s, \
          -> app answering HTTP {:.1} s",
         completed_after.as_secs_f64(),
         answering.as_secs_f64()
-    );
+    ));
 
     // A new commit rolls out and serves its content.
     let second = repo.commit(
@@ -295,10 +295,10 @@ async fn a_dockerfile_app_is_built_from_git_deployed_and_answers_http() {
     )
     .await;
     answers(node, admin, &ns, "web", "/", "hello from the second commit").await;
-    eprintln!(
+    support::figures::report(&format!(
         "figures: a new commit built, rolled out and answering after {:.1} s",
         rolled.elapsed().as_secs_f64()
-    );
+    ));
     // The same commit again: no build, the image of web-2.
     let reused = completed(
         &builds,
@@ -424,10 +424,10 @@ async fn an_image_that_cannot_be_pulled_fails_the_deploy_quickly() {
         message.contains("ImagePullBackOff") || message.contains("ErrImagePull"),
         "the deploy fails with the pull error: {failed:#?}"
     );
-    eprintln!(
+    support::figures::report(&format!(
         "figures: an unpullable image failed its deploy after {:.1} s",
         started.elapsed().as_secs_f64()
-    );
+    ));
 }
 
 /// A small chart for a ShapeBlock Service: a web server that says `greeting` (restricted pod
@@ -887,8 +887,8 @@ async fn a_buildpack_app_is_built_by_the_test_builder_with_its_build_vars() {
         image.contains("@sha256:"),
         "the digest from the lifecycle's report is deployed: {image}"
     );
-    eprintln!(
+    support::figures::report(&format!(
         "figures: buildpack AppBuild created -> app answering HTTP {:.1} s",
         created.elapsed().as_secs_f64()
-    );
+    ));
 }

@@ -17,3 +17,10 @@ pub fn ms(d: Duration) -> String {
 pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
+
+/// Prints a figure a test measured so that it shows in CI's log too: straight to stderr,
+/// past libtest's capture of passing tests' output.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

@@ -120,11 +120,11 @@ fn start() -> Result<RealNode, String> {
             process::log_tail(&log_path, 40)
         ));
     };
-    eprintln!(
+    super::figures::report(&format!(
         "real node ready after {:.1} s (logs in {})",
         started.elapsed().as_secs_f64(),
         dir.join("logs").display()
-    );
+    ));
     let dial = netns_dialer(holder)?;
     let port = forward_apiserver(dial.clone())?;
     let pki = dir.join("pki");

@@ -75,7 +75,7 @@ teardown() {
 
 start() {
   local run=$1 bins=$2 images=$3
-  for tool in containerd runc docker-registry iptables conntrack nsenter unshare openssl git ctr curl jq; do
+  for tool in containerd runc docker-registry iptables conntrack nsenter unshare openssl git ctr curl jq ip sysctl flock; do
     command -v "$tool" >/dev/null || die "$tool is missing (.ci/run installs the real node's packages)"
   done
   [ -x /usr/lib/cni/bridge ] || die "CNI plugins missing (Debian containernetworking-plugins)"

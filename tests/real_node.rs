@@ -132,15 +132,27 @@ async fn start_fleet() -> Fleet {
     }
 }
 
-/// Creates AppBuild `name` with `spec` and waits (up to 10 minutes) until it Completed.
-async fn completed(builds: &Api<AppBuild>, name: &str, spec: serde_json::Value) -> AppBuildStatus {
+/// Creates AppBuild `name` with `spec` and waits (up to `wait`) until it reaches `phase`.
+async fn build_ends(
+    builds: &Api<AppBuild>,
+    name: &str,
+    spec: serde_json::Value,
+    phase: AppBuildPhase,
+    wait: Duration,
+) -> AppBuildStatus {
     builds
         .create(&PostParams::default(), &shapeblock("AppBuild", name, spec))
         .await
         .unwrap();
-    wait_build_within(
+    wait_build_within(builds, name, phase, wait).await
+}
+
+/// Creates AppBuild `name` with `spec` and waits (up to 10 minutes) until it Completed.
+async fn completed(builds: &Api<AppBuild>, name: &str, spec: serde_json::Value) -> AppBuildStatus {
+    build_ends(
         builds,
         name,
+        spec,
         AppBuildPhase::Completed,
         Duration::from_secs(600),
     )
@@ -350,20 +362,10 @@ async fn an_app_that_exits_at_start_is_down_with_its_own_last_words() {
     );
     let apps = dockerfile_app_object(admin, &ns, "api", &repo.url).await;
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
-    builds
-        .create(
-            &PostParams::default(),
-            &shapeblock(
-                "AppBuild",
-                "api-1",
-                json!({"appName": "api", "gitRef": commit}),
-            ),
-        )
-        .await
-        .unwrap();
-    let failed = wait_build_within(
+    let failed = build_ends(
         &builds,
         "api-1",
+        json!({"appName": "api", "gitRef": commit}),
         AppBuildPhase::Failed,
         Duration::from_secs(600),
     )
@@ -405,16 +407,10 @@ async fn an_image_that_cannot_be_pulled_fails_the_deploy_quickly() {
     .unwrap();
     let builds: Api<AppBuild> = Api::namespaced(admin.clone(), &ns);
     let started = Instant::now();
-    builds
-        .create(
-            &PostParams::default(),
-            &shapeblock("AppBuild", "ghost-1", json!({"appName": "ghost"})),
-        )
-        .await
-        .unwrap();
-    let failed = wait_build_within(
+    let failed = build_ends(
         &builds,
         "ghost-1",
+        json!({"appName": "ghost"}),
         AppBuildPhase::Failed,
         Duration::from_secs(300),
     )
@@ -719,20 +715,10 @@ async fn private_repositories_clone_over_ssh_with_the_deploy_key_and_over_https_
         async || apps.get("spoofed").await.ok()?.status?.deploy_key,
     )
     .await;
-    builds
-        .create(
-            &PostParams::default(),
-            &shapeblock(
-                "AppBuild",
-                "spoofed-1",
-                json!({"appName": "spoofed", "gitRef": commit}),
-            ),
-        )
-        .await
-        .unwrap();
-    let failed = wait_build_within(
+    let failed = build_ends(
         &builds,
         "spoofed-1",
+        json!({"appName": "spoofed", "gitRef": commit}),
         AppBuildPhase::Failed,
         Duration::from_secs(300),
     )

@@ -318,23 +318,18 @@ impl RealNode {
     /// Runs `program` with `args` on the host's filesystem but in the node's network
     /// namespace (where 10.250.0.1 is); fails the test unless it succeeds. Returns stdout.
     pub fn run_in_node(&self, program: &Path, args: &[&str]) -> String {
-        let out = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg("-t")
             .arg(self.holder.to_string())
             .arg("--net")
             .arg("--")
             .arg(program)
-            .args(args)
-            .output()
-            .expect("running nsenter");
-        assert!(
-            out.status.success(),
-            "{} {args:?} in the node failed: {}{}",
-            program.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .args(args);
+        succeeds(
+            &mut command,
+            &format!("{} {args:?} in the node", program.display()),
+        )
     }
 
     /// Starts `program` with `args` in the node's network and mount namespaces (a server
@@ -388,17 +383,13 @@ impl RealNode {
         let helm = super::binaries().expect("test binaries").join("helm");
         let out_dir = chart_dir.with_extension("packaged");
         std::fs::create_dir_all(&out_dir).expect("chart package directory");
-        let packaged = Command::new(&helm)
-            .arg("package")
-            .arg(chart_dir)
-            .arg("--destination")
-            .arg(&out_dir)
-            .output()
-            .expect("helm package");
-        assert!(
-            packaged.status.success(),
-            "helm package: {}",
-            String::from_utf8_lossy(&packaged.stderr)
+        succeeds(
+            Command::new(&helm)
+                .arg("package")
+                .arg(chart_dir)
+                .arg("--destination")
+                .arg(&out_dir),
+            "helm package",
         );
         let tgz = std::fs::read_dir(&out_dir)
             .expect("packaged chart")
@@ -463,7 +454,8 @@ pub struct GitRepo {
 
 impl GitRepo {
     fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
+        let mut command = Command::new("git");
+        command
             .arg("-C")
             .arg(&self.dir)
             .args([
@@ -472,15 +464,10 @@ impl GitRepo {
                 "-c",
                 "user.email=test@example.invalid",
             ])
-            .args(args)
-            .output()
-            .expect("running git");
-        assert!(
-            out.status.success(),
-            "git {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            .args(args);
+        succeeds(&mut command, &format!("git {args:?}"))
+            .trim()
+            .to_string()
     }
 
     /// Writes `files` (path, content), commits them all, returns the commit SHA.
@@ -494,6 +481,22 @@ impl GitRepo {
         self.git(&["commit", "-q", "-m", message]);
         self.git(&["rev-parse", "HEAD"])
     }
+}
+
+/// Runs `command` to its end and returns its stdout; fails the test, with its output, unless
+/// it succeeds (`what` names it in the failure).
+fn succeeds(command: &mut Command, what: &str) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A process a test started inside the node ([`RealNode::spawn_in_node`]).

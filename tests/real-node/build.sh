@@ -30,15 +30,16 @@ BINS=${SHAPEBLOCK_TEST_BINS:-$(bash "$here/../control-plane/build.sh" | tail -n 
 [ -x "$BINS/helm" ] && [ -x "$BINS/kubelet" ] && [ -x "$BINS/kube-proxy" ] ||
   die "$BINS lacks helm, kubelet or kube-proxy: run tests/control-plane/build.sh"
 
+# One scratch directory for the Go builds below, removed however the script ends.
+w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
 # The kaniko executor: the slow part (about two minutes), keyed by version only. The proxy
 # serves upstream GoogleContainerTools/kaniko, not the osscontainertools fork the hub's default
 # configuration names; the flags the hub renders are the same in both.
 KANIKO="$CACHE_ROOT/kaniko-$KANIKO_VERSION"
 if ! "$KANIKO/executor" version 2>/dev/null | grep -qF "$KANIKO_VERSION"; then
   log "building the kaniko executor $KANIKO_VERSION"
-  w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
   mkdir -p "$KANIKO"
-  (cd "$w" && go mod init example.invalid/shapeblock-test-kaniko >/dev/null 2>&1 &&
+  (mkdir -p "$w/kaniko" && cd "$w/kaniko" && go mod init example.invalid/shapeblock-test-kaniko >/dev/null 2>&1 &&
     go get "github.com/GoogleContainerTools/kaniko@$KANIKO_VERSION" >&2 &&
     go build -trimpath -ldflags "-s -w -X github.com/GoogleContainerTools/kaniko/pkg/version.version=$KANIKO_VERSION" \
       -o "$KANIKO/executor.tmp" github.com/GoogleContainerTools/kaniko/cmd/executor >&2)
@@ -50,9 +51,8 @@ fi
 LIFECYCLE="$CACHE_ROOT/lifecycle-$LIFECYCLE_VERSION"
 if ! [ -x "$LIFECYCLE/lifecycle" ] || ! [ -x "$LIFECYCLE/launcher" ]; then
   log "building the buildpacks lifecycle $LIFECYCLE_VERSION"
-  w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
   mkdir -p "$LIFECYCLE"
-  (cd "$w" && go mod init example.invalid/shapeblock-test-lifecycle >/dev/null 2>&1 &&
+  (mkdir -p "$w/lifecycle" && cd "$w/lifecycle" && go mod init example.invalid/shapeblock-test-lifecycle >/dev/null 2>&1 &&
     go get "github.com/buildpacks/lifecycle@$LIFECYCLE_VERSION" >&2 &&
     for c in lifecycle launcher; do
       go build -trimpath -ldflags "-s -w -X github.com/buildpacks/lifecycle/cmd.Version=${LIFECYCLE_VERSION#v}" \

@@ -38,10 +38,8 @@ teardown() {
   # Every container process (they live in the node's cgroups) and every process left in the
   # node's network namespace (containerd's shims, anything a test started there).
   for pass in 1 2 3; do
-    for procs in /sys/fs/cgroup/*/$CGROUP/cgroup.procs /sys/fs/cgroup/*/$CGROUP/*/cgroup.procs \
-                 $(find /sys/fs/cgroup/*/$CGROUP -name cgroup.procs 2>/dev/null); do
-      [ -f "$procs" ] && xargs -r kill -9 < "$procs" 2>/dev/null
-    done
+    find /sys/fs/cgroup/*/$CGROUP -name cgroup.procs 2>/dev/null |
+      while read -r procs; do xargs -r kill -9 < "$procs" 2>/dev/null; done
     if [ -n "$netns" ]; then
       for ns in /proc/[0-9]*/ns/net; do
         pid=${ns#/proc/}; pid=${pid%%/*}

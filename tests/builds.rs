@@ -853,7 +853,7 @@ async fn prebuilt_images_and_redeploys_skip_the_build() {
     );
 
     // A git App: neither gitRef nor imageTag redeploys its current image; before it has
-    // one, that fails with the reason.
+    // one, and with no spec.git.branch to build first, that fails with the reason.
     ready_app(
         &admin,
         &ns,

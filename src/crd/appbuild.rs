@@ -47,8 +47,8 @@ pub struct AppBuildSpec {
     /// Git branch, tag or commit to build; a commit is given as its full SHA (40 or 64 hex
     /// digits) and checked out exactly, a branch or tag is cloned shallowly. When empty, the
     /// App's branch is built; when both `gitRef` and `imageTag` are empty, the App's current
-    /// image is redeployed. A Completed build of the same commit with the same inputs is reused
-    /// instead of rebuilt.
+    /// image is redeployed, or its branch built when it has no image yet. A Completed build of
+    /// the same commit with the same inputs is reused instead of rebuilt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new(concat!("self.matches('", git_ref_re!(), "') && !self.contains('..') && !self.endsWith('.lock') && !self.endsWith('/')"))

@@ -59,6 +59,11 @@ where
 {
     let pod = pods.get(pod_name).await?;
     for container in containers_in_order(&pod) {
+        // A read without follow is of what exists now: a container that has not started has
+        // no log yet, and neither have the ones after it.
+        if !follow && !started_or_done(&pods.get(pod_name).await?, &container) {
+            break;
+        }
         // Wait (watching the pod) for the container to start: its log does not exist before.
         let name = container.clone();
         kube::runtime::wait::await_condition(pods.clone(), pod_name, move |pod: Option<&Pod>| {

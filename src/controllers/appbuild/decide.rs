@@ -207,25 +207,30 @@ fn decide_source(o: &Observed, app: &App) -> Step {
             inputs: None,
         };
     }
+    let branch = app.spec.git.as_ref().and_then(|g| g.branch.clone());
+    let current = app.status.as_ref().and_then(|s| s.current_image.clone());
     let git_ref = match (&build.spec.git_ref, &build.spec.image_tag) {
-        (None, None) => {
-            let current = app.status.as_ref().and_then(|s| s.current_image.clone());
-            let Some(image) = current else {
+        (None, None) => match (current, branch) {
+            (Some(image), _) => {
+                return Step::UseImage {
+                    tag: ImageRef::parse(&image).ok().and_then(|i| i.tag),
+                    image,
+                    commit: None,
+                    origin: ImageOrigin::Redeploy,
+                    inputs: None,
+                };
+            }
+            // Nothing deployed yet: the first build of the App's branch.
+            (None, Some(branch)) => branch,
+            (None, None) => {
                 return fail(
                     FailureReason::NothingToRedeploy,
-                    "neither spec.gitRef nor spec.imageTag is set, which redeploys the App's current image, and the App has none yet",
+                    "neither spec.gitRef nor spec.imageTag is set, which redeploys the App's current image, and the App has none yet nor a spec.git.branch to build",
                 );
-            };
-            return Step::UseImage {
-                tag: ImageRef::parse(&image).ok().and_then(|i| i.tag),
-                image,
-                commit: None,
-                origin: ImageOrigin::Redeploy,
-                inputs: None,
-            };
-        }
+            }
+        },
         (Some(git_ref), _) => git_ref.clone(),
-        (None, Some(_)) => match app.spec.git.as_ref().and_then(|g| g.branch.clone()) {
+        (None, Some(_)) => match branch {
             Some(branch) => branch,
             None => {
                 return fail(
@@ -1020,8 +1025,16 @@ mod tests {
     }
 
     #[test]
-    fn no_ref_and_no_tag_redeploys_the_current_image_or_fails() {
-        let none = Case::new(build(json!({}), pending()), Some(dockerfile_app()));
+    fn no_ref_and_no_tag_redeploys_the_current_image_or_builds_the_branch_first() {
+        // Nothing deployed yet: the App's branch is built (the first build).
+        let first = Case::new(build(json!({}), pending()), Some(dockerfile_app()));
+        match first.decide() {
+            Step::StartBuild { git_ref, .. } => assert_eq!(git_ref, "main"),
+            other => panic!("{other:?}"),
+        }
+        let mut no_branch = dockerfile_app();
+        no_branch.spec.git.as_mut().unwrap().branch = None;
+        let none = Case::new(build(json!({}), pending()), Some(no_branch));
         assert_eq!(failure(&none.decide()).0, FailureReason::NothingToRedeploy);
         let deployed = app(
             json!({"type": "dockerfile"}),

@@ -10,11 +10,13 @@ use shapeblock_test_support as support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, WatchParams};
 use serde_json::{Value, json};
 use shapeblock::crd::Project;
 use shapeblock::hub::Registry;
+use shapeblock::tunnel::CloseReason;
 use support::TestNamespace;
 use support::hub::{
     ADMIN_TOKEN, AgentProcess, TestHub, VIEWER_TOKEN, scratch_dir, service_account_kubeconfig,
@@ -22,6 +24,7 @@ use support::hub::{
 };
 use support::hub_process::HubBinary;
 use support::process::{free_port, sibling_binary};
+use support::tap::{Tap, TapRecord};
 
 /// Applies every object of a multi-document YAML manifest with server-side apply.
 async fn apply_manifest(client: &kube::Client, yaml: &str) -> Vec<Value> {
@@ -208,9 +211,13 @@ async fn register_install_connect_create_rotate() {
         "tunnel closed {drop_time:?} after rotation"
     );
     wait_for(
-        "the agent to be refused",
+        "the agent to hear that its token was revoked",
         Duration::from_secs(20),
-        async || agent.log_text().contains("HTTP 401"),
+        async || {
+            agent
+                .log_text()
+                .contains(CloseReason::TokenRevoked.message())
+        },
     )
     .await;
     assert!(!hub.gateway.status(&cluster).connected);
@@ -706,11 +713,146 @@ async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
         "metrics of a deleted cluster remain:\n{metrics}"
     );
     wait_for(
-        "the agent to be refused",
+        "the agent to hear that its cluster was deleted",
         Duration::from_secs(20),
-        async || agent.log_text().contains("HTTP 401"),
+        async || {
+            agent
+                .log_text()
+                .contains(CloseReason::ClusterDeleted.message())
+        },
     )
     .await;
+}
+
+/// The record of the tap's `index`th connection once its socket has closed both ways.
+async fn socket_closed(tap: &Tap, index: usize, what: &str) -> TapRecord {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(record) = tap.records().get(index).filter(|r| r.closed()) {
+            return record.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the old tunnel's socket is still open 10 s later: {:?}",
+            tap.records().get(index)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Checks the old tunnel's socket closed, and stopped carrying bytes, within a second of
+/// `requested`; prints the figure.
+fn assert_closed_within_a_second(record: &TapRecord, requested: Instant, what: &str) {
+    let closed = record.hub_closed.unwrap().duration_since(requested);
+    let last_byte = record
+        .last_byte()
+        .map_or(Duration::ZERO, |t| t.saturating_duration_since(requested));
+    assert!(
+        closed < Duration::from_secs(1) && last_byte < Duration::from_secs(1),
+        "{what}: the hub closed the socket {closed:?} and the last byte moved {last_byte:?} \
+         after the request"
+    );
+    support::figures::report(&format!(
+        "{what}: old tunnel's socket closed by the hub {} after the request, last byte at {}",
+        support::figures::ms(closed),
+        support::figures::ms(last_byte)
+    ));
+}
+
+#[tokio::test]
+async fn revocation_closes_the_socket_and_the_agent_stops_dialling_with_the_revoked_token() {
+    let dir = scratch_dir("api-revoke-socket");
+    let hub = TestHub::builder().start().await;
+    let registered = hub
+        .api("POST", "/api/v1/clusters", Some(json!({"name": "socket"})))
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let cluster = registered.json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = registered.json()["token"].as_str().unwrap().to_string();
+    // The agent reaches the hub through a tap that sees every byte of the socket.
+    let tap = Tap::start(hub.addr).await;
+    let kubeconfig = support::kubeconfig_path().await;
+    let url = format!("ws://{}", tap.addr);
+    let agent = AgentProcess::spawn_to(&dir, &url, None, &token, &kubeconfig, "agent");
+    hub.wait_connected(&cluster).await;
+    assert_eq!(tap.records().len(), 1);
+    // A watch open through the tunnel, as a controller's or a log follower's would be.
+    let configmaps = Api::<ConfigMap>::namespaced(hub.gateway.client(&cluster), "default");
+    let mut watch = configmaps
+        .watch(&WatchParams::default().timeout(290), "0")
+        .await
+        .expect("watch through the tunnel")
+        .boxed();
+
+    // Rotation: the old tunnel's socket closes within a second and nothing moves on it.
+    let requested = Instant::now();
+    let rotated = hub
+        .api("POST", &format!("/api/v1/clusters/{cluster}/token"), None)
+        .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    let record = socket_closed(&tap, 0, "rotation").await;
+    assert_closed_within_a_second(&record, requested, "token rotation");
+    let watch_ended = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = watch.next().await {}
+    })
+    .await;
+    assert!(
+        watch_ended.is_ok(),
+        "a watch through the revoked tunnel still runs"
+    );
+    // The agent was told why, and does not dial with the revoked token again: with its
+    // reconnect delay capped at 1 s, an agent that retried would have dialled several times.
+    wait_for(
+        "the agent to hear that its token was revoked",
+        Duration::from_secs(10),
+        async || {
+            agent
+                .log_text()
+                .contains(CloseReason::TokenRevoked.message())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        tap.records().len(),
+        1,
+        "the agent dialled again with its revoked token:\n{}",
+        agent.log_text()
+    );
+    // A new token in its file: it dials with that one, at once.
+    let new_token = rotated.json()["token"].as_str().unwrap().to_string();
+    std::fs::write(dir.join("agent.token"), &new_token).unwrap();
+    hub.wait_connected(&cluster).await;
+    assert_eq!(tap.records().len(), 2);
+
+    // Deletion: the same, for the new tunnel.
+    let requested = Instant::now();
+    let deleted = hub
+        .api("DELETE", &format!("/api/v1/clusters/{cluster}"), None)
+        .await;
+    assert!(deleted.status < 300, "{}", deleted.text());
+    let record = socket_closed(&tap, 1, "deletion").await;
+    assert_closed_within_a_second(&record, requested, "cluster deletion");
+    wait_for(
+        "the agent to hear that its cluster was deleted",
+        Duration::from_secs(10),
+        async || {
+            agent
+                .log_text()
+                .contains(CloseReason::ClusterDeleted.message())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        tap.records().len(),
+        2,
+        "the agent of a deleted cluster dialled again:\n{}",
+        agent.log_text()
+    );
 }
 
 async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {
@@ -964,4 +1106,20 @@ async fn http_request(
     try_http_request(addr, ca_file, method, path, token, body)
         .await
         .expect("hub request")
+}
+
+#[tokio::test]
+async fn api_errors_are_json_for_a_wrong_method_and_a_bad_events_query() {
+    let hub = TestHub::builder().start().await;
+    let wrong = hub.api("PATCH", "/api/v1/clusters", None).await;
+    assert_eq!(wrong.status, 405, "{}", wrong.text());
+    assert_eq!(
+        wrong.json()["reason"],
+        "MethodNotAllowed",
+        "{}",
+        wrong.text()
+    );
+    let query = hub.api("GET", "/api/v1/events?cursor=soon", None).await;
+    assert_eq!(query.status, 400, "{}", query.text());
+    assert_eq!(query.json()["reason"], "BadRequest", "{}", query.text());
 }

@@ -60,6 +60,18 @@ async fn app_pod(admin: &kube::Client, ns: &str, app: &str, name: &str) {
     .await;
 }
 
+/// App `web`, a Dockerfile App from git, Ready.
+async fn web_app(admin: &kube::Client, ns: &str) {
+    support::cluster::ready_app(
+        admin,
+        ns,
+        "web",
+        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn app_logs_follow_every_pod_and_end_with_the_client() {
     use http_body_util::BodyExt;
@@ -70,14 +82,7 @@ async fn app_logs_follow_every_pod_and_end_with_the_client() {
     let admin = cluster.admin.clone();
     let hub = cluster.hub.as_ref().unwrap();
     let ns = support::cluster::active_project(&admin, "logs").await;
-    support::cluster::ready_app(
-        &admin,
-        &ns,
-        "web",
-        json!({"displayName": "Web", "git": {"url": "https://github.com/org/web.git"},
-            "registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}}),
-    )
-    .await;
+    web_app(&admin, &ns).await;
     app_pod(&admin, &ns, "web", "web-a").await;
     let logs = format!(
         "/api/v1/clusters/{}/namespaces/{ns}/apps/web/logs",
@@ -282,4 +287,165 @@ async fn rollback_creates_an_appbuild_and_refuses_unusable_targets() {
         )
         .await;
     assert_eq!(viewer.status, 403, "{}", viewer.text());
+}
+
+/// A request kept open: its connection task and response body, dropped to close it.
+struct Held {
+    _body: hyper::body::Incoming,
+    connection: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// Opens `GET path` with `token` on a connection of its own; the status, and the open
+/// request when it streams (200), or the error body.
+async fn open(hub: &TestHub, path: &str, token: &str) -> (u16, Result<Held, String>) {
+    use http_body_util::BodyExt;
+    let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    if status == 200 {
+        let held = Held {
+            _body: response.into_body(),
+            connection,
+        };
+        return (status, Ok(held));
+    }
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, Err(String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Opens `n` requests like [`open`]: those served, and the refusals (status, body).
+async fn open_many(
+    hub: &TestHub,
+    path: &str,
+    token: &str,
+    n: usize,
+) -> (Vec<Held>, Vec<(u16, String)>) {
+    let (mut held, mut refused) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        match open(hub, path, token).await {
+            (_, Ok(request)) => held.push(request),
+            (status, Err(body)) => refused.push((status, body)),
+        }
+    }
+    (held, refused)
+}
+
+#[tokio::test]
+async fn log_streams_are_limited_per_token_and_per_cluster_and_the_controllers_keep_working() {
+    let _one = ONE_CONTROLLING_HUB.lock().await;
+    support::jobs().await;
+    support::write_container_log("app", &["listening on :8080"]);
+    let cluster = support::cluster::connected_cluster("log-limits").await;
+    let admin = cluster.admin.clone();
+    let hub = cluster.hub.as_ref().unwrap();
+    let ns = support::cluster::active_project(&admin, "limits").await;
+    web_app(&admin, &ns).await;
+    app_pod(&admin, &ns, "web", "web-a").await;
+    let logs = format!(
+        "/api/v1/clusters/{}/namespaces/{ns}/apps/web/logs?follow=true",
+        cluster.cluster_id
+    );
+    let before = support::apiserver_log_requests(&admin).await;
+
+    // A viewer token opens 40 log streams: 16 (its limit) are served, the rest refused.
+    let (mut held, refused) = open_many(hub, &logs, VIEWER_TOKEN, 40).await;
+    assert_eq!((held.len(), refused.len()), (16, 24), "{refused:?}");
+    for (status, body) in &refused {
+        assert_eq!(*status, 429, "{body}");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["reason"], "TooManyRequests", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("this API token"),
+            "{body}"
+        );
+    }
+    // Another token gets the rest of the cluster's 32, no more.
+    let (admin_held, by_cluster) = open_many(hub, &logs, ADMIN_TOKEN, 20).await;
+    held.extend(admin_held);
+    assert_eq!((held.len(), by_cluster.len()), (32, 4), "{by_cluster:?}");
+    for (status, body) in &by_cluster {
+        assert_eq!(*status, 429, "{body}");
+        assert!(body.contains("long-running API requests"), "{body}");
+    }
+    wait_for(
+        "the 32 streams followed in the apiserver",
+        Duration::from_secs(30),
+        async || support::apiserver_log_requests(&admin).await >= before + 32,
+    )
+    .await;
+
+    // With every log stream the callers may have open, the controllers still reconcile: a
+    // new Project becomes Active, and the cluster stays connected.
+    support::cluster::active_project(&admin, "limits-more").await;
+    assert!(hub.gateway.status(&cluster.cluster_id).connected);
+
+    // The clients go: their streams end in the apiserver, and their places are given back.
+    held.clear();
+    wait_for("the followers gone", Duration::from_secs(15), async || {
+        support::apiserver_log_requests(&admin).await <= before
+    })
+    .await;
+    let (status, again) = open(hub, &logs, VIEWER_TOKEN).await;
+    assert_eq!(status, 200, "{:?}", again.err());
+}
+
+#[tokio::test]
+async fn a_build_log_read_without_follow_answers_while_the_build_waits_to_start() {
+    let _one = ONE_CONTROLLING_HUB.lock().await;
+    support::jobs().await;
+    support::write_container_log("clone", &["Cloning into '/workspace/source'..."]);
+    let cluster = support::cluster::connected_cluster("pending-logs").await;
+    let admin = cluster.admin.clone();
+    let hub = cluster.hub.as_ref().unwrap();
+    let ns = support::cluster::active_project(&admin, "pending").await;
+    web_app(&admin, &ns).await;
+    Api::<shapeblock::crd::AppBuild>::namespaced(admin.clone(), &ns)
+        .create(
+            &Default::default(),
+            &support::cluster::shapeblock(
+                "AppBuild",
+                "web-wait",
+                json!({"appName": "web", "gitRef": "main"}),
+            ),
+        )
+        .await
+        .unwrap();
+    // The clone has run; the build container waits to start (its image is being pulled).
+    support::job_pod_waits(
+        &admin,
+        &ns,
+        "web-wait-build",
+        &["clone", "commit"],
+        "build",
+        "ContainerCreating",
+        "",
+    )
+    .await;
+    let path = format!(
+        "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/web-wait/logs",
+        cluster.cluster_id
+    );
+    let response = tokio::time::timeout(Duration::from_secs(20), hub.api("GET", &path, None))
+        .await
+        .expect("a read without follow still waits for the build container to start");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.text(), "Cloning into '/workspace/source'...\n");
 }

@@ -17,6 +17,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock::hub::Registry;
+use shapeblock::tunnel::CloseReason;
 use support::TestNamespace;
 use support::hub::{AgentProcess, TestHub, agent_identity, scratch_dir};
 
@@ -623,7 +624,37 @@ async fn a_newer_tunnel_replaces_the_older() {
         .get("default")
         .await
         .expect("request after replacement");
+    // The replaced agent was told why and backs off instead of taking the cluster back
+    // (its reconnect delay is capped at 1 s; its replaced wait is 15-30 s by default).
+    let replaced = CloseReason::Replaced.message();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.agent.log_text().contains(replaced) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced agent was not told why:\n{}",
+            s.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        s.hub.gateway.status(&s.cluster).connects,
+        2,
+        "the agents fight over the cluster:\n{}",
+        s.agent.log_text()
+    );
+    // When the replacing agent goes, the first takes the cluster back after its wait.
     second.kill().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while s.hub.gateway.status(&s.cluster).connects < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced agent never took the cluster back:\n{}",
+            s.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.hub.wait_connected(&s.cluster).await;
     drop(s.agent);
 }
 

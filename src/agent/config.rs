@@ -57,8 +57,18 @@ pub struct AgentArgs {
     /// Largest reconnect delay, in milliseconds.
     #[arg(long, env = "SHAPEBLOCK_AGENT_RECONNECT_MAX_MS")]
     pub reconnect_max_ms: Option<u64>,
+    /// Wait of a tunnel the hub replaced by a newer one with the same token, in milliseconds
+    /// (doubling with each replacement in a row, up to 16×).
+    #[arg(long, env = "SHAPEBLOCK_AGENT_REPLACED_BACKOFF_MS")]
+    pub replaced_backoff_ms: Option<u64>,
     /// Allow a plain `ws://` hub URL (only for a hub on a trusted network or loopback).
-    #[arg(long, env = "SHAPEBLOCK_AGENT_ALLOW_PLAINTEXT")]
+    /// `--allow-plaintext` alone means `true`.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_AGENT_ALLOW_PLAINTEXT",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub allow_plaintext: Option<bool>,
     /// Log format: text or json.
     #[arg(long, env = "SHAPEBLOCK_AGENT_LOG_FORMAT", value_enum)]
@@ -86,6 +96,11 @@ struct AgentFile {
         deserialize_with = "crate::config::millis"
     )]
     reconnect_max: Duration,
+    #[serde(
+        rename = "replaced_backoff_ms",
+        deserialize_with = "crate::config::millis"
+    )]
+    replaced_backoff: Duration,
     allow_plaintext: bool,
     log_format: LogFormat,
 }
@@ -102,6 +117,7 @@ impl Default for AgentFile {
             allowed_subresources: Vec::new(),
             reconnect_min: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(60),
+            replaced_backoff: Duration::from_secs(30),
             allow_plaintext: false,
             log_format: LogFormat::default(),
         }
@@ -128,6 +144,14 @@ impl TokenSource {
                 }),
         }
     }
+
+    /// Where the token comes from, for log lines (never the token).
+    pub fn describe(&self) -> String {
+        match self {
+            TokenSource::Inline(_) => "the token flag or environment variable".into(),
+            TokenSource::File(path) => format!("token file {}", path.display()),
+        }
+    }
 }
 
 /// The validated agent configuration.
@@ -142,6 +166,7 @@ pub struct AgentConfig {
     pub allowed_subresources: Vec<String>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    pub replaced_backoff: Duration,
     pub log_format: LogFormat,
 }
 
@@ -166,6 +191,7 @@ impl AgentConfig {
             allowed_subresources,
             reconnect_min_ms,
             reconnect_max_ms,
+            replaced_backoff_ms,
             allow_plaintext,
             log_format,
         } = args;
@@ -202,6 +228,8 @@ impl AgentConfig {
             allowed_subresources: allowed_subresources.unwrap_or(file.allowed_subresources),
             reconnect_min: reconnect_min_ms.map_or(file.reconnect_min, Duration::from_millis),
             reconnect_max: reconnect_max_ms.map_or(file.reconnect_max, Duration::from_millis),
+            replaced_backoff: replaced_backoff_ms
+                .map_or(file.replaced_backoff, Duration::from_millis),
             log_format: log_format.unwrap_or(file.log_format),
         };
         config.validate()?;
@@ -219,6 +247,7 @@ impl AgentConfig {
             allowed_subresources,
             reconnect_min,
             reconnect_max,
+            replaced_backoff,
             log_format: _,
         } = self;
         check(
@@ -235,6 +264,11 @@ impl AgentConfig {
             reconnect_max >= reconnect_min,
             "reconnect_max_ms",
             "must be at least reconnect_min_ms",
+        )?;
+        check(
+            !replaced_backoff.is_zero(),
+            "replaced_backoff_ms",
+            "must be positive",
         )?;
         check(
             *max_request_body_bytes > 0,
@@ -451,6 +485,18 @@ mod tests {
         assert_eq!(c.reconnect_min, Duration::from_millis(30));
         assert_eq!(c.reconnect_max, Duration::from_millis(40));
         assert_eq!(c.log_format, LogFormat::Text);
+
+        // The flag alone means true, before another flag or at the end.
+        for flags in [
+            &["--allow-plaintext", "--hub-url=ws://hub"][..],
+            &["--hub-url=ws://hub", "--allow-plaintext"],
+            &["--allow-plaintext", "true", "--hub-url=ws://hub"],
+        ] {
+            let mut args = parse(flags);
+            args.token = Some("t".into());
+            let c = AgentConfig::load(args).unwrap();
+            assert_eq!(c.connect_url, "ws://hub/agent/v1/connect", "{flags:?}");
+        }
 
         // --allow-plaintext=false over the file's true refuses the file's ws:// URL.
         let mut flags = parse(&["--allow-plaintext=false"]);

@@ -372,6 +372,18 @@ impl HubConfig {
         ] {
             check(rate > 0, key, "must be positive")?;
         }
+        for (key, limit) in [
+            (
+                "long_running_requests_per_cluster",
+                gateway.long_running_requests_per_cluster,
+            ),
+            (
+                "long_running_requests_per_token",
+                gateway.long_running_requests_per_token,
+            ),
+        ] {
+            check(limit > 0, key, "must be positive")?;
+        }
         check(
             runtime.max_concurrent_initial_syncs > 0,
             "max_concurrent_initial_syncs",

@@ -7,6 +7,13 @@
 //! `GET /version` through it succeed within the handshake timeout. A newer tunnel for the
 //! same cluster replaces the older. Liveness is HTTP/2 PING with a deadline (hyper's
 //! keep-alive) plus a periodic ping request to the agent, which also measures round-trip time.
+//!
+//! Two kinds of traffic share a tunnel, and API callers can never starve the controllers:
+//! [`Gateway::client`] is the controllers' (and the hub's own), [`Gateway::caller_client`]
+//! the API callers'. Callers have their own request budget per cluster, and may hold at most
+//! [`CALLER_STREAMS`] of the tunnel's [`tunnel::H2_MAX_STREAMS`] streams at once (a stream is
+//! held until its response body is dropped). Long-running requests (log streams) are also
+//! counted per cluster and per API token ([`Gateway::long_running`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -33,7 +40,11 @@ use tracing::Instrument;
 use super::metrics::{ClusterLabel, TunnelMetrics, VersionLabel};
 use super::registry::{ClusterId, Registry};
 use crate::secret::Secret;
-use crate::tunnel::{self, ByteCounters, WsIo};
+use crate::tunnel::{self, ByteCounters, CloseReason, CloseSignal, WsIo};
+
+/// Streams of one tunnel that API callers may hold at once: half, so the controllers always
+/// have the other half.
+pub const CALLER_STREAMS: usize = tunnel::H2_MAX_STREAMS as usize / 2;
 
 /// Gateway settings: the tunnel keys at the top level of the hub's configuration file
 /// (flattened into it by [`crate::hub::config`], which rejects unknown keys and validates).
@@ -65,6 +76,10 @@ pub struct GatewayConfig {
     /// Kubernetes API requests per second the hub sends to one cluster (burst: twice that).
     #[serde(rename = "api_qps_per_cluster")]
     pub api_qps: u32,
+    /// Long-running API requests (log streams) open at once through one cluster's tunnel.
+    pub long_running_requests_per_cluster: usize,
+    /// Long-running API requests open at once with one API token, over all clusters.
+    pub long_running_requests_per_token: usize,
     /// Rate-limit handshakes by the rightmost `X-Forwarded-For` address (the address the
     /// nearest proxy saw) instead of the socket's peer. Only for a hub reachable solely
     /// through such a proxy: behind an ingress every agent arrives from the proxy's address.
@@ -80,6 +95,8 @@ impl Default for GatewayConfig {
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
             api_qps: 50,
+            long_running_requests_per_cluster: 32,
+            long_running_requests_per_token: 16,
             trust_forwarded_for: false,
         }
     }
@@ -145,13 +162,79 @@ pub enum TunnelError {
     },
     #[error("bad request URI: {0}")]
     Uri(#[from] http::Error),
+    #[error(
+        "API requests already hold {CALLER_STREAMS} streams of cluster {0}'s tunnel (the rest \
+         are the controllers'); retry when some have finished"
+    )]
+    CallerStreamsExhausted(ClusterId),
+}
+
+/// A long-running request refused because a limit is reached.
+#[derive(Debug, thiserror::Error)]
+pub enum LongRunningLimit {
+    #[error(
+        "cluster {cluster} already serves {limit} long-running API requests (log streams); \
+         close one or retry later"
+    )]
+    Cluster { cluster: ClusterId, limit: usize },
+    #[error(
+        "this API token already holds {limit} long-running requests (log streams); close one \
+         or retry later"
+    )]
+    Token { limit: usize },
+}
+
+/// A long-running API request's place under its cluster's and its token's limits, given
+/// back when dropped.
+#[must_use = "the request counts against the limits only while this is held"]
+pub struct LongRunning {
+    _cluster: tokio::sync::OwnedSemaphorePermit,
+    _token: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A response body for an API caller: it holds one of the caller streams of its tunnel until
+/// it is dropped, so a stream the caller abandoned is given back with it.
+pub struct CallerBody {
+    inner: Incoming,
+    _stream: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl http_body::Body for CallerBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[derive(Clone)]
 struct Tunnel {
     sender: SendRequest<kube::client::Body>,
     generation: u64,
+    /// Ends the session task.
     closed: CancellationToken,
+    /// Ends the byte stream, which hyper's connection task owns, and with it every stream
+    /// on the tunnel and the socket; the agent learns the reason from the close frame.
+    stream: Arc<CloseSignal>,
+}
+
+impl Tunnel {
+    fn close(&self, reason: CloseReason) {
+        self.stream.close(reason);
+        self.closed.cancel();
+    }
 }
 
 /// Everything the hub keeps for one cluster across tunnels.
@@ -160,6 +243,10 @@ struct ClusterSlot {
     current: RwLock<Option<Tunnel>>,
     state: Mutex<ConnectionState>,
     generation: AtomicU64,
+    /// The tunnel streams API callers may still take ([`CALLER_STREAMS`] in all).
+    caller_streams: Arc<tokio::sync::Semaphore>,
+    /// Long-running API requests this cluster may still take.
+    long_running: Arc<tokio::sync::Semaphore>,
 }
 
 impl ClusterSlot {
@@ -185,16 +272,16 @@ impl ClusterSlot {
             return false;
         }
         if let Some(old) = current.replace(tunnel) {
-            old.closed.cancel();
+            old.close(CloseReason::Replaced);
         }
         true
     }
 
     /// Closes the current tunnel, if any.
-    fn close_current(&self) {
+    fn close_current(&self, reason: CloseReason) {
         let current = self.current.write().unwrap_or_else(|p| p.into_inner());
         if let Some(tunnel) = current.as_ref() {
-            tunnel.closed.cancel();
+            tunnel.close(reason);
         }
     }
 
@@ -216,6 +303,24 @@ impl ClusterSlot {
             .current()
             .ok_or_else(|| TunnelError::NotConnected(self.id.clone()))?;
         send_via(&self.id, tunnel, request).await
+    }
+}
+
+/// Waits until `limiter` lets one more request go to cluster `id`: a per-cluster request rate,
+/// so one busy cluster cannot flood its apiserver or the hub. Only a request that must wait
+/// is timed (and costs a clock read).
+async fn pace(
+    limiter: &DefaultKeyedRateLimiter<ClusterId>,
+    id: &ClusterId,
+    metrics: &TunnelMetrics,
+) {
+    if limiter.check_key(id).is_err() {
+        let waiting = Instant::now();
+        limiter.until_key_ready(id).await;
+        metrics
+            .api_limiter_wait
+            .0
+            .observe(waiting.elapsed().as_secs_f64());
     }
 }
 
@@ -252,6 +357,10 @@ pub struct Gateway {
     global_limiter: DefaultDirectRateLimiter,
     ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
     api_limiter: Arc<DefaultKeyedRateLimiter<ClusterId>>,
+    /// API callers' own request budget per cluster, apart from the controllers'.
+    caller_limiter: Arc<DefaultKeyedRateLimiter<ClusterId>>,
+    /// Long-running requests each API token (by hash) may still take.
+    long_running_per_token: DashMap<String, Arc<tokio::sync::Semaphore>>,
     metrics: Arc<TunnelMetrics>,
     config: GatewayConfig,
     shutdown: CancellationToken,
@@ -278,6 +387,8 @@ impl Gateway {
             global_limiter: RateLimiter::direct(global),
             ip_limiter: RateLimiter::keyed(per_ip),
             api_limiter: Arc::new(RateLimiter::keyed(api)),
+            caller_limiter: Arc::new(RateLimiter::keyed(api)),
+            long_running_per_token: DashMap::new(),
             metrics,
             config,
             shutdown: CancellationToken::new(),
@@ -301,6 +412,10 @@ impl Gateway {
                     current: RwLock::new(None),
                     state: Mutex::new(ConnectionState::default()),
                     generation: AtomicU64::new(0),
+                    caller_streams: Arc::new(tokio::sync::Semaphore::new(CALLER_STREAMS)),
+                    long_running: Arc::new(tokio::sync::Semaphore::new(
+                        self.config.long_running_requests_per_cluster,
+                    )),
                 })
             })
             .clone()
@@ -319,20 +434,63 @@ impl Gateway {
             let limiter = limiter.clone();
             let metrics = metrics.clone();
             async move {
-                // Per-cluster request rate, so one busy cluster cannot flood its apiserver
-                // or the hub. Only a request that must wait is timed (and costs a clock read).
-                if limiter.check_key(&slot.id).is_err() {
-                    let waiting = Instant::now();
-                    limiter.until_key_ready(&slot.id).await;
-                    metrics
-                        .api_limiter_wait
-                        .0
-                        .observe(waiting.elapsed().as_secs_f64());
-                }
+                pace(&limiter, &slot.id, &metrics).await;
                 slot.send(request).await
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// A client for API callers' requests to a cluster: like [`Gateway::client`], with the
+    /// callers' own request budget, and at most [`CALLER_STREAMS`] streams held at once
+    /// (beyond that a request fails at once with [`TunnelError::CallerStreamsExhausted`]).
+    pub fn caller_client(&self, id: &str) -> kube::Client {
+        let slot = self.slot(id);
+        let limiter = self.caller_limiter.clone();
+        let metrics = self.metrics.clone();
+        let service = tower::service_fn(move |request| {
+            let slot = slot.clone();
+            let limiter = limiter.clone();
+            let metrics = metrics.clone();
+            async move {
+                let stream = slot
+                    .caller_streams
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| TunnelError::CallerStreamsExhausted(slot.id.clone()))?;
+                pace(&limiter, &slot.id, &metrics).await;
+                let response = slot.send(request).await?;
+                Ok::<_, TunnelError>(response.map(|inner| CallerBody {
+                    inner,
+                    _stream: stream,
+                }))
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// A place for one long-running API request (a log stream) to cluster `id` by the API
+    /// token whose hash is `caller`, if both have one left; held while the request runs.
+    pub fn long_running(&self, id: &str, caller: &str) -> Result<LongRunning, LongRunningLimit> {
+        let slot = self.slot(id);
+        let cluster = slot.long_running.clone().try_acquire_owned().map_err(|_| {
+            LongRunningLimit::Cluster {
+                cluster: id.to_string(),
+                limit: self.config.long_running_requests_per_cluster,
+            }
+        })?;
+        let per_token = self.config.long_running_requests_per_token;
+        let token = self
+            .long_running_per_token
+            .entry(caller.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_token)))
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LongRunningLimit::Token { limit: per_token })?;
+        Ok(LongRunning {
+            _cluster: cluster,
+            _token: token,
+        })
     }
 
     /// Connection state of a cluster (all defaults if it never connected).
@@ -343,17 +501,19 @@ impl Gateway {
             .unwrap_or_default()
     }
 
-    /// Closes the cluster's live tunnel, if any (after its token was revoked or rotated).
-    pub fn disconnect(&self, id: &str) {
+    /// Closes the cluster's live tunnel, if any, telling its agent `reason` (after its token
+    /// was rotated). The socket is closed, not only the hub's use of it: nothing more moves
+    /// on it, and every request in flight through it fails.
+    pub fn disconnect(&self, id: &str, reason: CloseReason) {
         let slot = self.slots.get(id).map(|slot| slot.clone());
         if let Some(slot) = slot {
-            slot.close_current();
+            slot.close_current(reason);
         }
     }
 
     /// Forgets a deleted cluster: closes its tunnel and drops its state and metrics.
     pub fn forget(&self, id: &str) {
-        self.disconnect(id);
+        self.disconnect(id, CloseReason::ClusterDeleted);
         if let Some(versions) = self
             .slots
             .remove(id)
@@ -421,8 +581,9 @@ impl Gateway {
             self.metrics.sent_bytes.remove(&label);
             self.metrics.received_bytes.remove(&label);
         }
-        let handshake =
-            tunnel::http2::client().handshake(TokioIo::new(WsIo::counted(ws, counters)));
+        let stream = Arc::new(CloseSignal::default());
+        let io = WsIo::counted(ws, counters).with_close(stream.clone());
+        let handshake = tunnel::http2::client().handshake(TokioIo::new(io));
         let (sender, connection) =
             match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
                 Ok(Ok(pair)) => pair,
@@ -444,6 +605,7 @@ impl Gateway {
             sender,
             generation,
             closed: closed.clone(),
+            stream,
         };
 
         // The tunnel is only published once a request through it reaches the apiserver.
@@ -456,12 +618,14 @@ impl Gateway {
             Ok(Ok(v)) => v,
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "tunnel opened but the apiserver did not answer");
+                probe.close(CloseReason::Unhealthy);
                 connection.abort();
                 return;
             }
             Err(_) => {
                 tracing::warn!("no answer through the new tunnel within the handshake timeout");
                 self.metrics.reject("handshake_timeout");
+                probe.close(CloseReason::Unhealthy);
                 connection.abort();
                 return;
             }
@@ -473,6 +637,11 @@ impl Gateway {
         if !slot.publish(probe.clone(), still_valid) {
             tracing::info!("token revoked while the tunnel was being set up; closing it");
             self.metrics.reject("unauthorized");
+            probe.close(if self.registry.get(&id).is_none() {
+                CloseReason::ClusterDeleted
+            } else {
+                CloseReason::TokenRevoked
+            });
             connection.abort();
             return;
         }
@@ -520,7 +689,10 @@ impl Gateway {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let reason = loop {
             tokio::select! {
-                _ = closed.cancelled() => break "closed by the hub (replaced, revoked or shutting down)",
+                _ = closed.cancelled() => break probe.stream.requested().map_or(
+                    "closed by the hub: the hub is stopping",
+                    |reason| reason.message(),
+                ),
                 result = &mut connection => break match result {
                     Ok(Ok(())) => "agent closed the tunnel",
                     _ => "tunnel connection failed",
@@ -547,6 +719,14 @@ impl Gateway {
                 }
             }
         };
+        // Whatever ended the session, the byte stream ends with it: a no-op when a reason
+        // was already given or the agent closed; otherwise the hub is stopping or the pings
+        // went unanswered.
+        probe.close(if self.shutdown.is_cancelled() {
+            CloseReason::HubStopping
+        } else {
+            CloseReason::Unhealthy
+        });
         connection.abort();
         let retired = slot.retire(generation);
         if retired {

@@ -6,7 +6,8 @@
 //!
 //! It is also the one home of the network edge the agent, the hub and the relay share:
 //! [`tls`] (rustls configurations), [`dial()`] (a websocket over TCP or TLS), [`http2`] (the
-//! tunnel's HTTP/2 settings, for both ends) and [`Backoff`] (reconnect delays).
+//! tunnel's HTTP/2 settings, for both ends), [`Backoff`] (reconnect delays) and [`close`]
+//! (closing a tunnel from outside, with a reason the peer can act on).
 //! [`crate::agent`], [`crate::hub`] and [`crate::relay`] build on it.
 //!
 //! # Sizing for thousands of tunnels
@@ -31,6 +32,7 @@
 //! Never uses: kube, k8s_openapi (the tunnel knows nothing of Kubernetes).
 
 mod backoff;
+pub mod close;
 pub mod dial;
 pub mod http2;
 pub mod tls;
@@ -39,6 +41,7 @@ mod ws_io;
 use std::time::Duration;
 
 pub use backoff::Backoff;
+pub use close::{CloseReason, CloseSignal, PeerClose};
 pub use dial::{ClientWebSocket, DialError, DialOptions, dial};
 pub use tls::{TlsError, Trust};
 pub use ws_io::{ByteCounters, WsIo};

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -9,19 +10,29 @@ use futures_util::{Sink, Stream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::WS_MAX_WRITE;
+use super::close::{CloseReason, CloseSignal, PeerClose};
 
 /// Adapts a websocket to `AsyncRead + AsyncWrite`: each write becomes one binary message
 /// (at most [`WS_MAX_WRITE`] bytes), and binary messages are read back as one contiguous
 /// stream. Ping and pong frames are handled by tungstenite underneath; a close frame or a
 /// closed connection reads as end of stream. Text messages are a protocol error.
+///
+/// With a [`CloseSignal`] ([`WsIo::with_close`]), a close requested from outside sends the
+/// peer a close frame with the reason and ends the stream at once, whoever owns it; a close
+/// frame from the peer is recorded there.
 pub struct WsIo<S> {
     ws: WebSocketStream<S>,
     /// The unread rest of the last binary message.
     pending: Bytes,
     counters: Option<ByteCounters>,
+    close: Option<Arc<CloseSignal>>,
+    /// Whether the close frame for a requested close was handed to the websocket.
+    close_sent: bool,
 }
 
 /// Where a [`WsIo`] counts the bytes of the stream it carries: binary message payloads, not
@@ -38,7 +49,15 @@ impl<S> WsIo<S> {
             ws,
             pending: Bytes::new(),
             counters: None,
+            close: None,
+            close_sent: false,
         }
+    }
+
+    /// Ends the stream when `signal` is closed, and records the peer's close frame in it.
+    pub fn with_close(mut self, signal: Arc<CloseSignal>) -> Self {
+        self.close = Some(signal);
+        self
     }
 
     /// Like [`WsIo::new`], counting every byte written and read into `counters`.
@@ -47,6 +66,37 @@ impl<S> WsIo<S> {
             counters: Some(counters),
             ..Self::new(ws)
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
+    /// The reason a close was requested for, registering the task to hear of a later one.
+    fn close_requested(&self, cx: &Context<'_>) -> Option<CloseReason> {
+        self.close.as_ref()?.poll_requested(cx.waker())
+    }
+
+    /// Hands the peer one close frame carrying `reason`, if the websocket can take it now,
+    /// and tries once to flush it. Never waits: a peer that stopped reading cannot hold a
+    /// revoked tunnel open, it only misses the reason.
+    fn send_close(&mut self, cx: &mut Context<'_>, reason: CloseReason) {
+        if !self.close_sent {
+            self.close_sent = true;
+            if let Poll::Ready(Ok(())) = Pin::new(&mut self.ws).poll_ready(cx) {
+                let frame = CloseFrame {
+                    code: CloseCode::from(reason.code()),
+                    reason: reason.message().into(),
+                };
+                let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
+            }
+        }
+        let _ = Pin::new(&mut self.ws).poll_flush(cx);
+    }
+
+    fn closed_error(reason: CloseReason) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("tunnel closed: {}", reason.message()),
+        )
     }
 }
 
@@ -67,6 +117,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(reason) = this.close_requested(cx) {
+            this.send_close(cx, reason);
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if !this.pending.is_empty() {
                 let n = buf.remaining().min(this.pending.len());
@@ -87,7 +141,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                         "text message on the tunnel",
                     )));
                 }
-                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                Some(Ok(Message::Close(frame))) => {
+                    if let (Some(signal), Some(frame)) = (&this.close, frame) {
+                        signal.note_received(PeerClose {
+                            code: frame.code.into(),
+                            message: frame.reason.chars().take(123).collect(),
+                        });
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                None => return Poll::Ready(Ok(())),
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
                     return Poll::Ready(Ok(()));
                 }
@@ -104,6 +167,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(reason) = this.close_requested(cx) {
+            this.send_close(cx, reason);
+            return Poll::Ready(Err(Self::closed_error(reason)));
+        }
         ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(to_io)?;
         let n = buf.len().min(WS_MAX_WRITE);
         Pin::new(&mut this.ws)
@@ -116,9 +183,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().ws)
-            .poll_flush(cx)
-            .map_err(to_io)
+        let this = self.get_mut();
+        if let Some(reason) = this.close_requested(cx) {
+            this.send_close(cx, reason);
+            return Poll::Ready(Err(Self::closed_error(reason)));
+        }
+        Pin::new(&mut this.ws).poll_flush(cx).map_err(to_io)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -175,6 +245,37 @@ mod tests {
         client.read_exact(&mut [0u8; 4]).await.unwrap();
         assert_eq!((hub.sent.get(), hub.received.get()), (100_000, 4));
         assert_eq!((agent.sent.get(), agent.received.get()), (4, 100_000));
+    }
+
+    #[tokio::test]
+    async fn a_close_from_outside_ends_the_stream_and_tells_the_peer_why() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let config = Some(super::super::ws_config());
+        let hub = WebSocketStream::from_raw_socket(a, Role::Client, config).await;
+        let agent = WebSocketStream::from_raw_socket(b, Role::Server, config).await;
+        let hub_signal = Arc::new(CloseSignal::default());
+        let agent_signal = Arc::new(CloseSignal::default());
+        let mut hub = WsIo::new(hub).with_close(hub_signal.clone());
+        let mut agent = WsIo::new(agent).with_close(agent_signal.clone());
+        // The stream's owner is parked in a read, as an HTTP/2 connection always is.
+        let reader = tokio::spawn(async move {
+            let read = hub.read(&mut [0u8; 16]).await;
+            (read, hub)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        hub_signal.close(CloseReason::TokenRevoked);
+        let (read, mut hub) = reader.await.unwrap();
+        assert_eq!(read.unwrap(), 0, "the owner reads end of stream");
+        assert!(
+            hub.write(b"x").await.is_err(),
+            "a closed stream takes no writes"
+        );
+        assert_eq!(agent.read(&mut [0u8; 16]).await.unwrap(), 0);
+        let received = agent_signal
+            .received()
+            .expect("no close frame reached the peer");
+        assert_eq!(received.reason(), Some(CloseReason::TokenRevoked));
+        assert_eq!(received.message, CloseReason::TokenRevoked.message());
     }
 
     #[tokio::test]

@@ -366,6 +366,19 @@ impl AgentProcess {
         kubeconfig: &std::path::Path,
         tag: &str,
     ) -> Self {
+        Self::spawn_with(dir, url, ca_file, token, kubeconfig, tag, &[])
+    }
+
+    /// [`AgentProcess::spawn_to`] with more flags for the agent.
+    pub fn spawn_with(
+        dir: &std::path::Path,
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        token: &str,
+        kubeconfig: &std::path::Path,
+        tag: &str,
+        flags: &[&str],
+    ) -> Self {
         let token_file = dir.join(format!("{tag}.token"));
         std::fs::write(&token_file, token).unwrap();
         let log = dir.join(format!("{tag}.log"));
@@ -375,6 +388,7 @@ impl AgentProcess {
         let mut cmd = crate::process::agent_command(&binary, url, ca_file, &token_file, kubeconfig);
         cmd.arg("--reconnect-min-ms=100")
             .arg("--reconnect-max-ms=1000")
+            .args(flags)
             .env("RUST_LOG", "info")
             .stdout(out)
             .stderr(err);

@@ -2,7 +2,8 @@
 //! control plane (this file), its certificates ([`pki`]), hubs in this process and agents as
 //! real processes ([`hub`]), a hub with controllers and one connected cluster ([`cluster`]),
 //! the hub binary in its own process with an API client ([`hub_process`]), and what every
-//! harness needs of processes: free ports, memory and CPU samples, logs ([`process`]).
+//! harness needs of processes: free ports, memory and CPU samples, logs ([`process`]), and a
+//! TCP forwarder that records what moves on a tunnel's socket ([`tap`]).
 //! Depends on the hub's library; nothing in the product depends on it.
 //!
 //! Each test binary starts its own etcd + kube-apiserver on free loopback ports, with
@@ -35,6 +36,7 @@ pub mod hub_process;
 pub mod pki;
 pub mod process;
 pub mod real_node;
+pub mod tap;
 
 pub use process::rss_kib;
 

@@ -47,9 +47,11 @@ pub struct AppLogsQuery {
     tag = "resources", operation_id = "app_logs",
     params(("cluster" = String, Path), ("namespace" = String, Path), ("name" = String, Path), AppLogsQuery),
     responses((status = 200, description = "the App's log lines, each prefixed with `[pod] `", content_type = "text/plain", body = String),
-              (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+              (status = 400, body = ApiError), (status = 404, body = ApiError),
+              (status = 429, body = ApiError)))]
 pub(super) async fn app_logs(
     State(state): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<super::Caller>,
     Path((cluster, namespace, name)): Path<(String, String, String)>,
     query: Result<Query<AppLogsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -63,6 +65,8 @@ pub(super) async fn app_logs(
         )));
     }
     let client = cluster_client(&state, &cluster)?;
+    // Counted from here until the stream ends (the client went, or every log did).
+    let long_running = state.gateway.long_running(&cluster, &caller.0)?;
     Api::<App>::namespaced(client.clone(), &namespace)
         .get(&name)
         .await?;
@@ -75,6 +79,7 @@ pub(super) async fn app_logs(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(LINES_BUFFERED);
     tokio::spawn(async move {
+        let _long_running = long_running;
         let errors = tx.clone();
         // The client may go while every pod is quiet: then no send fails, so watch for it, and
         // end the followers (and their requests through the tunnel) at once.
@@ -196,7 +201,7 @@ fn cluster_client(state: &ApiState, cluster: &str) -> Result<kube::Client, ApiEr
         .registry
         .get(cluster)
         .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
-    Ok(state.gateway.client(cluster))
+    Ok(state.gateway.caller_client(cluster))
 }
 
 #[cfg(test)]

@@ -280,7 +280,9 @@ async fn rotate(state: &ApiState, cluster: &str) -> Result<String, ApiError> {
         .await?
         .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
     // The old token no longer authenticates; close the tunnel it opened.
-    state.gateway.disconnect(cluster);
+    state
+        .gateway
+        .disconnect(cluster, crate::tunnel::CloseReason::TokenRevoked);
     tracing::info!(%cluster, "cluster token rotated");
     Ok(token.expose().to_string())
 }

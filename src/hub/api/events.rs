@@ -40,9 +40,14 @@ type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
     responses((status = 101, description = "websocket of events"), (status = 400, body = ApiError)))]
 pub async fn events(
     State(state): State<Arc<ApiState>>,
-    Query(query): Query<EventsQuery>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
 ) -> Response {
+    // A bad query gets the API's JSON error, like every other route.
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
     let headers = request.headers();
     let upgrade = headers
         .get(header::UPGRADE)
@@ -172,9 +177,11 @@ pub struct LogsQuery {
     params(("cluster" = String, Path), ("namespace" = String, Path), ("name" = String, Path), LogsQuery),
     responses((status = 200, description = "the build log", content_type = "text/plain", body = String),
               (status = 400, body = ApiError),
-              (status = 404, body = ApiError), (status = 503, body = ApiError)))]
+              (status = 404, body = ApiError), (status = 429, body = ApiError),
+              (status = 503, body = ApiError)))]
 pub async fn build_logs(
     State(state): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<super::Caller>,
     axum::extract::Path((cluster, namespace, name)): axum::extract::Path<(String, String, String)>,
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -187,7 +194,9 @@ pub async fn build_logs(
         .registry
         .get(&cluster)
         .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
-    let client = state.gateway.client(&cluster);
+    // Counted from here until the stream ends (the client went, or the log did).
+    let long_running = state.gateway.long_running(&cluster, &caller.0)?;
+    let client = state.gateway.caller_client(&cluster);
     let build: crate::crd::AppBuild = Api::namespaced(client.clone(), &namespace)
         .get(&name)
         .await?;
@@ -213,6 +222,7 @@ pub async fn build_logs(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
     tokio::spawn(async move {
+        let _long_running = long_running;
         let lines = tx.clone();
         let follow = crate::relay::logs::follow_pod(&pods, &pod, query.follow, |_, line| {
             let tx = lines.clone();

@@ -34,7 +34,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::hub::config::{TokenHash, hash_token};
-use crate::hub::gateway::{Gateway, TunnelError};
+use crate::hub::gateway::{Gateway, LongRunningLimit, TunnelError};
 use crate::hub::registry::{Registry, StoreError};
 
 /// What the API handlers share.
@@ -107,6 +107,11 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
             }
+            StatusCode::TOO_MANY_REQUESTS => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
             _ => {}
         }
         response
@@ -129,6 +134,16 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         Self::bad_request(rejection.body_text())
+    }
+}
+
+impl From<LongRunningLimit> for ApiError {
+    fn from(limit: LongRunningLimit) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            limit.to_string(),
+        )
     }
 }
 
@@ -161,6 +176,20 @@ fn tunnel_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Tu
 impl From<kube::Error> for ApiError {
     fn from(err: kube::Error) -> Self {
         match &err {
+            // kube's stand-in for an error answer that is not a Kubernetes Status (an agent's
+            // or a proxy's plain-text 431, 502, …): say what the cluster answered.
+            kube::Error::Api(status) if status.reason == "Failed to parse error data" => {
+                let code = StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY);
+                let text: String = status.message.chars().take(256).collect();
+                Self::new(
+                    code,
+                    &reason_of(code),
+                    format!(
+                        "the cluster answered HTTP {code}{}{text}",
+                        if text.is_empty() { "" } else { ": " }
+                    ),
+                )
+            }
             kube::Error::Api(status) => {
                 let code = StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY);
                 Self::new(code, &status.reason, status.message.clone())
@@ -172,6 +201,11 @@ impl From<kube::Error> for ApiError {
                     format!(
                         "cluster {cluster} is offline: its agent has no live tunnel to the hub; nothing was changed"
                     ),
+                ),
+                Some(busy @ TunnelError::CallerStreamsExhausted(_)) => Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    busy.to_string(),
                 ),
                 Some(other) => Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -186,6 +220,20 @@ impl From<kube::Error> for ApiError {
             },
         }
     }
+}
+
+/// A status code's reason phrase as an API reason: `431` → `RequestHeaderFieldsTooLarge`.
+fn reason_of(code: StatusCode) -> String {
+    code.canonical_reason()
+        .unwrap_or("ClusterRequestFailed")
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .map(|word| {
+            let mut chars = word.chars();
+            chars.next().map_or(String::new(), |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect()
 }
 
 /// Refuses a path segment that is not a Kubernetes name before it reaches a cluster (a `%2F`
@@ -216,6 +264,10 @@ enum Role {
     Viewer,
 }
 
+/// Who made an API request: the hash of its token (limits are counted per token).
+#[derive(Clone, Debug)]
+pub struct Caller(pub(crate) String);
+
 fn matches_any(presented: &str, hashes: &[TokenHash]) -> bool {
     // Compare against every configured hash so timing does not reveal which one matched.
     hashes.iter().fold(false, |found, h| {
@@ -231,9 +283,9 @@ async fn authenticate(State(state): Shared, request: Request, next: Next) -> Res
         .and_then(|v| v.to_str().ok())
         .and_then(crate::secret::bearer_token)
         .map(|t| hash_token(t.trim()));
-    let role = match presented {
-        Some(h) if matches_any(&h, &state.admin_tokens) => Role::Admin,
-        Some(h) if matches_any(&h, &state.viewer_tokens) => Role::Viewer,
+    let role = match &presented {
+        Some(h) if matches_any(h, &state.admin_tokens) => Role::Admin,
+        Some(h) if matches_any(h, &state.viewer_tokens) => Role::Viewer,
         Some(_) => {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -259,6 +311,10 @@ async fn authenticate(State(state): Shared, request: Request, next: Next) -> Res
             "this token may only read; changes need an admin token",
         )
         .into_response();
+    }
+    let mut request = request;
+    if let Some(hash) = presented {
+        request.extensions_mut().insert(Caller(hash));
     }
     next.run(request).await
 }
@@ -366,5 +422,43 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
         )
         .merge(api)
         .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{method} is not allowed on this path (see /api/v1/openapi.json)"),
+            )
+        })
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_answer_that_is_not_a_status_says_what_the_cluster_answered() {
+        let unparsed = |code: u16, text: &str| {
+            let status =
+                kube::core::Status::failure(text, "Failed to parse error data").with_code(code);
+            ApiError::from(kube::Error::Api(status.boxed()))
+        };
+        let empty = unparsed(431, "");
+        assert_eq!(
+            (empty.code, empty.reason.as_str(), empty.message.as_str()),
+            (
+                431,
+                "RequestHeaderFieldsTooLarge",
+                "the cluster answered HTTP 431 Request Header Fields Too Large"
+            )
+        );
+        let text = unparsed(502, "upstream connect error");
+        assert_eq!(text.reason, "BadGateway");
+        assert!(
+            text.message.ends_with(": upstream connect error"),
+            "{}",
+            text.message
+        );
+        assert_eq!(reason_of(StatusCode::NOT_FOUND), "NotFound");
+    }
 }

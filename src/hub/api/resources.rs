@@ -67,7 +67,7 @@ fn target(
         (_, Some(ns)) => check_name("namespace", ns)?,
     }
     Ok(Target {
-        client: state.gateway.client(cluster),
+        client: state.gateway.caller_client(cluster),
         kind,
         collection: collection_path(namespace, plural),
     })

@@ -759,6 +759,25 @@ fn assert_closed_within_a_second(record: &TapRecord, requested: Instant, what: &
     ));
 }
 
+/// Checks the agent was told `reason`, and does not dial again with its revoked token: with
+/// its reconnect delay capped at 1 s, an agent that retried would have dialled several times
+/// in 5 s, each a new connection through the tap beyond its `connections`.
+async fn told_and_quiet(agent: &AgentProcess, tap: &Tap, reason: CloseReason, connections: usize) {
+    wait_for(
+        &format!("the agent to hear {reason:?}"),
+        Duration::from_secs(10),
+        async || agent.log_text().contains(reason.message()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        tap.records().len(),
+        connections,
+        "the agent dialled again after {reason:?}:\n{}",
+        agent.log_text()
+    );
+}
+
 #[tokio::test]
 async fn revocation_closes_the_socket_and_the_agent_stops_dialling_with_the_revoked_token() {
     let dir = scratch_dir("api-revoke-socket");
@@ -803,25 +822,7 @@ async fn revocation_closes_the_socket_and_the_agent_stops_dialling_with_the_revo
         watch_ended.is_ok(),
         "a watch through the revoked tunnel still runs"
     );
-    // The agent was told why, and does not dial with the revoked token again: with its
-    // reconnect delay capped at 1 s, an agent that retried would have dialled several times.
-    wait_for(
-        "the agent to hear that its token was revoked",
-        Duration::from_secs(10),
-        async || {
-            agent
-                .log_text()
-                .contains(CloseReason::TokenRevoked.message())
-        },
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        tap.records().len(),
-        1,
-        "the agent dialled again with its revoked token:\n{}",
-        agent.log_text()
-    );
+    told_and_quiet(&agent, &tap, CloseReason::TokenRevoked, 1).await;
     // A new token in its file: it dials with that one, at once.
     let new_token = rotated.json()["token"].as_str().unwrap().to_string();
     std::fs::write(dir.join("agent.token"), &new_token).unwrap();
@@ -836,23 +837,7 @@ async fn revocation_closes_the_socket_and_the_agent_stops_dialling_with_the_revo
     assert!(deleted.status < 300, "{}", deleted.text());
     let record = socket_closed(&tap, 1, "deletion").await;
     assert_closed_within_a_second(&record, requested, "cluster deletion");
-    wait_for(
-        "the agent to hear that its cluster was deleted",
-        Duration::from_secs(10),
-        async || {
-            agent
-                .log_text()
-                .contains(CloseReason::ClusterDeleted.message())
-        },
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        tap.records().len(),
-        2,
-        "the agent of a deleted cluster dialled again:\n{}",
-        agent.log_text()
-    );
+    told_and_quiet(&agent, &tap, CloseReason::ClusterDeleted, 2).await;
 }
 
 async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {

@@ -60,6 +60,15 @@ async fn app_pod(admin: &kube::Client, ns: &str, app: &str, name: &str) {
     .await;
 }
 
+/// A hub with controllers and a connected cluster (`name`), a Project (`prefix`…) and in it
+/// App `web` Ready: the cluster and the Project's namespace. Needs [`support::jobs`].
+async fn web_project(name: &str, prefix: &str) -> (support::cluster::ConnectedCluster, String) {
+    let cluster = support::cluster::connected_cluster(name).await;
+    let ns = support::cluster::active_project(&cluster.admin, prefix).await;
+    web_app(&cluster.admin, &ns).await;
+    (cluster, ns)
+}
+
 /// App `web`, a Dockerfile App from git, Ready.
 async fn web_app(admin: &kube::Client, ns: &str) {
     support::cluster::ready_app(
@@ -78,11 +87,9 @@ async fn app_logs_follow_every_pod_and_end_with_the_client() {
     let _one = ONE_CONTROLLING_HUB.lock().await;
     support::jobs().await;
     support::write_container_log("app", &["listening on :8080", "GET / 200"]);
-    let cluster = support::cluster::connected_cluster("app-logs").await;
+    let (cluster, ns) = web_project("app-logs", "logs").await;
     let admin = cluster.admin.clone();
     let hub = cluster.hub.as_ref().unwrap();
-    let ns = support::cluster::active_project(&admin, "logs").await;
-    web_app(&admin, &ns).await;
     app_pod(&admin, &ns, "web", "web-a").await;
     let logs = format!(
         "/api/v1/clusters/{}/namespaces/{ns}/apps/web/logs",
@@ -353,11 +360,9 @@ async fn log_streams_are_limited_per_token_and_per_cluster_and_the_controllers_k
     let _one = ONE_CONTROLLING_HUB.lock().await;
     support::jobs().await;
     support::write_container_log("app", &["listening on :8080"]);
-    let cluster = support::cluster::connected_cluster("log-limits").await;
+    let (cluster, ns) = web_project("log-limits", "limits").await;
     let admin = cluster.admin.clone();
     let hub = cluster.hub.as_ref().unwrap();
-    let ns = support::cluster::active_project(&admin, "limits").await;
-    web_app(&admin, &ns).await;
     app_pod(&admin, &ns, "web", "web-a").await;
     let logs = format!(
         "/api/v1/clusters/{}/namespaces/{ns}/apps/web/logs?follow=true",
@@ -412,11 +417,9 @@ async fn a_build_log_read_without_follow_answers_while_the_build_waits_to_start(
     let _one = ONE_CONTROLLING_HUB.lock().await;
     support::jobs().await;
     support::write_container_log("clone", &["Cloning into '/workspace/source'..."]);
-    let cluster = support::cluster::connected_cluster("pending-logs").await;
+    let (cluster, ns) = web_project("pending-logs", "pending").await;
     let admin = cluster.admin.clone();
     let hub = cluster.hub.as_ref().unwrap();
-    let ns = support::cluster::active_project(&admin, "pending").await;
-    web_app(&admin, &ns).await;
     Api::<shapeblock::crd::AppBuild>::namespaced(admin.clone(), &ns)
         .create(
             &Default::default(),

@@ -192,14 +192,21 @@ pub struct LongRunning {
     _token: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// A response body for an API caller: it holds one of the caller streams of its tunnel until
-/// it is dropped, so a stream the caller abandoned is given back with it.
-pub struct CallerBody {
+/// A response body from a tunnel. An API caller's holds one of the caller streams of its
+/// tunnel until it is dropped, so a stream the caller abandoned is given back with it.
+pub struct TunnelBody {
     inner: Incoming,
-    _stream: tokio::sync::OwnedSemaphorePermit,
+    _stream: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl http_body::Body for CallerBody {
+/// Whose requests a [`Gateway`] client carries: they have separate budgets.
+#[derive(Clone, Copy)]
+enum Traffic {
+    Controllers,
+    Callers,
+}
+
+impl http_body::Body for TunnelBody {
     type Data = bytes::Bytes;
     type Error = hyper::Error;
 
@@ -426,41 +433,40 @@ impl Gateway {
     /// [`TunnelError::NotConnected`] while there is none (watchers back off and resume).
     /// Must be called within a Tokio runtime.
     pub fn client(&self, id: &str) -> kube::Client {
-        let slot = self.slot(id);
-        let limiter = self.api_limiter.clone();
-        let metrics = self.metrics.clone();
-        let service = tower::service_fn(move |request| {
-            let slot = slot.clone();
-            let limiter = limiter.clone();
-            let metrics = metrics.clone();
-            async move {
-                pace(&limiter, &slot.id, &metrics).await;
-                slot.send(request).await
-            }
-        });
-        kube::Client::new(service, "default")
+        self.client_for(id, Traffic::Controllers)
     }
 
     /// A client for API callers' requests to a cluster: like [`Gateway::client`], with the
     /// callers' own request budget, and at most [`CALLER_STREAMS`] streams held at once
     /// (beyond that a request fails at once with [`TunnelError::CallerStreamsExhausted`]).
     pub fn caller_client(&self, id: &str) -> kube::Client {
+        self.client_for(id, Traffic::Callers)
+    }
+
+    fn client_for(&self, id: &str, traffic: Traffic) -> kube::Client {
         let slot = self.slot(id);
-        let limiter = self.caller_limiter.clone();
+        let limiter = match traffic {
+            Traffic::Controllers => self.api_limiter.clone(),
+            Traffic::Callers => self.caller_limiter.clone(),
+        };
         let metrics = self.metrics.clone();
         let service = tower::service_fn(move |request| {
             let slot = slot.clone();
             let limiter = limiter.clone();
             let metrics = metrics.clone();
             async move {
-                let stream = slot
-                    .caller_streams
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| TunnelError::CallerStreamsExhausted(slot.id.clone()))?;
+                let stream = match traffic {
+                    Traffic::Controllers => None,
+                    Traffic::Callers => Some(
+                        slot.caller_streams
+                            .clone()
+                            .try_acquire_owned()
+                            .map_err(|_| TunnelError::CallerStreamsExhausted(slot.id.clone()))?,
+                    ),
+                };
                 pace(&limiter, &slot.id, &metrics).await;
                 let response = slot.send(request).await?;
-                Ok::<_, TunnelError>(response.map(|inner| CallerBody {
+                Ok::<_, TunnelError>(response.map(|inner| TunnelBody {
                     inner,
                     _stream: stream,
                 }))

@@ -838,6 +838,12 @@ async fn revocation_closes_the_socket_and_the_agent_stops_dialling_with_the_revo
     let record = socket_closed(&tap, 1, "deletion").await;
     assert_closed_within_a_second(&record, requested, "cluster deletion");
     told_and_quiet(&agent, &tap, CloseReason::ClusterDeleted, 2).await;
+    // Its log went to a file: no terminal colour codes in it (issue 20).
+    assert!(
+        !agent.log_text().contains('\u{1b}'),
+        "ANSI escape codes in the agent's log file:\n{}",
+        agent.log_text()
+    );
 }
 
 async fn list_ids(addr: std::net::SocketAddr) -> Vec<String> {

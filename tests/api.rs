@@ -634,6 +634,81 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     );
 }
 
+/// `/metrics` names every cluster and agent version: on the API port (the one an Ingress
+/// exposes) it needs a token; `--metrics-listen` serves it, and nothing else, on an internal
+/// address for Prometheus.
+#[tokio::test]
+async fn metrics_need_a_token_on_the_api_port_and_have_their_own_listener() {
+    let dir = scratch_dir("api-metrics");
+    let metrics_port = free_port();
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let data = dir.join("data");
+    let args = [
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--admin-tokens".into(),
+        ADMIN_TOKEN.into(),
+        "--viewer-tokens".into(),
+        VIEWER_TOKEN.into(),
+        "--metrics-listen".into(),
+        metrics_addr.to_string(),
+    ];
+    let hub = spawn_hub(&dir, free_port(), &args).await;
+    let get = async |addr, path: &str, token: Option<&str>| {
+        http_request(addr, None, "GET", path, token, None).await
+    };
+    let anonymous = get(hub.addr, "/metrics", None).await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.text());
+    assert_eq!(anonymous.json()["reason"], "Unauthorized");
+    assert!(
+        !anonymous.text().contains("shapeblock_"),
+        "{}",
+        anonymous.text()
+    );
+    let viewer = get(hub.addr, "/metrics", Some(VIEWER_TOKEN)).await;
+    assert_eq!(viewer.status, 200, "{}", viewer.text());
+    assert!(
+        viewer.text().contains("shapeblock_tunnel_"),
+        "{}",
+        viewer.text()
+    );
+
+    // The internal listener answers without a token, and only /metrics.
+    let internal = get(metrics_addr, "/metrics", None).await;
+    assert_eq!(internal.status, 200, "{}", internal.text());
+    assert!(
+        internal.text().contains("shapeblock_tunnel_"),
+        "{}",
+        internal.text()
+    );
+    for path in ["/api/v1/clusters", "/healthz", "/agent/v1/connect"] {
+        let other = get(metrics_addr, path, Some(ADMIN_TOKEN)).await;
+        assert_eq!(
+            other.status,
+            404,
+            "{path} on the metrics listener: {}",
+            other.text()
+        );
+    }
+    drop(hub);
+
+    // The metrics listener may not be the API's own address.
+    let same = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args([
+            "--listen",
+            "127.0.0.1:18999",
+            "--metrics-listen",
+            "127.0.0.1:18999",
+        ])
+        .current_dir(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(!same.status.success());
+    let stderr = String::from_utf8_lossy(&same.stderr);
+    assert!(stderr.contains("metrics_listen"), "{stderr}");
+}
+
 #[tokio::test]
 async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
     let dir = scratch_dir("api-revoke");
@@ -652,7 +727,7 @@ async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
     hub.wait_connected(&cluster).await;
 
     // Connection state is in the metrics: versions, last seen.
-    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let metrics = hub.metrics().await;
     let info = metrics
         .lines()
         .find(|l| l.starts_with("shapeblock_tunnel_info{") && l.contains(&cluster))
@@ -707,7 +782,7 @@ async fn revocation_closes_the_tunnel_and_refuses_the_old_token() {
         .api("GET", &format!("/api/v1/clusters/{cluster}"), None)
         .await;
     assert_eq!(gone.status, 404, "{}", gone.text());
-    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let metrics = hub.metrics().await;
     assert!(
         !metrics.contains(&cluster),
         "metrics of a deleted cluster remain:\n{metrics}"

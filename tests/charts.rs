@@ -199,6 +199,24 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
         })
         .unwrap_or_else(|e| panic!("the chart's hub.yaml is refused by the hub: {e}"));
         assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.metrics_listen.map(|a| a.port()), Some(9180));
+        if i == 0 {
+            // The Ingress routes the tunnel and the API, nothing else (not /metrics).
+            let ingress = objects.iter().find(|o| o["kind"] == "Ingress").unwrap();
+            let paths: Vec<(&str, &str)> = ingress["spec"]["rules"][0]["http"]["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p["path"].as_str().unwrap(), p["pathType"].as_str().unwrap()))
+                .collect();
+            assert_eq!(
+                paths,
+                [
+                    (shapeblock::tunnel::CONNECT_PATH, "Exact"),
+                    ("/api/v1", "Prefix")
+                ]
+            );
+        }
         // Behind the chart's Ingress the handshake limit keys on the address nginx saw.
         assert_eq!(config.gateway.trust_forwarded_for, i == 0);
         if i == 1 {

@@ -84,7 +84,8 @@ impl TestServer {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or_default()
                             .to_string();
-                        assert!(query.contains(&format!("api_key={KEY}")), "query {query}");
+                        // The key goes in the header only (relay.api_key_in_query is off).
+                        assert!(!query.contains("api_key"), "query {query}");
                         assert_eq!(bearer, format!("Bearer {KEY}"));
                         Ok(response)
                     };
@@ -121,6 +122,7 @@ impl TestServer {
         RelayConfig {
             url: self.url.clone(),
             api_key: Secret::new(KEY),
+            api_key_in_query: false,
             buffer,
             ping_interval: Duration::from_secs(1),
             write_timeout: Duration::from_secs(30),
@@ -331,13 +333,7 @@ async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
         server.messages().iter().any(|m| m["resync"] == true),
         "a resync followed the reconnect"
     );
-    let metrics = cluster
-        .hub
-        .as_ref()
-        .unwrap()
-        .api_raw(None, "GET", "/metrics", None)
-        .await
-        .text();
+    let metrics = cluster.hub.as_ref().unwrap().metrics().await;
     let connects: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("shapeblock_relay_connects_total "))

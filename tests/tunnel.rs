@@ -197,7 +197,7 @@ async fn kube_requests_through_the_tunnel() {
     }
 
     // Per-cluster metrics.
-    let metrics = s.hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let metrics = s.hub.metrics().await;
     assert!(
         metrics.contains(&format!(
             "shapeblock_tunnel_connected{{cluster=\"{}\"}} 1",
@@ -676,7 +676,7 @@ async fn handshakes_are_rate_limited_before_authentication() {
         statuses.get(&429).copied().unwrap_or(0) >= 30,
         "no rate limiting: {statuses:?}"
     );
-    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let metrics = hub.metrics().await;
     assert!(
         metrics.contains("shapeblock_tunnel_handshakes_rejected_total{reason=\"rate_limited\"}"),
         "{metrics}"
@@ -701,7 +701,7 @@ async fn requests_to_one_cluster_are_held_to_its_budget() {
     // The waits are visible to an operator: most of the 150 requests past the burst waited
     // (the bucket refills a little while requests are in flight), for about the 3 s the
     // budget imposed.
-    let metrics = s.hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let metrics = s.hub.metrics().await;
     let value = |name: &str| -> f64 {
         metrics
             .lines()
@@ -909,7 +909,7 @@ async fn a_hostile_agent_cannot_make_the_hub_buffer_or_store_unbounded_answers()
     if status.connected {
         assert_eq!(status.kubernetes_version.as_deref(), Some("unknown"));
     }
-    let metrics = hub.api_raw(None, "GET", "/metrics", None).await.text();
+    let metrics = hub.metrics().await;
     assert!(
         metrics.len() < 1_000_000,
         "/metrics is {} bytes",
@@ -919,4 +919,85 @@ async fn a_hostile_agent_cannot_make_the_hub_buffer_or_store_unbounded_answers()
         !metrics.contains("forged"),
         "the agent's version header reached /metrics raw"
     );
+}
+
+/// The certificate the hub presents to a new TLS client (the end-entity's DER).
+async fn served_certificate(addr: std::net::SocketAddr, ca_file: &std::path::Path) -> Vec<u8> {
+    let config = shapeblock::tunnel::tls::client_config(shapeblock::tunnel::Trust::Pinned(ca_file))
+        .expect("client TLS");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the hub");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// cert-manager renews the hub's certificate in place: from the next handshake the hub presents
+/// the new one, without a restart, and no tunnel drops; a broken pair written over it is
+/// refused and the renewed certificate stays.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_dropping_tunnels() {
+    use rustls_pki_types::pem::PemObject;
+    let dir = scratch_dir("tls-renewal");
+    // The files TestHub's TLS reads, from a CA this test keeps, so it can renew.
+    let ca = support::pki::TestCa::new("renewing-ca").unwrap();
+    let ca_file = dir.join("hub-ca.crt");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    // As the kubelet updates a Secret volume: the new files appear at once, by rename.
+    let install = |issued: &support::pki::Issued| {
+        for (name, text) in [("hub.crt", &issued.cert_pem), ("hub.key", &issued.key_pem)] {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.join(name)).unwrap();
+        }
+    };
+    let der = |issued: &support::pki::Issued| {
+        rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    let first = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    install(&first);
+    let hub = TestHub::builder().tls(&dir).start().await;
+    let (cluster, token) = hub
+        .registry
+        .register("renewed", Default::default())
+        .unwrap();
+    let kubeconfig = support::kubeconfig_path().await;
+    let _agent = AgentProcess::spawn(&dir, &hub, token.expose(), &kubeconfig, "agent-renewed");
+    hub.wait_connected(&cluster.id).await;
+    let before = hub.gateway.status(&cluster.id);
+    assert_eq!(served_certificate(hub.addr, &ca_file).await, der(&first));
+
+    let renewed = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    install(&renewed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served_certificate(hub.addr, &ca_file).await != der(&renewed) {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A broken pair (a new certificate with the old key, as a renewal caught half-written) is
+    // refused: the renewed certificate is still served after the next checks.
+    let half = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("hub.crt"), &half.cert_pem).unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(served_certificate(hub.addr, &ca_file).await, der(&renewed));
+
+    // The tunnel opened before the renewal is the same one, and still works.
+    let after = hub.gateway.status(&cluster.id);
+    assert!(after.connected, "{after:?}");
+    assert_eq!(
+        (after.connects, after.connected_since),
+        (before.connects, before.connected_since),
+        "the agent reconnected during the renewal"
+    );
+    Api::<Namespace>::all(hub.gateway.client(&cluster.id))
+        .get("kube-system")
+        .await
+        .expect("a request through the tunnel opened before the renewal");
 }

@@ -55,10 +55,12 @@ impl Policy {
             }
         }
         // Resource paths: /api/v1/... or /apis/<group>/<version>/..., then optionally
-        // namespaces/<ns>, then <resource>/<name>/<subresource>. Checking every segment after
-        // the version for a refused name also covers namespace-level proxies and any future
-        // nesting, at the cost of refusing objects literally named like a refused subresource
-        // in the subresource position only.
+        // namespaces/<ns>, then <resource>/<name>/<subresource>. Only the subresource position
+        // is checked: that is where the apiserver routes exec, attach, portforward and proxy,
+        // for namespaced and cluster-scoped objects alike (`nodes/<n>/proxy/…`,
+        // `namespaces/<ns>/services/<s>/proxy/…`). An object merely named like a refused
+        // subresource is not refused, and segments after the subresource (a proxied path) are
+        // the target's business, not checked here.
         let rest = match segments.as_slice() {
             ["api", _version, rest @ ..] => rest,
             ["apis", _group, _version, rest @ ..] => rest,

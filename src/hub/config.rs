@@ -40,6 +40,11 @@ pub struct HubArgs {
     /// Address the API and the agent gateway listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "SHAPEBLOCK_HUB_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address of a second, plain-HTTP listener serving only /metrics without a token, for a
+    /// Prometheus inside the host's network [default: none; /metrics on the API listener
+    /// needs an API token].
+    #[arg(long, env = "SHAPEBLOCK_HUB_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory for the cluster registry [default: ./shapeblock-data].
     #[arg(long, env = "SHAPEBLOCK_HUB_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -90,6 +95,7 @@ pub struct HubArgs {
 #[serde(default, deny_unknown_fields)]
 struct HubFile {
     listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
@@ -130,6 +136,10 @@ struct RelayFile {
     )]
     write_timeout: Duration,
     ca_file: Option<PathBuf>,
+    /// `ws://` URLs are refused unless this is set (a trusted network, or a test).
+    allow_plaintext: bool,
+    /// Also send the key as `api_key` in the URL's query, for a server that reads it there.
+    api_key_in_query: bool,
 }
 
 impl Default for RelayFile {
@@ -141,6 +151,8 @@ impl Default for RelayFile {
             ping_interval: Duration::from_secs(20),
             write_timeout: Duration::from_secs(60),
             ca_file: None,
+            allow_plaintext: false,
+            api_key_in_query: false,
         }
     }
 }
@@ -159,6 +171,8 @@ impl RelayFile {
             ping_interval,
             write_timeout,
             ca_file,
+            allow_plaintext,
+            api_key_in_query,
         } = self;
         let Some(url) = url.or(file_url) else {
             return Ok(None);
@@ -169,8 +183,22 @@ impl RelayFile {
                 "required with relay.url (or --relay-api-key / SHAPEBLOCK_HUB_RELAY_API_KEY)",
             )
         })?;
+        let scheme_ok = url.starts_with("wss://") || (allow_plaintext && url.starts_with("ws://"));
+        check(
+            scheme_ok,
+            "relay.url",
+            if url.starts_with("ws://") {
+                format!(
+                    "{url:?} is not encrypted and would carry the API key in clear: use wss:// \
+                     (or set relay.allow_plaintext: true on a trusted network)"
+                )
+            } else {
+                format!("{url:?} must be a wss:// URL with a host")
+            },
+        )?;
         Ok(Some(RelayConfig {
             url,
+            api_key_in_query,
             api_key,
             // An empty queue could never hand an event over: the smallest that works.
             buffer: buffer.max(1),
@@ -221,6 +249,8 @@ pub use crate::secret::hash_token;
 #[derive(Clone, Debug)]
 pub struct HubConfig {
     pub listen: SocketAddr,
+    /// Where `/metrics` is also served, unauthenticated (never the Ingress' port).
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub tls: Option<TlsFiles>,
     pub public_url: Option<String>,
@@ -252,6 +282,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
             data_dir: PathBuf::from("shapeblock-data"),
             tls: None,
             public_url: None,
@@ -276,6 +307,7 @@ impl HubConfig {
         let HubArgs {
             config,
             listen,
+            metrics_listen,
             data_dir,
             tls_cert_file,
             tls_key_file,
@@ -291,6 +323,7 @@ impl HubConfig {
         let defaults = Self::default();
         let config = Self {
             listen: listen.or(file.listen).unwrap_or(defaults.listen),
+            metrics_listen: metrics_listen.or(file.metrics_listen),
             data_dir: data_dir.or(file.data_dir).unwrap_or(defaults.data_dir),
             tls: tls_files(
                 tls_cert_file.or(file.tls_cert_file),
@@ -324,7 +357,8 @@ impl HubConfig {
     /// The checks a merged configuration must pass, each naming its key as in the file.
     fn validate(&self) -> Result<(), ConfigError> {
         let Self {
-            listen: _,
+            listen,
+            metrics_listen,
             data_dir: _,
             tls: _,
             public_url,
@@ -339,6 +373,11 @@ impl HubConfig {
             relay,
             events_capacity,
         } = self;
+        check(
+            *metrics_listen != Some(*listen),
+            "metrics_listen",
+            "must differ from listen (the API port serves /metrics behind a token)",
+        )?;
         if let Some(url) = public_url {
             let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
                 matches!(u.scheme_str(), Some("wss" | "ws" | "https" | "http"))
@@ -398,15 +437,15 @@ impl HubConfig {
         validate_apps(&runtime.controllers.apps)?;
         if let Some(relay) = relay {
             let url = &relay.url;
-            let ok = (url.starts_with("wss://") || url.starts_with("ws://"))
-                && url
-                    .parse::<http::Uri>()
-                    .ok()
-                    .is_some_and(|u| u.host().is_some());
+            // The scheme was checked against relay.allow_plaintext when the section was merged.
+            let ok = url
+                .parse::<http::Uri>()
+                .ok()
+                .is_some_and(|u| u.host().is_some());
             check(
                 ok,
                 "relay.url",
-                format!("{url:?} must be a wss:// (or ws://) URL with a host"),
+                format!("{url:?} must be a wss:// URL with a host"),
             )?;
             check(
                 !relay.ping_interval.is_zero(),
@@ -713,6 +752,36 @@ mod tests {
         );
         // An empty file is no file.
         assert_eq!(format!("{:?}", load("").unwrap()), format!("{config:?}"));
+    }
+
+    #[test]
+    fn a_plaintext_relay_needs_allow_plaintext_and_the_key_stays_out_of_the_query() {
+        let relay = "relay: {url: 'ws://s.example.com/ws', api_key: k}\n";
+        let err = load(relay).unwrap_err().to_string();
+        assert!(
+            err.contains("relay.url") && err.contains("relay.allow_plaintext"),
+            "{err}"
+        );
+        let relay =
+            load("relay: {url: 'ws://s.example.com/ws', api_key: k, allow_plaintext: true}\n")
+                .unwrap()
+                .relay
+                .unwrap();
+        assert_eq!(relay.url, "ws://s.example.com/ws");
+        assert!(
+            !relay.api_key_in_query,
+            "the key is in the query only when asked for"
+        );
+        let relay =
+            load("relay: {url: 'wss://s.example.com/ws', api_key: k, api_key_in_query: true}\n")
+                .unwrap()
+                .relay
+                .unwrap();
+        assert!(relay.api_key_in_query);
+        let err = load("relay: {url: 'https://s.example.com/ws', api_key: k}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be a wss:// URL"), "{err}");
     }
 
     #[test]

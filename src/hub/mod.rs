@@ -1,5 +1,6 @@
 //! The hub process: the agent gateway, the cluster registry and the HTTP API the ShapeBlock
-//! server talks to, served on one listener (TLS with rustls, or plain HTTP behind an ingress).
+//! server talks to, served on one listener (TLS with rustls, or plain HTTP behind an ingress),
+//! and optionally `/metrics` alone on a second, internal one.
 //!
 //! The hub starts with an embedded default configuration and no external services. It wires
 //! the other modules together, so nothing depends on it.
@@ -25,6 +26,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::tunnel::tls::{Reload, ServerCertificate};
 
 pub use config::{HubArgs, HubConfig};
 pub use gateway::{ConnectionState, Gateway, GatewayConfig, TunnelError};
@@ -62,7 +65,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// was asked for, and use the registry and gateway before serving.
 pub struct Hub {
     listener: TcpListener,
+    /// `metrics_listen`: `/metrics` without a token, for a Prometheus on the internal network.
+    metrics_listener: Option<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The certificate `tls` presents, re-read when its files change.
+    certificate: Option<Arc<ServerCertificate>>,
     pub registry: Arc<Registry>,
     pub gateway: Arc<Gateway>,
     api: Arc<api::ApiState>,
@@ -76,13 +83,24 @@ pub struct Hub {
 impl Hub {
     /// Binds the listener and builds the hub's state around `registry`.
     pub async fn bind(config: &HubConfig, registry: Arc<Registry>) -> Result<Self, HubError> {
-        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let (tls, certificate) = match config.tls.as_ref().map(tls_acceptor).transpose()? {
+            Some((acceptor, certificate)) => (Some(acceptor), Some(certificate)),
+            None => (None, None),
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| HubError::Bind {
                 addr: config.listen,
                 source,
             })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| HubError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let tunnel_metrics = Arc::new(metrics::TunnelMetrics::default());
         let mut prometheus = prometheus_client::registry::Registry::default();
         tunnel_metrics.register(&mut prometheus);
@@ -136,7 +154,9 @@ impl Hub {
         });
         Ok(Self {
             listener,
+            metrics_listener,
             tls,
+            certificate,
             registry,
             gateway,
             api,
@@ -151,8 +171,29 @@ impl Hub {
         self.listener.local_addr()
     }
 
+    /// The address of the `metrics_listen` listener, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref()?.local_addr().ok()
+    }
+
     /// Serves until `shutdown` is cancelled, then closes every tunnel and drains requests.
-    pub async fn serve(self, shutdown: CancellationToken) {
+    pub async fn serve(mut self, shutdown: CancellationToken) {
+        if let Some(certificate) = self.certificate.take() {
+            tokio::spawn(reload_certificate(certificate, shutdown.clone()));
+        }
+        if let Some(listener) = self.metrics_listener.take() {
+            tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+            let router = api::metrics_router(self.api.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(err) = served {
+                    tracing::warn!(error = %err, "the metrics listener stopped");
+                }
+            });
+        }
         let router = api::router(self.api.clone(), self.max_body).merge(self.gateway.routes());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = ?self.listener.local_addr().ok(), tls = self.tls.is_some(), "hub listening");
@@ -235,7 +276,38 @@ impl Hub {
     }
 }
 
-fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, HubError> {
-    let config = crate::tunnel::tls::server_config(&files.cert_file, &files.key_file)?;
-    Ok(tokio_rustls::TlsAcceptor::from(config))
+fn tls_acceptor(
+    files: &TlsFiles,
+) -> Result<(tokio_rustls::TlsAcceptor, Arc<ServerCertificate>), HubError> {
+    let certificate = ServerCertificate::load(&files.cert_file, &files.key_file)?;
+    let config = crate::tunnel::tls::server_config(certificate.clone())?;
+    Ok((tokio_rustls::TlsAcceptor::from(config), certificate))
+}
+
+/// How often the certificate files are compared with the pair being served. cert-manager
+/// renews weeks before expiry, and a check reads two small files.
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Serves renewed certificates from the next handshake on; open connections (every agent's
+/// tunnel) keep the session they have.
+async fn reload_certificate(certificate: Arc<ServerCertificate>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let check = certificate.clone();
+        match tokio::task::spawn_blocking(move || check.reload()).await {
+            Ok(Reload::Unchanged) | Err(_) => {}
+            Ok(Reload::Reloaded) => {
+                tracing::info!("TLS certificate reloaded: new handshakes present it")
+            }
+            Ok(Reload::Refused(err)) => tracing::warn!(
+                error = %err,
+                "the TLS certificate files changed but do not make a valid pair; still serving the previous certificate"
+            ),
+        }
+    }
 }

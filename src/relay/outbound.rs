@@ -28,10 +28,13 @@ const RECONNECT_FLOOR: Duration = Duration::from_millis(50);
 /// Where and how to reach the ShapeBlock server.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// `wss://…` (or `ws://…` on a trusted network).
+    /// `wss://…` (or `ws://…` on a trusted network, when the configuration allows it).
     pub url: String,
-    /// Sent as `Authorization: Bearer` and, as the first operator did, as `api_key` in the query.
+    /// Sent as `Authorization: Bearer`.
     pub api_key: Secret,
+    /// Also send the key as `api_key` in the URL's query, as the first operator's server reads
+    /// it. Off by default: query strings end up in proxies' and servers' access logs.
+    pub api_key_in_query: bool,
     /// Events queued for the server; when full, producers wait.
     pub buffer: usize,
     pub ping_interval: Duration,
@@ -113,8 +116,14 @@ async fn connect(config: &RelayConfig) -> Result<ClientWebSocket, RelayError> {
         websocket: None,
         timeout: CONNECT_TIMEOUT,
     };
-    let url = url_with_key(&config.url, config.api_key.expose());
-    tunnel::dial(&url, headers, options)
+    let with_key;
+    let url = if config.api_key_in_query {
+        with_key = url_with_key(&config.url, config.api_key.expose());
+        &with_key
+    } else {
+        &config.url
+    };
+    tunnel::dial(url, headers, options)
         .await
         .map_err(|source| RelayError::Dial {
             url: config.url.clone(),

@@ -1,9 +1,11 @@
 //! rustls set-up for every TLS end of the hub and the agent: one crypto provider (ring, no
-//! OpenSSL) and one way to read PEM files.
+//! OpenSSL), one way to read PEM files, and the hub's serving certificate, reloaded when its
+//! files change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -89,12 +91,8 @@ pub fn client_config(trust: Trust<'_>) -> Result<Arc<rustls::ClientConfig>, TlsE
     Ok(Arc::new(config))
 }
 
-/// A server configuration presenting the certificate chain in `cert_file` with the key in
-/// `key_file`, offering HTTP/2 and HTTP/1.1 by ALPN.
-pub fn server_config(
-    cert_file: &Path,
-    key_file: &Path,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The certificate chain in `cert_file` with the key in `key_file`, checked to belong together.
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
     let certs = certificates(cert_file)?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -105,10 +103,121 @@ pub fn server_config(
         path: key_file.to_path_buf(),
         source,
     })?;
+    // Refuses a key that is not the certificate's: a renewal caught half-written (the new
+    // certificate with the old key) must not replace a working pair.
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|source| TlsError::Certificate {
+        path: key_file.to_path_buf(),
+        source,
+    })
+}
+
+/// The serving certificate, re-read when its files change (cert-manager renews it in place).
+/// Handshakes take the current pair; connections already open keep theirs, so a renewal drops
+/// no tunnel.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: std::sync::RwLock<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    /// The files' bytes as last read, to tell a change from a touch.
+    files: (Vec<u8>, Vec<u8>),
+    /// The last bytes refused, so that a broken pair is reported once, not at every check.
+    refused: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What [`ServerCertificate::reload`] found.
+#[derive(Debug)]
+pub enum Reload {
+    Unchanged,
+    Reloaded,
+    /// The files changed but do not make a valid pair; the previous one is still served.
+    Refused(TlsError),
+}
+
+impl ServerCertificate {
+    /// Loads the pair; an invalid one is an error at start-up.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Self>, TlsError> {
+        let files = read_pair(cert_file, key_file)?;
+        let key = Arc::new(certified_key(cert_file, key_file)?);
+        Ok(Arc::new(Self {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            current: std::sync::RwLock::new(Loaded {
+                key,
+                files,
+                refused: None,
+            }),
+        }))
+    }
+
+    /// Re-reads the files and, when they changed and make a valid pair, serves the new one.
+    pub fn reload(&self) -> Reload {
+        let files = match read_pair(&self.cert_file, &self.key_file) {
+            Ok(files) => files,
+            Err(err) => return Reload::Refused(err),
+        };
+        let mut current = match self.current.write() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.files == files || current.refused.as_ref() == Some(&files) {
+            return Reload::Unchanged;
+        }
+        match certified_key(&self.cert_file, &self.key_file) {
+            Ok(key) => {
+                *current = Loaded {
+                    key: Arc::new(key),
+                    files,
+                    refused: None,
+                };
+                Reload::Reloaded
+            }
+            Err(err) => {
+                current.refused = Some(files);
+                Reload::Refused(err)
+            }
+        }
+    }
+
+    /// The end-entity certificate served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(loaded) => loaded.key.clone(),
+            Err(poisoned) => poisoned.into_inner().key.clone(),
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            source: rustls_pki_types::pem::Error::Io(e),
+        })
+    };
+    Ok((read(cert_file)?, read(key_file)?))
+}
+
+/// A server configuration presenting `certificate` (as it is at each handshake), offering
+/// HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    certificate: Arc<ServerCertificate>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -148,7 +257,8 @@ mod tests {
         let cert_file = write(&dir, "cert.pem", &cert.pem());
         let key_file = write(&dir, "key.pem", &key.serialize_pem());
 
-        let server = server_config(&cert_file, &key_file).unwrap();
+        let server =
+            server_config(ServerCertificate::load(&cert_file, &key_file).unwrap()).unwrap();
         assert_eq!(
             server.alpn_protocols,
             [b"h2".to_vec(), b"http/1.1".to_vec()]
@@ -170,6 +280,53 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A renewed pair is served from the next handshake; a broken one (garbage, or a new
+    /// certificate with the old key, as a renewal caught half-written) is refused once and the
+    /// working pair stays.
+    #[test]
+    fn a_renewed_certificate_replaces_the_served_one_and_a_broken_one_does_not() {
+        let dir = temp_dir("reload");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let issue = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            (cert, key)
+        };
+        let (first, first_key) = issue();
+        let cert_file = write(&dir, "cert.pem", &first.pem());
+        let key_file = write(&dir, "key.pem", &first_key.serialize_pem());
+        let served = ServerCertificate::load(&cert_file, &key_file).unwrap();
+        let der = |served: &ServerCertificate| served.current().cert[0].to_vec();
+        assert_eq!(der(&served), first.der().to_vec());
+        assert!(matches!(served.reload(), Reload::Unchanged));
+
+        let (renewed, renewed_key) = issue();
+        write(&dir, "cert.pem", &renewed.pem());
+        write(&dir, "key.pem", &renewed_key.serialize_pem());
+        assert!(matches!(served.reload(), Reload::Reloaded));
+        assert_eq!(der(&served), renewed.der().to_vec());
+
+        let (half, _) = issue();
+        write(&dir, "cert.pem", &half.pem());
+        assert!(matches!(served.reload(), Reload::Refused(_)));
+        assert!(
+            matches!(served.reload(), Reload::Unchanged),
+            "a refused pair is reported once"
+        );
+        assert_eq!(der(&served), renewed.der().to_vec());
+        write(&dir, "key.pem", "not a key");
+        assert!(matches!(served.reload(), Reload::Refused(_)));
+        assert_eq!(der(&served), renewed.der().to_vec());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn a_pinned_file_without_a_certificate_is_refused() {
         let dir = temp_dir("empty");
@@ -182,7 +339,7 @@ mod tests {
         // has always taken it).
         assert!(client_config(Trust::WebPkiAnd(&empty)).is_ok());
         assert!(matches!(
-            server_config(&empty, &empty),
+            ServerCertificate::load(&empty, &empty),
             Err(TlsError::NoCertificate { .. })
         ));
         let missing = dir.join("missing.pem");

@@ -559,6 +559,15 @@ impl TestHub {
     }
 
     /// Calls the API with raw bytes (and no token when `token` is None).
+    /// `/metrics` on the API listener, with the viewer token it needs there.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .api_raw(Some(VIEWER_TOKEN), "GET", "/metrics", None)
+            .await;
+        assert_eq!(response.status, 200, "/metrics: {}", response.text());
+        response.text()
+    }
+
     pub async fn api_raw(
         &self,
         token: Option<&str>,

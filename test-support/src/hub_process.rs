@@ -154,7 +154,11 @@ impl HubProcess {
         let mut file = std::fs::File::create(&config).expect("hub configuration");
         let relay = match settings.relay_url.as_str() {
             "" => String::new(),
-            url => format!("relay:\n  url: {url}\n  api_key: loadtest-relay-key\n"),
+            // The load test's server is plain ws:// on loopback.
+            url => format!(
+                "relay:\n  url: {url}\n  api_key: loadtest-relay-key\n  allow_plaintext: {}\n",
+                url.starts_with("ws://")
+            ),
         };
         write!(
             file,

@@ -402,10 +402,18 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
             authenticate,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body));
+    // Every cluster's id, name and agent version are in the metrics: a token on the API port
+    // (a viewer's will do); `metrics_listen` serves them without one on an internal address.
+    let metrics = axum::Router::new()
+        .route("/metrics", axum::routing::get(health::prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
     axum::Router::new()
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
-        .route("/metrics", axum::routing::get(health::prometheus))
+        .merge(metrics)
         .route(
             "/api/v1/openapi.json",
             axum::routing::get(move || async move {
@@ -427,6 +435,20 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",
                 format!("{method} is not allowed on this path (see /api/v1/openapi.json)"),
+            )
+        })
+        .with_state(state)
+}
+
+/// The `metrics_listen` listener's routes: `/metrics`, unauthenticated, and nothing else.
+pub fn metrics_router(state: Arc<ApiState>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(health::prometheus))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "this listener serves only /metrics",
             )
         })
         .with_state(state)

@@ -270,7 +270,10 @@ async fn hub_per_idle_tunnel(
     let config = dir.join("hub.yaml");
     std::fs::write(
         &config,
-        format!("controllers: {controllers}\nhandshakes_per_second_per_ip: 200\n"),
+        format!(
+            "controllers: {controllers}\nhandshakes_per_second_per_ip: 200\n\
+             allow_insecure_hub_url: true\n"
+        ),
     )
     .unwrap();
     let args = [

@@ -542,6 +542,8 @@ async fn start_hub_process(data_dir: &std::path::Path, port: u16) -> HubBinary {
         data_dir.display().to_string(),
         "--admin-tokens".into(),
         ADMIN_TOKEN.into(),
+        // Its manifests name ws://127.0.0.1 (the flag alone means true).
+        "--allow-insecure-hub-url".into(),
     ];
     spawn_hub(data_dir.parent().unwrap(), port, &args).await
 }
@@ -594,6 +596,43 @@ async fn the_hub_starts_with_its_embedded_defaults() {
     .expect("hub request");
     assert_eq!(listed.status, 200, "{}", listed.text());
     assert_eq!(listed.json(), json!([]));
+
+    // A manifest from the defaults would send agents to this machine's loopback, in clear:
+    // registering is refused, says how to set the URL, and registers nothing.
+    let body = serde_json::to_vec(&json!({"name": "from-defaults"})).unwrap();
+    let path = "/api/v1/clusters";
+    let refused = http_request(hub.addr, None, "POST", path, Some(token.trim()), Some(body)).await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert_eq!(refused.json()["reason"], "InsecureHubUrl");
+    let message = refused.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("dial ws://localhost")
+            && message.contains("loopback")
+            && message.contains("--public-url"),
+        "{message}"
+    );
+    let listed = http_request(hub.addr, None, "GET", path, Some(token.trim()), None).await;
+    assert_eq!(
+        listed.json(),
+        json!([]),
+        "a refused registration registered"
+    );
+    // With public_url (a flag: still no file), the same directory registers clusters, and the
+    // manifest names that URL.
+    drop(hub);
+    let public = [
+        "--public-url".to_string(),
+        "wss://hub.example.com".to_string(),
+    ];
+    let hub = spawn_hub(&dir, free_port(), &public).await;
+    let body = serde_json::to_vec(&json!({"name": "with-public-url"})).unwrap();
+    let created = http_request(hub.addr, None, "POST", path, Some(token.trim()), Some(body)).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let manifest = created.json()["manifest"].as_str().unwrap().to_string();
+    assert!(
+        manifest.contains("wss://hub.example.com") && !manifest.contains("--allow-plaintext"),
+        "{manifest}"
+    );
 
     // Readiness means something: when the store cannot be written (its directory is gone, as
     // a lost volume would make it), registering fails with nothing half-done and the hub says

@@ -60,6 +60,15 @@ pub struct HubArgs {
     /// Agent image used in install manifests.
     #[arg(long, env = "SHAPEBLOCK_HUB_AGENT_IMAGE")]
     pub agent_image: Option<String>,
+    /// Render install manifests whose hub URL is loopback or plaintext (`ws://`), for a hub and
+    /// agents on one machine or a trusted network. `--allow-insecure-hub-url` alone means true.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HUB_ALLOW_INSECURE_HUB_URL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_insecure_hub_url: Option<bool>,
     /// Admin API tokens, comma-separated: plain tokens or `sha256:<hex>` hashes.
     #[arg(
         long,
@@ -101,6 +110,7 @@ struct HubFile {
     tls_key_file: Option<PathBuf>,
     public_url: Option<String>,
     agent_image: Option<String>,
+    allow_insecure_hub_url: Option<bool>,
     admin_tokens: Option<Vec<Secret>>,
     viewer_tokens: Option<Vec<Secret>>,
     log_format: Option<LogFormat>,
@@ -255,6 +265,8 @@ pub struct HubConfig {
     pub tls: Option<TlsFiles>,
     pub public_url: Option<String>,
     pub agent_image: String,
+    /// Install manifests may tell agents to dial a loopback or `ws://` URL.
+    pub allow_insecure_hub_url: bool,
     pub admin_tokens: Vec<TokenHash>,
     pub viewer_tokens: Vec<TokenHash>,
     pub log_format: LogFormat,
@@ -287,6 +299,7 @@ impl Default for HubConfig {
             tls: None,
             public_url: None,
             agent_image: default_agent_image(),
+            allow_insecure_hub_url: false,
             admin_tokens: Vec::new(),
             viewer_tokens: Vec::new(),
             log_format: LogFormat::default(),
@@ -313,6 +326,7 @@ impl HubConfig {
             tls_key_file,
             public_url,
             agent_image,
+            allow_insecure_hub_url,
             admin_tokens,
             viewer_tokens,
             log_format,
@@ -333,6 +347,9 @@ impl HubConfig {
             agent_image: agent_image
                 .or(file.agent_image)
                 .unwrap_or(defaults.agent_image),
+            allow_insecure_hub_url: allow_insecure_hub_url
+                .or(file.allow_insecure_hub_url)
+                .unwrap_or(defaults.allow_insecure_hub_url),
             admin_tokens: token_hashes("admin_tokens", admin_tokens.or(file.admin_tokens))?,
             viewer_tokens: token_hashes("viewer_tokens", viewer_tokens.or(file.viewer_tokens))?,
             log_format: log_format
@@ -363,6 +380,7 @@ impl HubConfig {
             tls: _,
             public_url,
             agent_image: _,
+            allow_insecure_hub_url: _,
             admin_tokens: _,
             viewer_tokens: _,
             log_format: _,

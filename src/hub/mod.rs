@@ -101,6 +101,16 @@ impl Hub {
             ),
             None => None,
         };
+        if let Some(url) = &config.public_url
+            && !config.allow_insecure_hub_url
+            && let Some(why) = api::clusters::insecure(url)
+        {
+            tracing::warn!(
+                public_url = %url,
+                "public_url is {why}; install manifests will be refused until it is the wss:// \
+                 address managed clusters reach (or allow_insecure_hub_url is set)"
+            );
+        }
         let tunnel_metrics = Arc::new(metrics::TunnelMetrics::default());
         let mut prometheus = prometheus_client::registry::Registry::default();
         tunnel_metrics.register(&mut prometheus);
@@ -147,6 +157,7 @@ impl Hub {
             viewer_tokens: config.viewer_tokens.clone(),
             public_url: config.public_url.clone(),
             agent_image: config.agent_image.clone(),
+            allow_insecure_hub_url: config.allow_insecure_hub_url,
             tls: tls.is_some(),
             metrics: Arc::new(prometheus),
             journal: journal.clone(),

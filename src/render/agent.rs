@@ -166,7 +166,7 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
                         "containers": [{
                             "name": "agent",
                             "image": p.image,
-                            "args": ["--hub-url", p.hub_url, "--token-file", "/var/run/shapeblock/token"],
+                            "args": agent_args(&p.hub_url),
                             "env": [{"name": "SHAPEBLOCK_AGENT_LOG_FORMAT", "value": "json"}],
                             "resources": {
                                 "requests": {"cpu": "10m", "memory": "16Mi"},
@@ -188,6 +188,23 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             }
         }),
     ]
+}
+
+/// The agent's command line. A `ws://` hub URL is rendered only when the hub's operator allowed
+/// it (`allow_insecure_hub_url`), so the agent is told to accept it too.
+fn agent_args(hub_url: &str) -> Value {
+    let mut args = json!([
+        "--hub-url",
+        hub_url,
+        "--token-file",
+        "/var/run/shapeblock/token"
+    ]);
+    if hub_url.starts_with("ws://")
+        && let Some(args) = args.as_array_mut()
+    {
+        args.push(json!("--allow-plaintext"));
+    }
+    args
 }
 
 fn merge(a: &Value, b: Value) -> Value {
@@ -264,6 +281,21 @@ mod tests {
             image: "ghcr.io/shapeblock/shapeblock-agent:0.1.0".into(),
             token: "sbt_c0123456789abcdef_secret".into(),
         }
+    }
+
+    #[test]
+    fn a_ws_hub_url_comes_with_allow_plaintext() {
+        assert_eq!(
+            agent_args("wss://hub.example.com"),
+            json!([
+                "--hub-url",
+                "wss://hub.example.com",
+                "--token-file",
+                "/var/run/shapeblock/token"
+            ])
+        );
+        let args = agent_args("ws://10.0.0.5:8080");
+        assert_eq!(args[4], "--allow-plaintext");
     }
 
     #[test]

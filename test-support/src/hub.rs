@@ -158,6 +158,8 @@ impl TestHubBuilder {
             admin_tokens: vec![TokenHash(hash_token(ADMIN_TOKEN))],
             viewer_tokens: vec![TokenHash(hash_token(VIEWER_TOKEN))],
             agent_image: "shapeblock-agent:test".into(),
+            // Test agents dial ws://127.0.0.1 or wss://127.0.0.1.
+            allow_insecure_hub_url: true,
             max_request_body_bytes: 64 * 1024,
             controllers: self.controllers,
             ..HubConfig::default()

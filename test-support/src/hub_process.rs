@@ -164,6 +164,7 @@ impl HubProcess {
             file,
             "listen: 127.0.0.1:{port}\ndata_dir: {data}\ntls_cert_file: {cert}\ntls_key_file: {key}\n\
              admin_tokens: [{token}]\nlog_format: json\npublic_url: wss://127.0.0.1:{port}\n\
+             allow_insecure_hub_url: true\n\
              {relay}{extra}",
             port = settings.port,
             data = data.display(),

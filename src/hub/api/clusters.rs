@@ -103,11 +103,49 @@ fn validate_registration(body: &RegisterCluster) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The URL agents dial: the configured public URL, or the one this request came in on.
 /// The URL agents dial, from `public_url` or the request: its `Host` header (HTTP/1.1) or its
-/// `:authority` (HTTP/2 has no `Host`). Computed before any change, so a request whose URL
-/// cannot be derived changes nothing (no cluster registered, no token rotated and lost).
+/// `:authority` (HTTP/2 has no `Host`). Computed and checked before any change, so a request
+/// whose URL cannot be derived, or would not work from a managed cluster, changes nothing (no
+/// cluster registered, no token rotated and lost).
 fn hub_url(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<String, ApiError> {
+    let url = derived_hub_url(state, headers, uri)?;
+    if !state.allow_insecure_hub_url
+        && let Some(why) = insecure(&url)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "InsecureHubUrl",
+            format!(
+                "the install manifest would tell agents to dial {url}, {why}; set public_url \
+                 (--public-url or SHAPEBLOCK_HUB_PUBLIC_URL) to the wss:// address managed \
+                 clusters reach this hub at, e.g. wss://hub.example.com, or, for agents on this \
+                 machine or a trusted network only, allow_insecure_hub_url \
+                 (--allow-insecure-hub-url)"
+            ),
+        ));
+    }
+    Ok(url)
+}
+
+/// Why agents in a managed cluster could not use `url` safely, if they could not.
+pub(crate) fn insecure(url: &str) -> Option<&'static str> {
+    let uri = url.parse::<Uri>().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
+    if loopback {
+        Some("a loopback address: from a pod it is the pod itself")
+    } else if uri.scheme_str() == Some("ws") {
+        Some("which is not encrypted: the agent's token would travel in clear")
+    } else {
+        None
+    }
+}
+
+fn derived_hub_url(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<String, ApiError> {
     if let Some(url) = &state.public_url {
         return Ok(url
             .replacen("https://", "wss://", 1)
@@ -320,4 +358,37 @@ pub(super) async fn agent_manifest_yaml(
     let token = rotate(&state, &cluster).await?;
     let yaml = manifest(&state, &hub_url, &cluster, &token)?;
     Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::insecure;
+
+    #[test]
+    fn loopback_and_plaintext_hub_urls_are_named_insecure() {
+        for url in [
+            "ws://127.0.0.1:8080",
+            "wss://127.0.0.1:8443",
+            "wss://localhost",
+            "wss://hub.localhost",
+            "wss://[::1]:8443",
+            "wss://0.0.0.0:8080",
+            "ws://hub.example.com",
+        ] {
+            assert!(insecure(url).is_some(), "{url}");
+        }
+        assert!(
+            insecure("ws://10.0.0.5:8080")
+                .unwrap()
+                .contains("not encrypted")
+        );
+        assert!(insecure("wss://127.0.0.1").unwrap().contains("loopback"));
+        for url in [
+            "wss://hub.example.com",
+            "wss://10.0.0.5:8443",
+            "wss://[2001:db8::1]",
+        ] {
+            assert_eq!(insecure(url), None, "{url}");
+        }
+    }
 }

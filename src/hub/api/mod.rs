@@ -13,7 +13,7 @@
 //! Depends on: hub, relay, render, crd, secret.
 
 mod apps;
-mod clusters;
+pub(crate) mod clusters;
 pub mod events;
 mod health;
 mod resources;
@@ -47,6 +47,8 @@ pub struct ApiState {
     pub viewer_tokens: Vec<TokenHash>,
     pub public_url: Option<String>,
     pub agent_image: String,
+    /// Install manifests may name a loopback or `ws://` hub URL.
+    pub allow_insecure_hub_url: bool,
     /// Whether the hub itself serves TLS (for URLs derived from requests).
     pub tls: bool,
     pub metrics: Arc<prometheus_client::registry::Registry>,

@@ -767,6 +767,11 @@ async fn private_repositories_clone_over_ssh_with_the_deploy_key_and_over_https_
         string_data: Some(BTreeMap::from([
             ("username".to_string(), "deployer".to_string()),
             ("password".to_string(), "s3cret-password".to_string()),
+            // The host (and port) git names to the credential helper: the only one it answers.
+            (
+                "host".to_string(),
+                format!("{}:8443", real_node::NODE_ADDRESS),
+            ),
         ])),
         ..Default::default()
     };

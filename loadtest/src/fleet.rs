@@ -18,8 +18,8 @@ use crate::sim::{Cluster, JobTimings};
 
 /// Watches the hub's controllers keep open in each cluster (Project: Projects, namespaces, the
 /// registry source; App: Apps and four kinds of children; AppBuild: AppBuilds, Jobs, Pods,
-/// Apps; Service: Services, Jobs). A cluster with this many open is fully synced.
-pub const WATCHES_PER_CLUSTER: usize = 14;
+/// Apps; Service: Services, Jobs, Projects). A cluster with this many open is fully synced.
+pub const WATCHES_PER_CLUSTER: usize = 15;
 
 /// Namespace of every simulated cluster's Project.
 pub const PROJECT: &str = "shop";

@@ -154,6 +154,8 @@ pub struct Observed {
     /// Deletion only: the uninstall Job, and its helm output when it failed.
     pub uninstall: Option<k8s_openapi::api::batch::v1::Job>,
     pub uninstall_output: Option<String>,
+    /// Why the App's namespace is not a project's, when it is not (see [`super::tenancy`]).
+    pub not_in_project: Option<super::tenancy::NotInProject>,
 }
 
 /// The deploy key a Ready App shows in `status.deployKey`.
@@ -188,16 +190,128 @@ pub enum Step {
         known_hosts: Option<String>,
         deploy_key: DeployKey,
     },
-    /// The App cannot be built as it stands; `missing` when something may still appear
-    /// (retried), otherwise it waits for a change.
+    /// The App's namespace is not a project's: nothing is created for it (no finalizer
+    /// either); retried, as its Project may come.
+    NotInProject(super::tenancy::NotInProject),
+    /// The App cannot be built as it stands: `reason` (CamelCase) says why for a program;
+    /// `retry` when the fix may come from another object (a Secret) without a change to the
+    /// App, otherwise it waits for a change.
     Failed {
-        missing: bool,
+        reason: &'static str,
+        retry: bool,
         message: String,
     },
 }
 
-fn failed(missing: bool, message: String) -> Step {
-    Step::Failed { missing, message }
+/// Reasons of a Failed App (its `Ready` condition, its Warning Event).
+pub const REGISTRY_SECRET_MISSING: &str = "RegistrySecretMissing";
+pub const REGISTRY_SECRET_INVALID: &str = "RegistrySecretNotDockerConfigJson";
+pub const UNKNOWN_HOST_KEY: &str = "UnknownHostKey";
+pub const GIT_SECRET_MISSING: &str = "GitSecretMissing";
+/// The git Secret lacks what its remote needs, or its `host` key is not a host.
+pub const GIT_SECRET_INVALID: &str = "GitSecretInvalid";
+/// An HTTPS git Secret without a `host` key: bound to no host, it is sent to none.
+pub const GIT_SECRET_UNBOUND: &str = "GitSecretUnbound";
+/// An HTTPS git Secret bound to a host other than the App's repository's (or the URL is not
+/// https: credentials are sent only over TLS).
+pub const GIT_SECRET_HOST_MISMATCH: &str = "GitSecretHostMismatch";
+pub const GIT_SECRET_REQUIRED: &str = "GitSecretRequired";
+pub const DEPLOY_KEY_INVALID: &str = "DeployKeyInvalid";
+
+fn failed(reason: &'static str, retry: bool, message: String) -> Step {
+    Step::Failed {
+        reason,
+        retry,
+        message,
+    }
+}
+
+/// The host (and port, as git names it to its credential helper) of an `https://` URL, or
+/// None for any other scheme (pure).
+pub fn https_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// Whether a git Secret's `host` is a host name or address with an optional port, nothing
+/// else (no scheme, path, whitespace or newline) (pure).
+pub fn valid_host(host: &str) -> bool {
+    let port_ok = |port: Option<&str>| {
+        port.is_none_or(|p| {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+        })
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 address: `[::1]` or `[::1]:8443`.
+        let Some((address, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            after => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return false,
+            },
+        };
+        return !address.is_empty()
+            && address
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && port_ok(port);
+    }
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port_ok(port)
+}
+
+/// Whether an HTTPS git Secret may be sent to the App's repository: it names the host it was
+/// made for in its `host` key, and that is the URL's host (pure).
+fn check_git_host(ns: &str, name: &str, url: &str, secret: &Secret) -> Option<Step> {
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get("host")) else {
+        return Some(failed(
+            GIT_SECRET_UNBOUND,
+            true,
+            format!(
+                "git secret {ns}/{name} has no key host: an https git Secret names the host it was made for (e.g. host=github.com), and is sent to that host only"
+            ),
+        ));
+    };
+    let Some(bound) = std::str::from_utf8(&bytes.0).ok().filter(|h| valid_host(h)) else {
+        return Some(failed(
+            GIT_SECRET_INVALID,
+            true,
+            format!(
+                "git secret {ns}/{name}: its key host must be a host name with an optional port, such as github.com or git.example.com:8443 (no scheme, path, whitespace or newline)"
+            ),
+        ));
+    };
+    match https_host(url) {
+        None => Some(failed(
+            GIT_SECRET_HOST_MISMATCH,
+            false,
+            format!(
+                "git secret {ns}/{name} is bound to https://{bound}, and spec.git.url is not an https:// URL: credentials are sent only over https"
+            ),
+        )),
+        Some(host) if host != bound => Some(failed(
+            GIT_SECRET_HOST_MISMATCH,
+            true,
+            format!(
+                "git secret {ns}/{name} is bound to host {bound}, not {host} (the host of spec.git.url): credentials go only to the host they were made for"
+            ),
+        )),
+        Some(_) => None,
+    }
 }
 
 /// Name of the registry Secret an App's builds use.
@@ -216,6 +330,13 @@ pub fn decide(app: &App, o: &Observed) -> Step {
         if !has_finalizer {
             return Step::Nothing;
         }
+        // Outside a project nothing was ever deployed by the hub (its Jobs run as the
+        // project's deployer), and nothing is created now: let the App go.
+        if o.not_in_project.is_some() {
+            return Step::RemoveFinalizer {
+                uninstall_job: None,
+            };
+        }
         let uninstall_job = o.uninstall.as_ref().map(|j| j.name_any());
         if o.namespace_terminating || (!o.maybe_deployed && o.uninstall.is_none()) {
             return Step::RemoveFinalizer { uninstall_job };
@@ -228,6 +349,9 @@ pub fn decide(app: &App, o: &Observed) -> Step {
                 output: o.uninstall_output.clone().unwrap_or(message),
             },
         };
+    }
+    if let Some(reason) = &o.not_in_project {
+        return Step::NotInProject(reason.clone());
     }
     if !has_finalizer {
         return Step::AddFinalizer;
@@ -242,6 +366,7 @@ fn check(app: &App, o: &Observed) -> Step {
     match &o.registry_secret {
         None => {
             return failed(
+                REGISTRY_SECRET_MISSING,
                 true,
                 format!(
                     "registry secret {ns}/{registry_secret} not found (Projects copy registry-creds into their namespace)"
@@ -250,6 +375,7 @@ fn check(app: &App, o: &Observed) -> Step {
         }
         Some(s) if s.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") => {
             return failed(
+                REGISTRY_SECRET_INVALID,
                 false,
                 format!(
                     "registry secret {ns}/{registry_secret} must be of type kubernetes.io/dockerconfigjson"
@@ -270,6 +396,7 @@ fn check(app: &App, o: &Observed) -> Step {
         let hosts = known_hosts(git);
         if !has_host_key(&hosts, host, *port) {
             return failed(
+                UNKNOWN_HOST_KEY,
                 false,
                 format!(
                     "no known host key for {host}; add its key to spec.git.knownHosts (host keys are never accepted on first use)"
@@ -286,6 +413,7 @@ fn check(app: &App, o: &Observed) -> Step {
         (Some(name), _) => {
             let Some(secret) = &o.git_secret else {
                 return failed(
+                    GIT_SECRET_MISSING,
                     true,
                     format!("git secret {ns}/{name} (spec.git.secretName) not found"),
                 );
@@ -299,7 +427,18 @@ fn check(app: &App, o: &Observed) -> Step {
                 ),
             };
             if !usable {
-                return failed(false, format!("git secret {ns}/{name} needs the key {needed}"));
+                return failed(
+                    GIT_SECRET_INVALID,
+                    true,
+                    format!("git secret {ns}/{name} needs the key {needed}"),
+                );
+            }
+            // An SSH key signs and never travels, and host keys are pinned; a password or token
+            // is sent to the server, so it goes only to the host it is bound to.
+            if remote == GitRemote::Other
+                && let Some(refused) = check_git_host(&ns, name, &git.url, secret)
+            {
+                return refused;
             }
             ready(DeployKey::None)
         }
@@ -308,6 +447,7 @@ fn check(app: &App, o: &Observed) -> Step {
             Some(secret) => match public_key(secret) {
                 Some(public) => ready(DeployKey::Existing(public)),
                 None => failed(
+                    DEPLOY_KEY_INVALID,
                     false,
                     format!(
                         "deploy key secret {} has no ssh-publickey",
@@ -317,8 +457,9 @@ fn check(app: &App, o: &Observed) -> Step {
             },
         },
         (None, GitRemote::Other) if git.is_private.unwrap_or(false) => failed(
+            GIT_SECRET_REQUIRED,
             false,
-            "a private https repository needs spec.git.secretName (a Secret with username and password or token), or an SSH URL to use a generated deploy key".into(),
+            "a private https repository needs spec.git.secretName (a Secret with username, password or token, and host), or an SSH URL to use a generated deploy key".into(),
         ),
         (None, GitRemote::Other) => ready(DeployKey::None),
     }
@@ -334,10 +475,20 @@ async fn read(app: &App, ctx: &Context) -> Result<Observed, ReconcileError> {
     let ns = app.namespace().unwrap_or_default();
     let name = app.name_any();
     let mut o = Observed::default();
-    if !app.finalizers().iter().any(|f| f == FINALIZER) {
+    let has_finalizer = app.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = app.metadata.deletion_timestamp.is_some();
+    if deleting && !has_finalizer {
         return Ok(o);
     }
-    if app.metadata.deletion_timestamp.is_some() {
+    // Before anything else: outside a project nothing more is read, nothing is created.
+    o.not_in_project =
+        super::tenancy::read(&ctx.client, &ns, &ctx.config.registry_source_namespace)
+            .await?
+            .err();
+    if o.not_in_project.is_some() || !has_finalizer {
+        return Ok(o);
+    }
+    if deleting {
         o.namespace_terminating = jobs::namespace_terminating(&ctx.client, &ns).await?;
         if o.namespace_terminating {
             return Ok(o);
@@ -379,7 +530,7 @@ async fn apply(app: &App, step: &Step, ctx: &Context) -> Result<Option<String>, 
     let apps: Api<App> = Api::namespaced(ctx.client.clone(), &ns);
     let jobs_api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(ctx.client.clone(), &ns);
     match step {
-        Step::Nothing | Step::Uninstalling | Step::Failed { .. } => {}
+        Step::Nothing | Step::Uninstalling | Step::Failed { .. } | Step::NotInProject(_) => {}
         Step::AddFinalizer => jobs::add_finalizer(&apps, app, FINALIZER).await?,
         Step::RemoveFinalizer { uninstall_job } => {
             if let Some(job) = uninstall_job {
@@ -562,28 +713,40 @@ async fn reconcile(app: Arc<App>, ctx: Arc<Context>) -> Result<Action, Reconcile
         release(&app, &ctx).await?;
     }
     let name = app.name_any();
-    let (phase, message) = match &step {
-        Step::Ready { .. } => (AppPhase::Ready, "ready to build".to_string()),
-        Step::Failed { message, .. } => (AppPhase::Failed, message.clone()),
+    let (phase, reason, message) = match &step {
+        Step::Ready { .. } => (AppPhase::Ready, "Ready", "ready to build".to_string()),
+        Step::Failed {
+            reason, message, ..
+        } => (AppPhase::Failed, *reason, message.clone()),
+        Step::NotInProject(why) => (
+            AppPhase::Failed,
+            super::tenancy::NOT_IN_PROJECT,
+            why.to_string(),
+        ),
         Step::Uninstalling => (
             AppPhase::Initializing,
+            "Uninstalling",
             format!("uninstalling release {name}"),
         ),
         Step::UninstallFailed { output } => (
             AppPhase::Initializing,
+            "UninstallFailed",
             format!("helm uninstall failed; retrying\n{output}"),
         ),
         _ => return Ok(Action::await_change()),
     };
-    report(&app, phase, &message, deploy_key, &ctx).await?;
+    report(&app, phase, reason, &message, deploy_key, &ctx).await?;
     match step {
+        Step::NotInProject(why) => Err(why.into()),
         Step::Failed {
-            missing: true,
+            reason,
+            retry: true,
             message,
-        } => Err(ReconcileError::Missing(message)),
+        } => Err(ReconcileError::Refused { reason, message }),
         Step::Failed {
-            missing: false,
+            retry: false,
             message,
+            ..
         } => Err(ReconcileError::Invalid(message)),
         // The failed uninstall Job was deleted: nothing changes by itself, so try again later.
         Step::UninstallFailed { .. } => Ok(Action::requeue(std::time::Duration::from_secs(30))),
@@ -591,10 +754,15 @@ async fn reconcile(app: Arc<App>, ctx: Arc<Context>) -> Result<Action, Reconcile
     }
 }
 
-/// Writes the status unless unchanged, with a Normal Event when the App becomes Ready.
+/// The type of the condition an App carries: it can be built and deployed.
+pub const READY: &str = "Ready";
+
+/// Writes the status unless unchanged, with a Normal Event when the App becomes Ready. The
+/// `Ready` condition carries `reason` for a program (`NotInProject`, `GitSecretHostMismatch`…).
 async fn report(
     app: &App,
     phase: AppPhase,
+    reason: &str,
     message: &str,
     deploy_key: Option<String>,
     ctx: &Context,
@@ -607,18 +775,33 @@ async fn report(
         AppPhase::Ready => Some(run_hash(app)),
         _ => current.and_then(|s| s.run_hash.clone()),
     };
+    let now = Time(jiff::Timestamp::now());
+    let mut conditions = current.map(|s| s.conditions.clone()).unwrap_or_default();
+    super::set_condition(
+        &mut conditions,
+        READY,
+        phase == AppPhase::Ready,
+        reason,
+        message,
+        app.metadata.generation,
+        &now,
+    );
     let unchanged = current.and_then(|s| s.phase) == Some(phase)
         && current.and_then(|s| s.message.as_deref()) == Some(message)
+        && current.map(|s| &s.conditions) == Some(&conditions)
         && current.and_then(|s| s.run_hash.clone()) == run_hash
         && (deploy_key.is_none() || current.and_then(|s| s.deploy_key.clone()) == deploy_key)
         && current.and_then(|s| s.observed_generation) == app.metadata.generation;
     if unchanged {
         return Ok(());
     }
+    // Only the condition this controller owns: others' stay theirs under server-side apply.
+    let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == READY).collect();
     let mut status = json!({
         "phase": phase, "message": message,
         "observedGeneration": app.metadata.generation,
-        "lastUpdated": Time(jiff::Timestamp::now()),
+        "lastUpdated": now,
+        "conditions": ready,
     });
     if let Some(key) = deploy_key {
         status["deployKey"] = Value::String(key);
@@ -804,7 +987,7 @@ mod tests {
 
     fn failure(step: Step) -> (bool, String) {
         match step {
-            Step::Failed { missing, message } => (missing, message),
+            Step::Failed { retry, message, .. } => (retry, message),
             other => panic!("expected a failure, got {other:?}"),
         }
     }
@@ -848,18 +1031,116 @@ mod tests {
         );
         let mut o = with_registry();
         o.git_secret = Some(secret("Opaque", &["username"]));
-        let (missing, message) = failure(decide(&named, &o));
+        let (retried, message) = failure(decide(&named, &o));
         assert!(
-            !missing && message.ends_with("needs the key password or token"),
-            "{message}"
+            retried && message.ends_with("needs the key password or token"),
+            "a fix to the Secret is picked up: {message}"
         );
-        o.git_secret = Some(secret("Opaque", &["username", "token"]));
+        o.git_secret = Some(bound_secret(&["username", "token"], "git.example.com"));
         assert!(matches!(decide(&named, &o), Step::Ready { .. }));
         let private = app(json!({"url": HTTPS, "isPrivate": true}), true, false);
         let (missing, message) = failure(decide(&private, &with_registry()));
         assert!(
             !missing && message.contains("needs spec.git.secretName"),
             "{message}"
+        );
+    }
+
+    fn bound_secret(keys: &[&str], host: &str) -> Secret {
+        let mut secret = secret("Opaque", keys);
+        secret
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("host".into(), ByteString(host.as_bytes().to_vec()));
+        secret
+    }
+
+    fn reason(step: &Step) -> &'static str {
+        match step {
+            Step::Failed { reason, .. } => reason,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn https_credentials_go_only_to_the_host_they_are_bound_to() {
+        let named = app(json!({"url": HTTPS, "secretName": "creds"}), true, false);
+        let mut o = with_registry();
+        o.git_secret = Some(secret("Opaque", &["username", "token"]));
+        let step = decide(&named, &o);
+        assert_eq!(reason(&step), GIT_SECRET_UNBOUND);
+        assert!(failure(step).1.contains("has no key host"));
+        for malformed in [
+            "",
+            "https://git.example.com",
+            "git.example.com/org",
+            "git.example.com\n",
+            " git.example.com",
+            "git.example.com:http",
+            "git.example.com:99999",
+        ] {
+            o.git_secret = Some(bound_secret(&["token"], malformed));
+            assert_eq!(
+                reason(&decide(&named, &o)),
+                GIT_SECRET_INVALID,
+                "{malformed:?}"
+            );
+        }
+        for other in ["evil.example.com", "git.example.com:8443", "example.com"] {
+            o.git_secret = Some(bound_secret(&["token"], other));
+            let step = decide(&named, &o);
+            assert_eq!(reason(&step), GIT_SECRET_HOST_MISMATCH, "{other}");
+            assert!(failure(step).1.contains("not git.example.com"), "{other}");
+        }
+        o.git_secret = Some(bound_secret(&["token"], "git.example.com"));
+        assert!(matches!(decide(&named, &o), Step::Ready { .. }));
+        // The host git names to its helper: with the port, without the user.
+        let with_port = app(
+            json!({"url": "https://ci@git.example.com:8443/org/web.git", "secretName": "creds"}),
+            true,
+            false,
+        );
+        assert_eq!(reason(&decide(&with_port, &o)), GIT_SECRET_HOST_MISMATCH);
+        o.git_secret = Some(bound_secret(&["token"], "git.example.com:8443"));
+        assert!(matches!(decide(&with_port, &o), Step::Ready { .. }));
+        // Never over plain http (nor git://), whatever the host.
+        o.git_secret = Some(bound_secret(&["token"], "git.example.com"));
+        for url in [
+            "http://git.example.com/org/web.git",
+            "git://git.example.com/org/web.git",
+        ] {
+            let plain = app(json!({"url": url, "secretName": "creds"}), true, false);
+            let step = decide(&plain, &o);
+            assert_eq!(reason(&step), GIT_SECRET_HOST_MISMATCH, "{url}");
+            assert!(failure(step).1.contains("only over https"), "{url}");
+        }
+        assert!(valid_host("[::1]:8443") && valid_host("10.0.0.1:8443"));
+        assert!(!valid_host("[::1]x") && !valid_host("a:b:c"));
+    }
+
+    #[test]
+    fn outside_a_project_nothing_is_done_not_even_a_finalizer() {
+        let why = crate::controllers::tenancy::NotInProject::Reserved("shapeblock".into());
+        let o = Observed {
+            not_in_project: Some(why.clone()),
+            ..with_registry()
+        };
+        let new = app(json!({"url": HTTPS}), false, false);
+        assert_eq!(decide(&new, &o), Step::NotInProject(why.clone()));
+        let ready = app(json!({"url": HTTPS}), true, false);
+        assert_eq!(decide(&ready, &o), Step::NotInProject(why));
+        // Deleted: let go at once, without an uninstall Job.
+        let deleting = app(json!({"url": HTTPS}), true, true);
+        let o = Observed {
+            maybe_deployed: true,
+            ..o
+        };
+        assert_eq!(
+            decide(&deleting, &o),
+            Step::RemoveFinalizer {
+                uninstall_job: None
+            }
         );
     }
 

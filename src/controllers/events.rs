@@ -14,16 +14,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType};
 
-use super::ErrorCategory;
-
 /// The `reportingController` of every Event the hub publishes.
 pub const REPORTER: &str = "shapeblock-hub";
 
-/// A Warning for a failed reconcile.
-pub fn warning(category: ErrorCategory, note: String) -> Event {
+/// A Warning for a failed reconcile (`reason`: see [`super::ReconcileError::event_reason`]).
+pub fn warning(reason: &str, note: String) -> Event {
     Event {
         type_: EventType::Warning,
-        reason: category.event_reason().into(),
+        reason: reason.into(),
         note: Some(truncate(note)),
         action: "Reconcile".into(),
         secondary: None,
@@ -112,6 +110,7 @@ fn truncate(mut note: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controllers::ErrorCategory;
 
     #[test]
     fn notes_fit_the_apiservers_limit() {
@@ -141,7 +140,7 @@ mod tests {
             ..Default::default()
         };
         let event = object(
-            &warning(ErrorCategory::Forbidden, "403".into()),
+            &warning(ErrorCategory::Forbidden.event_reason(), "403".into()),
             &project,
             1,
         );
@@ -151,7 +150,7 @@ mod tests {
 
     #[test]
     fn warnings_carry_the_category() {
-        let event = warning(ErrorCategory::Forbidden, "403".into());
+        let event = warning(ErrorCategory::Forbidden.event_reason(), "403".into());
         assert_eq!(event.reason, "Forbidden");
         assert!(matches!(event.type_, EventType::Warning));
     }

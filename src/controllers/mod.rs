@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod project;
 pub mod runtime;
 pub mod service;
+pub mod tenancy;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,6 +201,18 @@ pub enum ReconcileError {
     /// The resource cannot be reconciled as specified; waits for a change.
     #[error("{0}")]
     Invalid(String),
+    /// The resource is outside a Project's namespace: nothing is created for it. Retried like a
+    /// missing dependency (its Project may come), and its Warning Event says `NotInProject`.
+    #[error("{0}")]
+    NotInProject(#[from] tenancy::NotInProject),
+    /// Refused for a reason a program can act on (`reason`, CamelCase, also in status), such
+    /// as a git Secret bound to another host; retried like a missing dependency, since the
+    /// fix is often made to another object (a Secret) that no watch brings back.
+    #[error("{message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// The hub failed at something that does not depend on the resource (encoding an object it
     /// rendered, generating a key, its own configuration): a bug or a misconfiguration.
     #[error("internal error: {0}")]
@@ -217,11 +230,55 @@ impl ReconcileError {
                 _ => ErrorCategory::Transient,
             },
             ReconcileError::Kube(_) => ErrorCategory::Transient,
-            ReconcileError::Missing(_) => ErrorCategory::MissingDependency,
+            ReconcileError::Missing(_)
+            | ReconcileError::NotInProject(_)
+            | ReconcileError::Refused { .. } => ErrorCategory::MissingDependency,
             ReconcileError::Invalid(_) => ErrorCategory::InvalidSpec,
             ReconcileError::Internal(_) => ErrorCategory::Internal,
         }
     }
+
+    /// Reason of the Warning Event published for this failure: its own when it has one,
+    /// otherwise its category's.
+    pub fn event_reason(&self) -> &'static str {
+        match self {
+            ReconcileError::NotInProject(_) => tenancy::NOT_IN_PROJECT,
+            ReconcileError::Refused { reason, .. } => reason,
+            other => other.category().event_reason(),
+        }
+    }
+}
+
+/// Sets the condition `type_` in `conditions`, moving its transition time only when its
+/// status or reason changes (pure).
+pub fn set_condition(
+    conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) {
+    let value = if ok { "True" } else { "False" };
+    if let Some(existing) = conditions.iter_mut().find(|c| c.type_ == type_) {
+        if existing.status != value || existing.reason != reason {
+            existing.last_transition_time = now.clone();
+        }
+        existing.status = value.into();
+        existing.reason = reason.into();
+        existing.message = message.into();
+        existing.observed_generation = generation;
+        return;
+    }
+    conditions.push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: type_.into(),
+        status: value.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    });
 }
 
 /// When an object that failed `failures` times in a row (this failure included) is tried
@@ -281,9 +338,10 @@ where
     if category != ErrorCategory::Transient && category != ErrorCategory::Conflict {
         let reference = object.object_ref(&());
         let note = error.to_string();
+        let reason = error.event_reason();
         let client = ctx.client.clone();
         tokio::spawn(async move {
-            events::publish(&client, &reference, events::warning(category, note)).await;
+            events::publish(&client, &reference, events::warning(reason, note)).await;
         });
     }
     match retry_delay(category, failures) {

@@ -94,24 +94,45 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
+/// The type of the condition a Project carries: its namespace is ready for apps.
+pub const READY: &str = "Ready";
+/// Reason of a Project whose registry Secret is not a `kubernetes.io/dockerconfigjson` with a
+/// parseable `.dockerconfigjson`: nothing is copied.
+pub const REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON: &str = "RegistrySecretNotDockerConfigJson";
+
 async fn write_status(
     api: &Api<Project>,
     project: &Project,
     phase: ProjectPhase,
+    reason: &str,
     message: &str,
 ) -> Result<(), kube::Error> {
     let current = project.status.as_ref();
+    let now = Time(jiff::Timestamp::now());
+    let mut conditions = current.map(|s| s.conditions.clone()).unwrap_or_default();
+    super::set_condition(
+        &mut conditions,
+        READY,
+        phase == ProjectPhase::Active,
+        reason,
+        message,
+        project.metadata.generation,
+        &now,
+    );
     if current.and_then(|s| s.phase) == Some(phase)
         && current.and_then(|s| s.message.as_deref()) == Some(message)
+        && current.map(|s| &s.conditions) == Some(&conditions)
     {
         return Ok(());
     }
+    let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == READY).collect();
     let status = json!({
         "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project",
         "status": {
             "phase": phase, "message": message, "namespace": project.name_any(),
             "observedGeneration": project.metadata.generation,
-            "lastUpdated": Time(jiff::Timestamp::now()),
+            "lastUpdated": now,
+            "conditions": ready,
         }
     });
     api.patch_status(&project.name_any(), &apply_params(), &Patch::Apply(&status))
@@ -148,6 +169,12 @@ pub enum Step {
     RegistrySourceMissing {
         source: String,
     },
+    /// The registry Secret is not a `kubernetes.io/dockerconfigjson` with a parseable
+    /// `.dockerconfigjson` (`detail` says what is wrong): nothing is copied.
+    RegistrySourceInvalid {
+        source: String,
+        detail: String,
+    },
     /// Apply the namespace, the registry copy and the deployer.
     Ensure,
 }
@@ -174,12 +201,54 @@ pub fn decide(project: &Project, o: &Observed, source: &str) -> Step {
     if o.namespace.is_some() && own.is_none() {
         return Step::NamespaceTaken { namespace: name };
     }
-    if o.registry_source.is_none() {
+    let Some(registry) = &o.registry_source else {
         return Step::RegistrySourceMissing {
             source: source.to_string(),
         };
+    };
+    if let Err(detail) = docker_config_json(registry) {
+        return Step::RegistrySourceInvalid {
+            source: source.to_string(),
+            detail,
+        };
     }
     Step::Ensure
+}
+
+/// Whether a Secret is a registry Secret: of type `kubernetes.io/dockerconfigjson`, with a
+/// `.dockerconfigjson` that is a JSON object whose `auths` is an object (pure). Anything else
+/// (an Opaque Secret with a token, say) is never copied into a tenant's namespace.
+pub fn docker_config_json(secret: &Secret) -> Result<(), String> {
+    const TYPE: &str = "kubernetes.io/dockerconfigjson";
+    if secret.type_.as_deref() != Some(TYPE) {
+        return Err(format!(
+            "it is of type {}, not {TYPE}",
+            secret.type_.as_deref().unwrap_or("Opaque")
+        ));
+    }
+    let Some(bytes) = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(".dockerconfigjson"))
+    else {
+        return Err("it has no key .dockerconfigjson".into());
+    };
+    match serde_json::from_slice::<Value>(&bytes.0) {
+        Ok(config) if config.get("auths").is_some_and(Value::is_object) => Ok(()),
+        Ok(_) => Err("its .dockerconfigjson has no \"auths\" object".into()),
+        Err(e) => Err(format!("its .dockerconfigjson is not JSON ({e})")),
+    }
+}
+
+/// The reason of the `Ready` condition a step leads to (pure).
+pub fn reason(step: &Step) -> &'static str {
+    match step {
+        Step::NamespaceTaken { .. } => "NamespaceTaken",
+        Step::RegistrySourceMissing { .. } => "RegistrySecretMissing",
+        Step::RegistrySourceInvalid { .. } => REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON,
+        Step::DeleteNamespace | Step::WaitForNamespace => "Terminating",
+        _ => "Active",
+    }
 }
 
 /// The phase and message a step leads to, or None when it writes no status (pure).
@@ -190,7 +259,9 @@ pub fn status_after(step: &Step, source_namespace: &str) -> Option<(ProjectPhase
             ProjectPhase::Terminating,
             "deleting the project namespace".into(),
         )),
-        Step::NamespaceTaken { .. } | Step::RegistrySourceMissing { .. } => Some((
+        Step::NamespaceTaken { .. }
+        | Step::RegistrySourceMissing { .. }
+        | Step::RegistrySourceInvalid { .. } => Some((
             ProjectPhase::Failed,
             failure(step, source_namespace)?.to_string(),
         )),
@@ -207,6 +278,12 @@ fn failure(step: &Step, source_namespace: &str) -> Option<ReconcileError> {
         Step::RegistrySourceMissing { source } => Some(ReconcileError::Missing(format!(
             "registry secret {source_namespace}/{source} not found; create it, the project picks it up automatically"
         ))),
+        Step::RegistrySourceInvalid { source, detail } => Some(ReconcileError::Refused {
+            reason: REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON,
+            message: format!(
+                "registry secret {source_namespace}/{source} must be a kubernetes.io/dockerconfigjson Secret with a parseable .dockerconfigjson, and {detail}; nothing is copied into the project"
+            ),
+        }),
         _ => None,
     }
 }
@@ -247,7 +324,8 @@ async fn apply(
         Step::Nothing
         | Step::WaitForNamespace
         | Step::NamespaceTaken { .. }
-        | Step::RegistrySourceMissing { .. } => {}
+        | Step::RegistrySourceMissing { .. }
+        | Step::RegistrySourceInvalid { .. } => {}
         Step::AddFinalizer => super::jobs::add_finalizer(&projects, project, FINALIZER).await?,
         Step::RemoveFinalizer => {
             super::jobs::remove_finalizer(&projects, project, FINALIZER).await?;
@@ -297,13 +375,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, R
         && phase == ProjectPhase::Terminating
     {
         // Said before the namespace goes, so the deletion is visible while it runs.
-        report(&project, phase, &message, &ctx).await?;
+        report(&project, phase, reason(&step), &message, &ctx).await?;
     }
     apply(&project, &step, &observed, &ctx).await?;
     if let Some((phase, message)) = status_after(&step, source_namespace)
         && phase != ProjectPhase::Terminating
     {
-        report(&project, phase, &message, &ctx).await?;
+        report(&project, phase, reason(&step), &message, &ctx).await?;
     }
     match failure(&step, source_namespace) {
         Some(error) => Err(error),
@@ -316,12 +394,13 @@ async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, R
 async fn report(
     project: &Project,
     phase: ProjectPhase,
+    reason: &str,
     message: &str,
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
     let projects: Api<Project> = Api::all(ctx.client.clone());
     let before = project.status.as_ref().and_then(|s| s.phase);
-    write_status(&projects, project, phase, message).await?;
+    write_status(&projects, project, phase, reason, message).await?;
     if before != Some(phase) && phase != ProjectPhase::Failed {
         let event = super::events::phase(&format!("{phase:?}"), message.to_string());
         super::events::publish(&ctx.client, &project.object_ref(&()), event).await;
@@ -402,11 +481,74 @@ mod tests {
         ns
     }
 
+    fn registry(type_: &str, config: Option<&str>) -> Secret {
+        Secret {
+            type_: Some(type_.into()),
+            data: config.map(|c| {
+                [(
+                    ".dockerconfigjson".to_string(),
+                    k8s_openapi::ByteString(c.as_bytes().to_vec()),
+                )]
+                .into()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const CONFIG: &str = r#"{"auths": {"registry.example.com": {"auth": "dXNlcjpwYXNz"}}}"#;
+
     fn observed(namespace: Option<Namespace>, source: bool) -> Observed {
         Observed {
             namespace,
-            registry_source: source.then(Secret::default),
+            registry_source: source
+                .then(|| registry("kubernetes.io/dockerconfigjson", Some(CONFIG))),
         }
+    }
+
+    #[test]
+    fn only_a_dockerconfigjson_registry_secret_is_copied() {
+        let ready = project(true, false);
+        for (source, detail) in [
+            (registry("Opaque", Some(CONFIG)), "of type Opaque"),
+            (
+                registry("kubernetes.io/basic-auth", None),
+                "of type kubernetes.io/basic-auth",
+            ),
+            (
+                registry("kubernetes.io/dockerconfigjson", None),
+                "no key .dockerconfigjson",
+            ),
+            (
+                registry("kubernetes.io/dockerconfigjson", Some("token: x")),
+                "is not JSON",
+            ),
+            (
+                registry("kubernetes.io/dockerconfigjson", Some(r#"{"token": "x"}"#)),
+                "no \"auths\" object",
+            ),
+        ] {
+            let o = Observed {
+                namespace: None,
+                registry_source: Some(source),
+            };
+            let step = decide(&ready, &o, "registry-creds");
+            assert!(
+                matches!(&step, Step::RegistrySourceInvalid { detail: d, .. } if d.contains(detail)),
+                "{detail}: {step:?}"
+            );
+            assert_eq!(reason(&step), REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON);
+            assert_eq!(
+                status_after(&step, "shapeblock").map(|(p, _)| p),
+                Some(ProjectPhase::Failed)
+            );
+            let error = failure(&step, "shapeblock").unwrap();
+            assert_eq!(error.event_reason(), REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON);
+            assert!(error.to_string().contains("nothing is copied"), "{error}");
+        }
+        assert_eq!(
+            decide(&ready, &observed(None, true), "registry-creds"),
+            Step::Ensure
+        );
     }
 
     #[test]

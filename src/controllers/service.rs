@@ -111,6 +111,8 @@ pub struct Observed {
     /// Deletion only: the uninstall Job, and its helm output when it failed.
     pub uninstall: Option<Job>,
     pub uninstall_output: Option<String>,
+    /// Why the Service's namespace is not a project's, when it is not.
+    pub not_in_project: Option<super::tenancy::NotInProject>,
 }
 
 /// The one thing to do next for a Service.
@@ -118,6 +120,9 @@ pub struct Observed {
 pub enum Step {
     /// Deleted without our finalizer, or nothing to do.
     Nothing,
+    /// The namespace is not a project's: nothing is created (no finalizer either); retried,
+    /// and brought back by its Project's changes.
+    NotInProject(super::tenancy::NotInProject),
     /// Add the finalizer that uninstalls the release.
     AddFinalizer,
     /// The release is gone (or never was): let the Service go.
@@ -152,6 +157,13 @@ pub fn decide(service: &Service, o: &Observed) -> Step {
         if !has_finalizer {
             return Step::Nothing;
         }
+        // Outside a project the hub never installed anything (its Jobs run as the project's
+        // deployer), and creates nothing now: let the Service go.
+        if o.not_in_project.is_some() {
+            return Step::RemoveFinalizer {
+                uninstall_job: None,
+            };
+        }
         let uninstall_job = o.uninstall.as_ref().map(|j| j.name_any());
         let maybe_installed =
             status.applied_hash.is_some() || !o.installs.is_empty() || o.release_exists;
@@ -166,6 +178,9 @@ pub fn decide(service: &Service, o: &Observed) -> Step {
                 output: o.uninstall_output.clone().unwrap_or(message),
             },
         };
+    }
+    if let Some(why) = &o.not_in_project {
+        return Step::NotInProject(why.clone());
     }
     if !has_finalizer {
         return Step::AddFinalizer;
@@ -214,8 +229,36 @@ pub fn decide(service: &Service, o: &Observed) -> Step {
     }
 }
 
-/// The status once `step` is applied, or None when the step writes none (pure).
-pub fn status_after(service: &Service, step: &Step) -> Option<ServiceStatus> {
+/// The type of the condition a Service carries: its release is installed with its spec.
+pub const READY: &str = "Ready";
+
+/// The status once `step` is applied, or None when the step writes none (pure; `now` stamps
+/// a condition that changes).
+pub fn status_after(service: &Service, step: &Step, now: &Time) -> Option<ServiceStatus> {
+    let mut status = status_of(service, step)?;
+    let (ok, reason) = match step {
+        Step::Installed { .. } | Step::UpToDate => (true, "Deployed"),
+        Step::NotInProject(_) => (false, super::tenancy::NOT_IN_PROJECT),
+        Step::InvalidChart { .. } => (false, "InvalidChart"),
+        Step::InstallFailed { .. } => (false, "InstallFailed"),
+        Step::Uninstalling | Step::UninstallFailed { .. } => (false, "Deleting"),
+        _ => (false, "Deploying"),
+    };
+    let message = status.message.clone().unwrap_or_default();
+    super::set_condition(
+        &mut status.conditions,
+        READY,
+        ok,
+        reason,
+        &message,
+        service.metadata.generation,
+        now,
+    );
+    Some(status)
+}
+
+/// The status fields but the condition once `step` is applied.
+fn status_of(service: &Service, step: &Step) -> Option<ServiceStatus> {
     let name = service.name_any();
     let mut status = service.status.clone().unwrap_or_default();
     match step {
@@ -231,6 +274,11 @@ pub fn status_after(service: &Service, step: &Step) -> Option<ServiceStatus> {
         Step::UninstallFailed { output } => {
             status.phase = Some(ServicePhase::Deleting);
             status.message = Some(format!("helm uninstall failed; retrying\n{output}"));
+            return Some(status);
+        }
+        Step::NotInProject(why) => {
+            status.phase = Some(ServicePhase::Pending);
+            status.message = Some(why.to_string());
             return Some(status);
         }
         _ => {}
@@ -287,7 +335,16 @@ async fn read(service: &Service, ctx: &Context) -> Result<Observed, ReconcileErr
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let mut o = Observed::default();
     let deleting = service.metadata.deletion_timestamp.is_some();
-    if !service.finalizers().iter().any(|f| f == FINALIZER) {
+    let has_finalizer = service.finalizers().iter().any(|f| f == FINALIZER);
+    if deleting && !has_finalizer {
+        return Ok(o);
+    }
+    // Before anything else: outside a project nothing more is read, nothing is created.
+    o.not_in_project =
+        super::tenancy::read(&ctx.client, &ns, &ctx.config.registry_source_namespace)
+            .await?
+            .err();
+    if o.not_in_project.is_some() || !has_finalizer {
         return Ok(o);
     }
     if deleting {
@@ -330,6 +387,7 @@ async fn apply(service: &Service, step: &Step, ctx: &Context) -> Result<(), Reco
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     match step {
         Step::Nothing
+        | Step::NotInProject(_)
         | Step::InvalidChart { .. }
         | Step::UpToDate
         | Step::WaitForPrevious { .. }
@@ -442,7 +500,7 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
     let observed = read(&service, &ctx).await?;
     let step = decide(&service, &observed);
     apply(&service, &step, &ctx).await?;
-    if let Some(status) = status_after(&service, &step) {
+    if let Some(status) = status_after(&service, &step, &Time(jiff::Timestamp::now())) {
         let api: Api<Service> =
             Api::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
         let before = service.status.as_ref().and_then(|s| s.phase);
@@ -458,11 +516,12 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
             super::events::publish(&ctx.client, &service.object_ref(&()), event).await;
         }
     }
-    Ok(match step {
+    match step {
+        Step::NotInProject(why) => Err(why.into()),
         // The failed uninstall Job was deleted: nothing changes by itself, so try again later.
-        Step::UninstallFailed { .. } => Action::requeue(std::time::Duration::from_secs(30)),
-        _ => Action::await_change(),
-    })
+        Step::UninstallFailed { .. } => Ok(Action::requeue(std::time::Duration::from_secs(30))),
+        _ => Ok(Action::await_change()),
+    }
 }
 
 /// Runs the Service controller; stop it by dropping the future.
@@ -471,14 +530,33 @@ pub async fn run(ctx: Arc<Context>) {
     let metrics = ctx.metrics.clone();
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client.clone()), &ctx);
+    let project_store = store.clone();
     Controller::for_stream(stream, store)
         .with_config(super::controller_config())
         .owns_stream(
             watcher(
-                Api::<PartialObjectMeta<Job>>::all(client),
+                Api::<PartialObjectMeta<Job>>::all(client.clone()),
                 watcher::Config::default().labels(&managed),
             )
             .touched_objects(),
+        )
+        // A Project that changes (it is made, or its namespace is ready: its status moves)
+        // brings the Services of its namespace, which wait for it outside a project.
+        .watches_stream(
+            watcher(
+                Api::<PartialObjectMeta<crate::crd::Project>>::all(client),
+                watcher::Config::default(),
+            )
+            .touched_objects(),
+            move |project| {
+                let ns = Some(project.name_any());
+                project_store
+                    .state()
+                    .iter()
+                    .filter(|service| service.namespace() == ns)
+                    .map(|service| kube::runtime::reflector::ObjectRef::from_obj(service.as_ref()))
+                    .collect::<Vec<_>>()
+            },
         )
         .run(
             super::bounded("service", reconcile),
@@ -495,6 +573,10 @@ pub async fn run(ctx: Arc<Context>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn now() -> Time {
+        Time(jiff::Timestamp::now())
+    }
 
     fn source(url: &str) -> ChartSource {
         ChartSource {
@@ -592,7 +674,7 @@ mod tests {
             matches!(&step, Step::Install { hash: h, .. } if *h == hash),
             "{step:?}"
         );
-        let status = status_after(&ready, &step).unwrap();
+        let status = status_after(&ready, &step, &now()).unwrap();
         assert_eq!(status.phase, Some(ServicePhase::Deploying));
         assert_eq!(status.helm_release.as_deref(), Some("db"));
     }
@@ -612,7 +694,7 @@ mod tests {
             Step::Installed { superseded, hash } => {
                 assert_eq!(superseded.len(), 1);
                 assert_eq!(superseded[0].name_any(), "db-install-old");
-                let status = status_after(&svc, &step).unwrap();
+                let status = status_after(&svc, &step, &now()).unwrap();
                 assert_eq!(status.phase, Some(ServicePhase::Deployed));
                 assert_eq!(status.applied_hash.as_ref(), Some(hash));
             }
@@ -627,7 +709,7 @@ mod tests {
                 output: "Error: chart not found".into()
             }
         );
-        let status = status_after(&svc, &step).unwrap();
+        let status = status_after(&svc, &step, &now()).unwrap();
         assert_eq!(status.phase, Some(ServicePhase::Failed));
         assert!(
             status
@@ -666,7 +748,7 @@ mod tests {
         let step = decide(&svc, &Observed::default());
         assert!(matches!(step, Step::InvalidChart { .. }), "{step:?}");
         assert_eq!(
-            status_after(&svc, &step).unwrap().phase,
+            status_after(&svc, &step, &now()).unwrap().phase,
             Some(ServicePhase::Failed)
         );
     }
@@ -708,7 +790,9 @@ mod tests {
         };
         assert_eq!(decide(&installed, &o), Step::Uninstalling);
         assert_eq!(
-            status_after(&installed, &Step::Uninstalling).unwrap().phase,
+            status_after(&installed, &Step::Uninstalling, &now())
+                .unwrap()
+                .phase,
             Some(ServicePhase::Deleting)
         );
         o.uninstall = Some(succeeded("db-uninstall"));
@@ -728,11 +812,50 @@ mod tests {
             }
         );
         assert!(
-            status_after(&installed, &step)
+            status_after(&installed, &step, &now())
                 .unwrap()
                 .message
                 .unwrap()
                 .starts_with("helm uninstall failed; retrying")
+        );
+    }
+
+    #[test]
+    fn outside_a_project_a_service_installs_nothing_and_says_why() {
+        use crate::controllers::tenancy::NotInProject;
+        let why = NotInProject::Reserved("kube-system".into());
+        let o = Observed {
+            not_in_project: Some(why.clone()),
+            ..Default::default()
+        };
+        for finalizer in [false, true] {
+            let svc = service(finalizer, false, json!(null));
+            let step = decide(&svc, &o);
+            assert_eq!(step, Step::NotInProject(why.clone()));
+            let status = status_after(&svc, &step, &now()).unwrap();
+            assert_eq!(status.phase, Some(ServicePhase::Pending));
+            let ready = &status.conditions[0];
+            assert_eq!(
+                (
+                    ready.type_.as_str(),
+                    ready.status.as_str(),
+                    ready.reason.as_str()
+                ),
+                (READY, "False", "NotInProject")
+            );
+        }
+        // Once in a project, the condition follows the install.
+        let svc = service(true, false, json!(null));
+        let step = decide(&svc, &Observed::default());
+        let status = status_after(&svc, &step, &now()).unwrap();
+        assert_eq!(status.conditions[0].reason, "Deploying");
+        // Deleted outside a project: let go, no uninstall Job.
+        let deleting = service(true, true, json!({"appliedHash": "x"}));
+        assert_eq!(
+            decide(&deleting, &o),
+            Step::RemoveFinalizer {
+                uninstall_job: None
+            }
         );
     }
 }

@@ -86,9 +86,12 @@ pub struct GitSource {
     #[x_kube(validation = Rule::new(concat!("self.matches('", super::rules::git_ref_re!(), "') && !self.contains('..')"))
         .message("spec.git.branch must be a git branch name: letters, digits and ._/+-, not starting with '-' or containing '..'"))]
     pub branch: Option<String>,
-    /// Secret in the App's namespace holding the SSH private key (`ssh-privatekey`) for a
-    /// private repository. When a private repository names none, the hub generates an ed25519
-    /// deploy key, stores it as a Secret and shows its public key in `status.deployKey`.
+    /// Secret in the App's namespace with the credentials of a private repository: for an SSH
+    /// URL its private key (`ssh-privatekey`); for an https URL `username`, `password` or
+    /// `token`, and `host`, the host (with its port, if any) the credentials are for: they are
+    /// sent to that host only, over https. When a private SSH repository names none, the hub
+    /// generates an ed25519 deploy key, stores it as a Secret and shows its public key in
+    /// `status.deployKey`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub secret_name: Option<String>,

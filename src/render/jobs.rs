@@ -113,7 +113,8 @@ pub enum GitAuth {
         secret: String,
         known_hosts_config_map: String,
     },
-    /// HTTPS with `username` and `password` or `token` from this Secret.
+    /// HTTPS with `username` and `password` or `token` from this Secret, sent only to the
+    /// host in its `host` key.
     Https { secret: String },
     /// SSH to a public repository: host keys checked, no key.
     SshAnonymous { known_hosts_config_map: String },
@@ -231,6 +232,16 @@ pub fn clone_steps(git_url: &str, git_ref: &str) -> Vec<(&'static str, Vec<Strin
     ]
 }
 
+/// Variable holding the host an HTTPS git Secret is bound to (its `host` key).
+pub const GIT_CREDENTIAL_HOST_ENV: &str = "SHAPEBLOCK_GIT_HOST";
+
+/// git's credential helper for HTTPS Secrets. A fixed script: git's request is read as data
+/// (`protocol=`, `host=` lines on stdin), the credentials are printed as data by printf, and
+/// nothing from a user is ever parsed as code. It answers only a `get` for exactly the bound
+/// host over https; for any other host or scheme (a redirect, a submodule, an App pointing
+/// its URL elsewhere) it prints nothing, so git has no credentials to send.
+pub const GIT_CREDENTIAL_HELPER: &str = r#"!f() { test "$1" = get || exit 0; protocol=; host=; while IFS= read -r line; do case "$line" in protocol=*) protocol=${line#protocol=} ;; host=*) host=${line#host=} ;; esac; done; test "$protocol" = https || exit 0; test -n "$SHAPEBLOCK_GIT_HOST" && test "$host" = "$SHAPEBLOCK_GIT_HOST" || exit 0; printf 'username=%s\npassword=%s\n' "${GIT_USERNAME:-x-access-token}" "${GIT_PASSWORD:-$GIT_TOKEN}"; }; f"#;
+
 /// Environment of the git containers: constant settings only; credentials come from the
 /// Secret as variables that git's credential helper prints (never interpolated as code).
 fn git_env(auth: &GitAuth) -> Vec<Value> {
@@ -261,12 +272,16 @@ fn git_env(auth: &GitAuth) -> Vec<Value> {
                 env.push(json!({"name": name, "valueFrom": {"secretKeyRef": {
                     "name": secret, "key": key, "optional": true}}}));
             }
-            // A fixed helper: the values are expanded as data by printf, never parsed.
+            // The host the Secret is bound to, from the Secret itself (not optional: without it
+            // the container does not start, rather than send the credentials anywhere).
+            env.push(
+                json!({"name": GIT_CREDENTIAL_HOST_ENV, "valueFrom": {"secretKeyRef": {
+                "name": secret, "key": "host"}}}),
+            );
             env.extend([
                 json!({"name": "GIT_CONFIG_COUNT", "value": "1"}),
                 json!({"name": "GIT_CONFIG_KEY_0", "value": "credential.helper"}),
-                json!({"name": "GIT_CONFIG_VALUE_0", "value":
-                    "!f() { test \"$1\" = get || exit 0; printf 'username=%s\\npassword=%s\\n' \"${GIT_USERNAME:-x-access-token}\" \"${GIT_PASSWORD:-$GIT_TOKEN}\"; }; f"}),
+                json!({"name": "GIT_CONFIG_VALUE_0", "value": GIT_CREDENTIAL_HELPER}),
             ]);
         }
     }
@@ -1000,6 +1015,87 @@ mod tests {
         assert_eq!(
             password["valueFrom"]["secretKeyRef"],
             json!({"name": "git-creds", "key": "password", "optional": true})
+        );
+        // The bound host comes from the Secret, and is required.
+        let host = env
+            .iter()
+            .find(|e| e["name"] == GIT_CREDENTIAL_HOST_ENV)
+            .unwrap();
+        assert_eq!(
+            host["valueFrom"]["secretKeyRef"],
+            json!({"name": "git-creds", "key": "host"})
+        );
+    }
+
+    /// What the helper prints for git's request `input`, run by `sh` as git runs a `!` helper
+    /// (the command, then its action), with the Secret's values in its environment.
+    fn helper_answer(action: &str, input: &str, bound_host: &str) -> String {
+        use std::io::Write;
+        let helper = GIT_CREDENTIAL_HELPER.strip_prefix('!').unwrap();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{helper} {action}"))
+            .env_clear()
+            .env(GIT_CREDENTIAL_HOST_ENV, bound_host)
+            .env("GIT_USERNAME", "deployer")
+            .env("GIT_TOKEN", "s3cret")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    #[test]
+    fn the_credential_helper_answers_only_its_host_over_https() {
+        let answer = "username=deployer\npassword=s3cret\n";
+        let ask = |protocol: &str, host: &str| {
+            format!("protocol={protocol}\nhost={host}\npath=org/web.git\n")
+        };
+        assert_eq!(
+            helper_answer("get", &ask("https", "git.example.com"), "git.example.com"),
+            answer
+        );
+        assert_eq!(
+            helper_answer(
+                "get",
+                &ask("https", "git.example.com:8443"),
+                "git.example.com:8443"
+            ),
+            answer
+        );
+        for (protocol, host) in [
+            ("https", "evil.example.com"),
+            ("https", "git.example.com.evil.example.com"),
+            ("https", "git.example.com:8443"),
+            ("https", "GIT.example.com"),
+            ("https", ""),
+            ("http", "git.example.com"),
+        ] {
+            assert_eq!(
+                helper_answer("get", &ask(protocol, host), "git.example.com"),
+                "",
+                "{protocol}://{host}"
+            );
+        }
+        // No bound host (an empty key): nothing for anyone, not even a request without a host.
+        assert_eq!(helper_answer("get", "protocol=https\n", ""), "");
+        // A host that looks like shell is compared as data.
+        assert_eq!(
+            helper_answer("get", &ask("https", "$(touch /tmp/x)"), "$(touch /tmp/x)"),
+            answer
+        );
+        assert_eq!(
+            helper_answer("store", &ask("https", "git.example.com"), "git.example.com"),
+            ""
         );
     }
 

@@ -19,7 +19,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use super::failure::{FailureReason, build_failure};
@@ -34,6 +34,8 @@ use crate::render::jobs::{self as render, BUILD_CONTAINER, COMMIT_CONTAINER, Job
 /// What the cluster holds for one AppBuild, read before anything is decided.
 pub struct Observed<'a> {
     pub build: &'a AppBuild,
+    /// Why the AppBuild's namespace is not a project's, when it is not.
+    pub not_in_project: Option<&'a crate::controllers::tenancy::NotInProject>,
     /// The AppBuild's App, unless it is missing or being deleted.
     pub app: Option<&'a App>,
     /// The other AppBuilds of the namespace (for reusing an image built from the same inputs).
@@ -85,6 +87,9 @@ pub struct BuildProgress {
 pub enum Step {
     /// Finished (Completed or Failed) or being deleted: nothing to do.
     Nothing,
+    /// The namespace is not a project's: create nothing, say why (Pending, condition `Built`
+    /// False with reason `NotInProject`), and look again when the Project may have come.
+    NotInProject(crate::controllers::tenancy::NotInProject),
     /// First sight: record `Pending` and the start time.
     Accept,
     /// Waiting for the App (to exist, or to be Ready); the message says which.
@@ -145,6 +150,9 @@ pub fn decide(o: &Observed) -> Step {
         )
     {
         return Step::Nothing;
+    }
+    if let Some(why) = o.not_in_project {
+        return Step::NotInProject(why.clone());
     }
     if status.phase.is_none() {
         return Step::Accept;
@@ -639,7 +647,7 @@ fn decide_rollout(o: &Observed, image: ImageRef) -> Step {
     }
 }
 
-/// Sets a condition, moving its transition time only when its status or reason changes.
+/// Sets one of the AppBuild's conditions (see [`crate::controllers::set_condition`]).
 fn set_condition(
     status: &mut AppBuildStatus,
     type_: &str,
@@ -649,25 +657,15 @@ fn set_condition(
     generation: Option<i64>,
     now: &Time,
 ) {
-    let value = if ok { "True" } else { "False" };
-    if let Some(existing) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
-        if existing.status != value || existing.reason != reason {
-            existing.last_transition_time = now.clone();
-        }
-        existing.status = value.into();
-        existing.reason = reason.into();
-        existing.message = message.into();
-        existing.observed_generation = generation;
-        return;
-    }
-    status.conditions.push(Condition {
-        type_: type_.into(),
-        status: value.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: now.clone(),
-    });
+    crate::controllers::set_condition(
+        &mut status.conditions,
+        type_,
+        ok,
+        reason,
+        message,
+        generation,
+        now,
+    );
 }
 
 fn apply_progress(status: &mut AppBuildStatus, progress: &BuildProgress, now: &Time) {
@@ -700,6 +698,23 @@ pub fn status_after(build: &AppBuild, step: &Step, now: &Time) -> AppBuildStatus
             status.message = Some("accepted".into());
         }
         Step::Wait { message } => status.message = Some(message.clone()),
+        Step::NotInProject(why) => {
+            if status.phase.is_none() {
+                status.phase = Some(AppBuildPhase::Pending);
+                status.start_time = Some(now.clone());
+            }
+            let message = why.to_string();
+            set_condition(
+                &mut status,
+                BUILT,
+                false,
+                crate::controllers::tenancy::NOT_IN_PROJECT,
+                &message,
+                generation,
+                now,
+            );
+            status.message = Some(message);
+        }
         Step::Fail {
             reason,
             message,
@@ -899,6 +914,7 @@ mod tests {
         deploy_output: Option<String>,
         rollback_values: Option<Value>,
         workloads: Option<Vec<Deployment>>,
+        not_in_project: Option<crate::controllers::tenancy::NotInProject>,
     }
 
     impl Case {
@@ -914,12 +930,14 @@ mod tests {
                 deploy_output: None,
                 rollback_values: None,
                 workloads: None,
+                not_in_project: None,
             }
         }
         fn decide(&self) -> Step {
             let settings = JobSettings::default();
             decide(&Observed {
                 build: &self.build,
+                not_in_project: self.not_in_project.as_ref(),
                 app: self.app.as_ref(),
                 siblings: &self.siblings,
                 build_job: self.build_job.as_ref(),
@@ -962,6 +980,35 @@ mod tests {
             Case::new(deleted, Some(dockerfile_app())).decide(),
             Step::Nothing
         );
+    }
+
+    #[test]
+    fn outside_a_project_a_build_creates_nothing_and_says_why() {
+        use crate::controllers::tenancy::NotInProject;
+        let why = NotInProject::NoProject("p".into());
+        for status in [json!(null), pending()] {
+            let mut case = Case::new(
+                build(json!({"gitRef": "main"}), status),
+                Some(dockerfile_app()),
+            );
+            case.not_in_project = Some(why.clone());
+            let step = case.decide();
+            assert_eq!(step, Step::NotInProject(why.clone()));
+            let now = Time(jiff::Timestamp::now());
+            let status = status_after(&case.build, &step, &now);
+            assert_eq!(status.phase, Some(AppBuildPhase::Pending));
+            assert!(status.job_name.is_none());
+            let built = &status.conditions[0];
+            assert_eq!(
+                (
+                    built.type_.as_str(),
+                    built.status.as_str(),
+                    built.reason.as_str()
+                ),
+                (BUILT, "False", "NotInProject")
+            );
+            assert_eq!(status.message, Some(why.to_string()));
+        }
     }
 
     #[test]

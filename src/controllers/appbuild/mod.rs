@@ -308,6 +308,7 @@ pub const DEPLOYED: &str = "Deployed";
 /// Children read for one reconcile.
 #[derive(Default)]
 struct Children {
+    not_in_project: Option<super::tenancy::NotInProject>,
     app: Option<App>,
     build_job: Option<Job>,
     build_pods: Vec<Pod>,
@@ -330,7 +331,15 @@ async fn read(build: &AppBuild, ctx: &Context) -> Result<Children, ReconcileErro
         status.phase,
         Some(AppBuildPhase::Completed | AppBuildPhase::Failed)
     );
-    if finished || status.phase.is_none() || build.metadata.deletion_timestamp.is_some() {
+    if finished || build.metadata.deletion_timestamp.is_some() {
+        return Ok(children);
+    }
+    // Before anything else: outside a project nothing more is read, nothing is created.
+    children.not_in_project =
+        super::tenancy::read(&ctx.client, &ns, &ctx.config.registry_source_namespace)
+            .await?
+            .err();
+    if children.not_in_project.is_some() || status.phase.is_none() {
         return Ok(children);
     }
     children.app = Api::<App>::namespaced(ctx.client.clone(), &ns)
@@ -414,6 +423,7 @@ async fn apply(
     };
     match step {
         Step::Nothing
+        | Step::NotInProject(_)
         | Step::Accept
         | Step::Wait { .. }
         | Step::WaitForDeploy { .. }
@@ -660,6 +670,7 @@ async fn reconcile(
     let siblings = store.state();
     let step = decide(&Observed {
         build: &build,
+        not_in_project: children.not_in_project.as_ref(),
         app: children.app.as_ref(),
         siblings: &siblings,
         build_job: children.build_job.as_ref(),
@@ -686,6 +697,10 @@ async fn reconcile(
     .await?;
     let status = status_after(&build, &step, &Time(jiff::Timestamp::now()));
     report(&build, &status, &ctx, &mut version).await?;
+    if let Step::NotInProject(why) = step {
+        // Retried with backoff (and brought back sooner by its App becoming Ready).
+        return Err(why.into());
+    }
     if let Step::Fail { reason, .. } = &step
         && reason.leaves_the_job_running()
         && let Some(job) = &children.build_job

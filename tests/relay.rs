@@ -959,3 +959,78 @@ async fn no_build_log_line_is_lost_across_a_30_s_server_outage() {
         support::write_container_log(container, &[]);
     }
 }
+
+#[tokio::test]
+async fn a_build_that_ended_while_its_log_was_undelivered_is_resent_after_a_hub_restart() {
+    let _one_hub = ONE_HUB.lock().await;
+    support::jobs().await;
+    let logs: Vec<(&str, Vec<String>)> = [("clone", 2), ("commit", 0), ("build", 1000)]
+        .into_iter()
+        .map(|(container, n)| {
+            let lines = (1..=n).map(|i| format!("{container} says {i}")).collect();
+            (container, lines)
+        })
+        .collect();
+    for (container, lines) in &logs {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        support::write_container_log(container, &refs);
+    }
+    let server = TestServer::start().await;
+    // The server takes its first message, then reads nothing for a minute: the first hub's
+    // log lines wait in its queue (large enough that the controllers go on meanwhile).
+    server.read_delay_ms.store(60_000, Ordering::SeqCst);
+    let mut cluster =
+        connected_cluster_relaying("relay-restart", Some(server.relay(100_000))).await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "restart-log").await;
+    ready_web_app(&admin, &ns).await;
+    build_to_completion(&admin, &ns, "web-1", None).await;
+    wait_for("web-1 Completed in the cluster", WAIT, async || {
+        let truth = truth(&admin, &ns).await;
+        (truth
+            .get(&("AppBuild".into(), ns.clone(), "web-1".into()))
+            .map(String::as_str)
+            == Some("Completed"))
+        .then_some(())
+    })
+    .await;
+    let before = log_by_position(&server.messages(), &ns, "web-1").0.len();
+    // The hub stops with the log undelivered; the new one finds the build ended moments ago.
+    server.read_delay_ms.store(0, Ordering::SeqCst);
+    cluster.restart_hub().await;
+    let expected: usize = logs.iter().map(|(_, lines)| lines.len()).sum();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let held = loop {
+        let (held, _) = log_by_position(&server.messages(), &ns, "web-1");
+        if held.len() >= expected || std::time::Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let lost = expected - held.len().min(expected);
+    eprintln!(
+        "lines lost across a hub restart after the build ended: {lost} (of {expected}; the \
+         server held {before} before the restart)"
+    );
+    assert_eq!(lost, 0, "every line of the ended build, after the restart");
+    for (container, lines) in &logs {
+        for (i, text) in lines.iter().enumerate() {
+            assert_eq!(
+                held.get(&(container.to_string(), i as u64 + 1)),
+                Some(&format!("{text}\n")),
+                "{container} line {}",
+                i + 1
+            );
+        }
+    }
+    let resent = server
+        .messages()
+        .iter()
+        .filter(|m| m["type"] == "BUILD_LOG" && m["buildId"] == "web-1")
+        .skip(before)
+        .all(|m| m["resent"] == true);
+    assert!(resent, "the new hub marks every line it sends again");
+    for (container, _) in &logs {
+        support::write_container_log(container, &[]);
+    }
+}

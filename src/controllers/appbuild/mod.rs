@@ -415,17 +415,12 @@ async fn apply(
         return Ok(());
     };
     match step {
-        Step::Accept | Step::Wait { .. } => {}
         Step::Nothing
+        | Step::Accept
+        | Step::Wait { .. }
         | Step::WaitForDeploy { .. }
         | Step::DeployRunning
-        | Step::RollingOut { .. } => {
-            // Once per build per hub process: after a restart, a build that ended shortly
-            // before has its log sent again (nothing when this process relayed it already).
-            if let Some(pod) = recently_built(build) {
-                relay_log(ctx, store, &ns, &name, pod);
-            }
-        }
+        | Step::RollingOut { .. } => {}
         Step::Fail { progress, .. } => {
             if let Some(pod) = &progress.log_pod {
                 relay_log(ctx, store, &ns, &name, pod);
@@ -678,6 +673,13 @@ async fn reconcile(
         workloads: children.workloads.as_deref(),
         settings: &ctx.config.jobs,
     });
+    // Once per build per hub process (nothing when this process relayed the log already):
+    // after a restart, a build that ended shortly before has its log sent again, as the
+    // server may have missed its end while the hub was down.
+    if let Some(pod) = recently_built(&build) {
+        let ns = build.namespace().unwrap_or_default();
+        relay_log(&ctx, &store, &ns, &build.name_any(), pod);
+    }
     if step == Step::Nothing {
         return Ok(Action::await_change());
     }

@@ -963,6 +963,7 @@ async fn no_build_log_line_is_lost_across_a_30_s_server_outage() {
 #[tokio::test]
 async fn a_build_that_ended_while_its_log_was_undelivered_is_resent_after_a_hub_restart() {
     let _one_hub = ONE_HUB.lock().await;
+    // Not `web-1`: every test's hub sees every namespace, and another test follows `web-1` by name.
     support::jobs().await;
     let logs: Vec<(&str, Vec<String>)> = [("clone", 2), ("commit", 0), ("build", 1000)]
         .into_iter()
@@ -984,24 +985,26 @@ async fn a_build_that_ended_while_its_log_was_undelivered_is_resent_after_a_hub_
     let admin = cluster.admin.clone();
     let ns = active_project(&admin, "restart-log").await;
     ready_web_app(&admin, &ns).await;
-    build_to_completion(&admin, &ns, "web-1", None).await;
-    wait_for("web-1 Completed in the cluster", WAIT, async || {
+    build_to_completion(&admin, &ns, "web-restart", None).await;
+    wait_for("web-restart Completed in the cluster", WAIT, async || {
         let truth = truth(&admin, &ns).await;
         (truth
-            .get(&("AppBuild".into(), ns.clone(), "web-1".into()))
+            .get(&("AppBuild".into(), ns.clone(), "web-restart".into()))
             .map(String::as_str)
             == Some("Completed"))
         .then_some(())
     })
     .await;
-    let before = log_by_position(&server.messages(), &ns, "web-1").0.len();
+    let before = log_by_position(&server.messages(), &ns, "web-restart")
+        .0
+        .len();
     // The hub stops with the log undelivered; the new one finds the build ended moments ago.
     server.read_delay_ms.store(0, Ordering::SeqCst);
     cluster.restart_hub().await;
     let expected: usize = logs.iter().map(|(_, lines)| lines.len()).sum();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let held = loop {
-        let (held, _) = log_by_position(&server.messages(), &ns, "web-1");
+        let (held, _) = log_by_position(&server.messages(), &ns, "web-restart");
         if held.len() >= expected || std::time::Instant::now() > deadline {
             break held;
         }
@@ -1026,7 +1029,7 @@ async fn a_build_that_ended_while_its_log_was_undelivered_is_resent_after_a_hub_
     let resent = server
         .messages()
         .iter()
-        .filter(|m| m["type"] == "BUILD_LOG" && m["buildId"] == "web-1")
+        .filter(|m| m["type"] == "BUILD_LOG" && m["buildId"] == "web-restart")
         .skip(before)
         .all(|m| m["resent"] == true);
     assert!(resent, "the new hub marks every line it sends again");

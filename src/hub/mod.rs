@@ -129,6 +129,7 @@ impl Hub {
             viewer_tokens: config.viewer_tokens.clone(),
             public_url: config.public_url.clone(),
             agent_image: config.agent_image.clone(),
+            registry_namespace: config.runtime.controllers.registry_source_namespace.clone(),
             tls: tls.is_some(),
             metrics: Arc::new(prometheus),
             journal: journal.clone(),

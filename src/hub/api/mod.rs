@@ -47,6 +47,9 @@ pub struct ApiState {
     pub viewer_tokens: Vec<TokenHash>,
     pub public_url: Option<String>,
     pub agent_image: String,
+    /// The controllers' `registry_source_namespace`, which the install manifest grants the
+    /// agent reading Secrets in.
+    pub registry_namespace: String,
     /// Whether the hub itself serves TLS (for URLs derived from requests).
     pub tls: bool,
     pub metrics: Arc<prometheus_client::registry::Registry>,

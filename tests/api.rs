@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, WatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::{Api, Patch, PatchParams, WatchParams};
 use serde_json::{Value, json};
 use shapeblock::crd::Project;
 use shapeblock::hub::Registry;
@@ -83,7 +83,7 @@ async fn register_install_connect_create_rotate() {
 
     // Install: the manifest's objects go into the cluster as they are.
     let objects = apply_manifest(&admin, manifest).await;
-    assert_eq!(objects.len(), 7);
+    assert_eq!(objects.len(), 13);
     let secret = Api::<Secret>::namespaced(admin.clone(), "shapeblock-agent")
         .get("shapeblock-agent-token")
         .await
@@ -172,7 +172,17 @@ async fn register_install_connect_create_rotate() {
     );
 
     // Namespaced kinds through the same API, with the apiserver's validation messages.
+    // The agent writes only in project namespaces (this hub runs no controllers to make one):
+    // the namespace carries the project label the admission policy looks for.
     let ns = TestNamespace::new("api-apps").await;
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            &ns.name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"shapeblock.io/project": ns.name}}})),
+        )
+        .await
+        .unwrap();
     let app_path = format!("/api/v1/clusters/{cluster}/namespaces/{}/apps", ns.name);
     let app = json!({"metadata": {"name": "web"}, "spec": {"displayName": "Web",
         "registry": {}, "build": {"type": "image", "image": "nginx:1.27"}}});

@@ -116,9 +116,10 @@ async fn the_agent_chart_renders_the_install_manifest_and_installs() {
         hub_url: "wss://hub.example.com:8443".into(),
         image: "ghcr.io/shapeblock/shapeblock-agent:1.2.3".into(),
         token: "sbt_c0123456789abcdef_abc".into(),
+        registry_namespace: "shapeblock".into(),
     });
     from_hub.sort_by_key(key);
-    assert_eq!(from_chart.len(), 7);
+    assert_eq!(from_chart.len(), 13);
     assert_eq!(
         from_chart, from_hub,
         "the agent chart and the hub's install manifest differ"

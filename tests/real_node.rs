@@ -76,6 +76,7 @@ async fn start_fleet() -> Fleet {
         hub_url: hub_url.clone(),
         image: "shapeblock-agent:test".into(),
         token: "unused".into(),
+        registry_namespace: "shapeblock".into(),
     })
     .iter()
     .filter(|o| o["kind"] != "Deployment")

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use super::jobs;
 use super::service::FINALIZER;
 use super::{Context, MANAGED_BY, ReconcileError};
-use crate::crd::{App, AppPhase, FIELD_MANAGER, GitSource};
+use crate::crd::{App, AppPhase, FIELD_MANAGER, GitSource, Project};
 use crate::observed::{self, Outcome};
 
 /// Host keys shipped with the hub (ed25519 and ECDSA; fingerprints checked against each
@@ -828,21 +828,9 @@ pub async fn run(ctx: Arc<Context>) {
     let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()), &ctx);
     Controller::for_stream(stream, store.clone())
         .with_config(super::controller_config())
-        // Children (deploy key, known_hosts, the uninstall Job), metadata only.
-        .owns_stream(
-            watcher(
-                Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-                watcher::Config::default().labels(&managed),
-            )
-            .touched_objects(),
-        )
-        .owns_stream(
-            watcher(
-                Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
-                watcher::Config::default().labels(&managed),
-            )
-            .touched_objects(),
-        )
+        // The uninstall Job, metadata only. The other children (deploy key, known_hosts) are
+        // not watched: the agent may not list Secrets or ConfigMaps across namespaces; they
+        // are read by name in the App's namespace at each reconcile.
         .owns_stream(
             watcher(
                 Api::<PartialObjectMeta<k8s_openapi::api::batch::v1::Job>>::all(client.clone()),
@@ -850,16 +838,16 @@ pub async fn run(ctx: Arc<Context>) {
             )
             .touched_objects(),
         )
-        // Registry copies made by the Project controller: a new or changed one re-checks the
-        // Apps of its namespace.
+        // A Project turns Active once its registry copy is in place: that re-checks the Apps
+        // of its namespace (which has the Project's name) that waited for it.
         .watches_stream(
             watcher(
-                Api::<PartialObjectMeta<Secret>>::all(client),
-                watcher::Config::default().labels(crate::controllers::project::PROJECT_LABEL),
+                Api::<PartialObjectMeta<Project>>::all(client),
+                watcher::Config::default(),
             )
             .touched_objects(),
-            move |secret| {
-                let ns = secret.namespace();
+            move |project| {
+                let ns = Some(project.name_any());
                 store
                     .state()
                     .iter()

@@ -1,4 +1,6 @@
-//! Project: a namespace with ShapeBlock labels, the registry Secret copied (and kept in sync)
+//! Project: a namespace with ShapeBlock labels, the agent's rights in it (a RoleBinding of
+//! `shapeblock-agent-project`, first: the agent can write nothing there before), the
+//! registry Secret copied (and kept in sync)
 //! from the `shapeblock` namespace, and a `deployer` ServiceAccount bound, in that namespace
 //! only, to the `shapeblock-deployer` ClusterRole. Deleting a Project deletes its namespace
 //! (finalizer); the reconcile never waits for that: the namespace's own watch event brings
@@ -19,16 +21,17 @@ use serde_json::{Value, json};
 
 use super::{Context, MANAGED_BY, ReconcileError};
 use crate::crd::{FIELD_MANAGER, Project, ProjectPhase};
-use crate::render::agent::DEPLOYER_ROLE;
+use crate::render::agent::{DEPLOYER_ROLE, PROJECT_BINDING, PROJECT_ROLE};
 
 /// Finalizer that makes deletion remove the namespace first.
 pub const FINALIZER: &str = "apps.shapeblock.io/project-namespace";
-/// Label on every object created for a project.
-pub const PROJECT_LABEL: &str = "shapeblock.io/project";
+/// Label on every object created for a project (on its namespace, the admission policy's
+/// mark of a project namespace).
+pub const PROJECT_LABEL: &str = crate::render::agent::PROJECT_LABEL;
 /// Name of the registry Secret in each project namespace.
 pub const REGISTRY_SECRET: &str = "registry-creds";
 /// Name of the project's deployer ServiceAccount and its RoleBinding.
-pub const DEPLOYER: &str = "deployer";
+pub const DEPLOYER: &str = crate::render::agent::DEPLOYER_ACCOUNT;
 
 fn labels(project: &str) -> Value {
     json!({ PROJECT_LABEL: project, MANAGED_BY.0: MANAGED_BY.1 })
@@ -60,6 +63,24 @@ pub fn namespace(project: &Project) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": name, "labels": labels, "ownerReferences": owner.into_iter().collect::<Vec<_>>()}
+    })
+}
+
+/// The agent's own rights in the project namespace (pure): [`PROJECT_ROLE`] bound to its
+/// ServiceAccount, owned by the Project. Outside project namespaces the agent can write
+/// nothing, so this is the first object the Project controller creates in a new one.
+pub fn agent_binding(project: &Project) -> Value {
+    let name = project.name_any();
+    let owner = project
+        .controller_owner_ref(&())
+        .map(|o| serde_json::to_value(o).unwrap_or(Value::Null));
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": PROJECT_BINDING, "namespace": name, "labels": labels(&name),
+                     "ownerReferences": owner.into_iter().collect::<Vec<_>>()},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": PROJECT_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": crate::render::agent::NAME,
+                      "namespace": crate::render::agent::NAMESPACE}]
     })
 }
 
@@ -175,7 +196,7 @@ pub enum Step {
         source: String,
         detail: String,
     },
-    /// Apply the namespace, the registry copy and the deployer.
+    /// Apply the namespace, the agent's RoleBinding, the registry copy and the deployer.
     Ensure,
 }
 
@@ -342,6 +363,15 @@ async fn apply(
             namespaces
                 .patch(&name, &apply_params(), &Patch::Apply(&namespace(project)))
                 .await?;
+            let rb_api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+                Api::namespaced(client.clone(), &name);
+            rb_api
+                .patch(
+                    PROJECT_BINDING,
+                    &apply_params(),
+                    &Patch::Apply(&agent_binding(project)),
+                )
+                .await?;
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &name);
             secrets
                 .patch(
@@ -349,15 +379,23 @@ async fn apply(
                     &apply_params(),
                     &Patch::Apply(&registry_copy(&name, source)),
                 )
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    // The apiserver's authorizer sees a new RoleBinding a moment after it is
+                    // stored: retried soon, not as a missing RBAC rule.
+                    kube::Error::Api(e) if e.code == 403 => ReconcileError::Missing(format!(
+                        "the agent's rights in namespace {name} (RoleBinding {PROJECT_BINDING} to ClusterRole \
+                         {PROJECT_ROLE}) are not in effect yet; if this lasts, apply the agent's install \
+                         manifest again: {}", e.message
+                    )),
+                    e => e.into(),
+                })?;
             let [service_account, binding] = deployer(&name);
             let sa_api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
                 Api::namespaced(client.clone(), &name);
             sa_api
                 .patch(DEPLOYER, &apply_params(), &Patch::Apply(&service_account))
                 .await?;
-            let rb_api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
-                Api::namespaced(client.clone(), &name);
             rb_api
                 .patch(DEPLOYER, &apply_params(), &Patch::Apply(&binding))
                 .await?;
@@ -597,6 +635,30 @@ mod tests {
                     || k.starts_with("pod-security.kubernetes.io/audit")),
             "no warn or audit level: {keys:?}"
         );
+    }
+
+    #[test]
+    fn the_agent_is_bound_to_its_project_role_in_the_namespace_only() {
+        let mut project = project(true, false);
+        project.metadata.uid = Some("u-1".into());
+        let binding = agent_binding(&project);
+        assert_eq!(binding["kind"], "RoleBinding");
+        assert_eq!(binding["metadata"]["namespace"], "shop");
+        assert_eq!(
+            binding["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                   "name": "shapeblock-agent-project"})
+        );
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "shapeblock-agent",
+                    "namespace": "shapeblock-agent"}])
+        );
+        // It goes with the Project.
+        let owner = &binding["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Project");
+        assert_eq!(owner["uid"], "u-1");
+        assert_eq!(binding["metadata"]["labels"][PROJECT_LABEL], "shop");
     }
 
     #[test]

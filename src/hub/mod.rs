@@ -158,6 +158,7 @@ impl Hub {
             public_url: config.public_url.clone(),
             agent_image: config.agent_image.clone(),
             allow_insecure_hub_url: config.allow_insecure_hub_url,
+            registry_namespace: config.runtime.controllers.registry_source_namespace.clone(),
             tls: tls.is_some(),
             metrics: Arc::new(prometheus),
             journal: journal.clone(),

@@ -5,12 +5,30 @@ use serde_json::{Value, json};
 
 /// Namespace the agent runs in.
 pub const NAMESPACE: &str = "shapeblock-agent";
-/// Name of the agent's ServiceAccount, ClusterRole, ClusterRoleBinding and Deployment.
+/// Name of the agent's ServiceAccount, ClusterRole, ClusterRoleBinding, Deployment and of its
+/// admission policy.
 pub const NAME: &str = "shapeblock-agent";
 /// ClusterRole bound (by RoleBinding) to each project's deployer ServiceAccount.
 pub const DEPLOYER_ROLE: &str = "shapeblock-deployer";
+/// Name of each project's deployer ServiceAccount (and of its RoleBinding).
+pub const DEPLOYER_ACCOUNT: &str = "deployer";
+/// ClusterRole the Project controller binds to the agent inside each project namespace: all
+/// the agent may write there, and nothing outside.
+pub const PROJECT_ROLE: &str = "shapeblock-agent-project";
+/// Name of the RoleBinding of [`PROJECT_ROLE`] in each project namespace.
+pub const PROJECT_BINDING: &str = "shapeblock-agent";
+/// Role (and RoleBinding) of the agent in the registry source namespace.
+pub const REGISTRY_ROLE: &str = "shapeblock-agent-registry";
+/// Label on every project namespace (its value: the Project's name, which is also the
+/// namespace's). The admission policy lets the agent write only in namespaces carrying it.
+pub const PROJECT_LABEL: &str = "shapeblock.io/project";
 /// Secret holding the cluster token.
 pub const TOKEN_SECRET: &str = "shapeblock-agent-token";
+
+/// The username the apiserver gives the agent's ServiceAccount.
+pub fn agent_user() -> String {
+    format!("system:serviceaccount:{NAMESPACE}:{NAME}")
+}
 
 /// What varies per cluster.
 #[derive(Clone, Debug)]
@@ -21,6 +39,10 @@ pub struct AgentManifestParams {
     pub image: String,
     /// The cluster token, written into the Secret.
     pub token: String,
+    /// Namespace holding the registry Secrets Projects copy (the hub's
+    /// `registry_source_namespace`): the agent may read Secrets there and nowhere else
+    /// outside project namespaces.
+    pub registry_namespace: String,
 }
 
 fn labels(cluster_id: &str) -> Value {
@@ -32,19 +54,25 @@ fn labels(cluster_id: &str) -> Value {
     })
 }
 
-/// What the hub's controllers and its resource API do in a managed cluster, and so all the
-/// agent may do: each verb below is used by some code path, and nothing else is granted.
-/// Server-side apply counts as `patch`, and as `create` too when the object is new. Writes
-/// are limited to the kinds ShapeBlock manages; it reads pods (build progress, logs, App
-/// health) and Deployments (rollouts) but cannot exec into pods; it can bind project deployers
-/// only to `shapeblock-deployer`.
+/// What the agent may do cluster-wide: only what cannot be scoped to a namespace the hub
+/// creates. Each verb below is used by some code path, and nothing else is granted.
+/// Server-side apply counts as `patch`, and as `create` too when the object is new.
 ///
-/// Secrets are readable cluster-wide because project namespaces are created at run time and
-/// RBAC cannot scope a rule to namespaces by label: the controllers copy the registry
-/// Secret into each project, create deploy keys and Helm values, and watch the Secrets they
-/// manage (by label, metadata only).
+/// - the ShapeBlock kinds (the hub's resource API and the controllers' status and finalizers);
+/// - namespaces: projects' namespaces are created, labelled and deleted here (the admission
+///   policy of [`admission_policy`] fences which: only those labelled [`PROJECT_LABEL`]);
+/// - reading what the controllers watch across namespaces: pods, Jobs and Deployments
+///   (never Secrets or ConfigMaps, which are read by name inside project namespaces);
+/// - Events (Projects' go to `default`);
+/// - RoleBindings, because the first one in a new project namespace (the agent's own, to
+///   [`PROJECT_ROLE`]) must be created before the agent holds anything there; `bind` only on
+///   the two ShapeBlock ClusterRoles, and the admission policy fences their subjects.
+///
+/// Everything else it writes (Jobs, Secrets, ConfigMaps, ServiceAccounts…) comes from
+/// [`project_rules`], bound inside each project namespace.
 pub fn agent_rules() -> Value {
     let applied = ["create", "patch"];
+    let read = ["get", "list", "watch"];
     json!([
         // Installed by server-side apply at each connect; only ShapeBlock's may change.
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
@@ -68,24 +96,122 @@ pub fn agent_rules() -> Value {
         // A project's namespace: applied, labelled, watched, deleted with the project.
         {"apiGroups": [""], "resources": ["namespaces"],
          "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-        {"apiGroups": [""], "resources": ["secrets"],
-         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch"]},
-        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": applied},
-        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
-        // Apps' Deployments: the rollout a deploy follows, and the App's runtime status.
-        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["batch"], "resources": ["jobs"],
-         "verbs": ["get", "list", "watch", "create", "delete"]},
-        // Events on the ShapeBlock objects (`kubectl describe`), created once each; and the
-        // Job controller's `FailedCreate` Events on a build Job that has no pod, read by field
-        // selector.
+        // Watched across namespaces: build and App pods, Jobs, Apps' Deployments (rollouts).
+        {"apiGroups": [""], "resources": ["pods"], "verbs": read},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": read},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": read},
+        // Events on the ShapeBlock objects (`kubectl describe`), created once each.
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": applied},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
-         "resourceNames": [DEPLOYER_ROLE], "verbs": ["bind"]},
+         "resourceNames": [PROJECT_ROLE, DEPLOYER_ROLE], "verbs": ["bind"]},
     ])
+}
+
+/// What the agent does inside one project namespace, bound there by the Project controller
+/// (RoleBinding [`PROJECT_BINDING`]) before it creates anything else in it: the registry copy,
+/// deploy keys, Helm values and their Secrets (Helm's release Secrets listed, metadata only),
+/// known_hosts ConfigMaps, the deployer ServiceAccount, build and Helm Jobs, pod logs, and the
+/// Job controller's `FailedCreate` Events on a build Job that has no pod (listed by field
+/// selector).
+pub fn project_rules() -> Value {
+    json!([
+        {"apiGroups": [""], "resources": ["secrets"],
+         "verbs": ["get", "list", "create", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "patch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "delete"]},
+    ])
+}
+
+/// What the agent does in the registry source namespace: reads the registry Secrets Projects
+/// copy (any name a Project's `spec.registrySecret` gives, so not by resource name), and
+/// watches them, metadata only, to re-sync the copies.
+pub fn registry_rules() -> Value {
+    json!([
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
+    ])
+}
+
+/// CEL of the agent's admission policy: the only writes it lets through are in project
+/// namespaces, to project namespaces, and RoleBindings of the ShapeBlock roles to the
+/// ShapeBlock accounts. RBAC cannot say "namespaces with this label", and a hub that is
+/// compromised holds the agent's rights: this is what keeps it from widening them.
+pub fn admission_policy() -> Value {
+    let user = agent_user();
+    let label = PROJECT_LABEL;
+    // A namespace object (`object` or `oldObject`) that is a project's: labelled with its own name.
+    let project_namespace = |o: &str| {
+        format!(
+            "{o} != null && has({o}.metadata.labels) && '{label}' in {o}.metadata.labels \
+             && {o}.metadata.labels['{label}'] == {o}.metadata.name"
+        )
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": NAME},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["*"], "apiVersions": ["*"],
+                "operations": ["CREATE", "UPDATE", "DELETE"],
+                "resources": ["*/*"], "scope": "*"
+            }]},
+            "matchConditions": [{"name": "the-shapeblock-agent",
+                "expression": format!("request.userInfo.username == '{user}'")}],
+            "variables": [
+                // Absent, not empty, on a cluster-scoped request.
+                {"name": "requestNamespace", "expression": "has(request.namespace) ? request.namespace : ''"},
+                {"name": "isNamespace",
+                 "expression": "request.resource.group == '' && request.resource.resource == 'namespaces'"},
+                {"name": "inProject", "expression": project_namespace("namespaceObject")},
+                {"name": "oldIsProject", "expression": project_namespace("oldObject")},
+                {"name": "newIsProject", "expression": project_namespace("object")},
+                {"name": "isRoleBinding",
+                 "expression": "request.resource.group == 'rbac.authorization.k8s.io' && request.resource.resource == 'rolebindings'"},
+            ],
+            "validations": [
+                {
+                    // A namespace's own request carries its name as `request.namespace` but no
+                    // `namespaceObject`: namespaces are judged by the next rule.
+                    "expression": "variables.requestNamespace == '' || variables.isNamespace || variables.inProject \
+                                   || (variables.requestNamespace == 'default' && request.resource.resource == 'events')",
+                    "messageExpression": format!("'the ShapeBlock agent writes only in project namespaces (labelled {label}), not in ' + variables.requestNamespace"),
+                    "reason": "Forbidden"
+                },
+                {
+                    "expression": "!variables.isNamespace || (request.operation == 'DELETE' ? variables.oldIsProject \
+                                   : variables.newIsProject && (request.operation == 'CREATE' || variables.oldIsProject))",
+                    "messageExpression": format!("'the ShapeBlock agent creates, changes and deletes only project namespaces (labelled {label} with their own name), not ' + (has(request.name) ? request.name : '')"),
+                    "reason": "Forbidden"
+                },
+                {
+                    "expression": format!(
+                        "!variables.isRoleBinding || request.operation == 'DELETE' || \
+                         (object.roleRef.kind == 'ClusterRole' && \
+                          ((object.roleRef.name == '{DEPLOYER_ROLE}' && (!has(object.subjects) || \
+                            object.subjects.all(s, s.kind == 'ServiceAccount' && s.name == '{DEPLOYER_ACCOUNT}' \
+                              && s.namespace == variables.requestNamespace))) || \
+                           (object.roleRef.name == '{PROJECT_ROLE}' && (!has(object.subjects) || \
+                            object.subjects.all(s, s.kind == 'ServiceAccount' && s.name == '{NAME}' \
+                              && s.namespace == '{NAMESPACE}')))))"),
+                    "message": format!("the ShapeBlock agent binds only ClusterRole {DEPLOYER_ROLE} to its namespace's {DEPLOYER_ACCOUNT} ServiceAccount, and {PROJECT_ROLE} to itself"),
+                    "reason": "Forbidden"
+                },
+            ]
+        }
+    })
+}
+
+/// Applies [`admission_policy`] to every request of the agent, refusing what it does not allow.
+pub fn admission_policy_binding() -> Value {
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": NAME},
+        "spec": {"policyName": NAME, "validationActions": ["Deny"]}
+    })
 }
 
 /// What Helm needs inside one project namespace to install an app or a service chart. Bound
@@ -119,14 +245,28 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             "metadata": {"name": NAMESPACE, "labels": merge(&labels, json!({
                 "pod-security.kubernetes.io/enforce": "restricted"}))}
         }),
+        // Registry Secrets live here; the agent needs the namespace to exist to be granted
+        // reading them.
+        json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": p.registry_namespace, "labels": labels}
+        }),
         json!({
             "apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": labels}
         }),
+        // The fence first: the agent never holds its rights without it.
+        with_labels(admission_policy(), &labels),
+        with_labels(admission_policy_binding(), &labels),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": NAME, "labels": labels},
             "rules": agent_rules()
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": PROJECT_ROLE, "labels": labels},
+            "rules": project_rules()
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -137,6 +277,17 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": NAME, "labels": labels},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": REGISTRY_ROLE, "namespace": p.registry_namespace, "labels": labels},
+            "rules": registry_rules()
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": REGISTRY_ROLE, "namespace": p.registry_namespace, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": REGISTRY_ROLE},
             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
         }),
         json!({
@@ -207,6 +358,12 @@ fn agent_args(hub_url: &str) -> Value {
     args
 }
 
+/// `object` with these labels in its metadata.
+fn with_labels(mut object: Value, labels: &Value) -> Value {
+    object["metadata"]["labels"] = labels.clone();
+    object
+}
+
 fn merge(a: &Value, b: Value) -> Value {
     let mut out = a.clone();
     if let (Some(out), Value::Object(b)) = (out.as_object_mut(), b) {
@@ -230,7 +387,7 @@ pub fn to_yaml(objects: &[Value]) -> Result<String, serde_saphyr::SerializeError
 /// by `shapeblock-hub agent-chart` (CI fails on drift), so the chart and the hub's install
 /// manifest cannot diverge.
 pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
-    const SENTINELS: [(&str, &str); 4] = [
+    const SENTINELS: [(&str, &str); 5] = [
         (
             "SBCHART_CLUSTER_ID",
             r#"{{ required "clusterId is required" .Values.clusterId | quote }}"#,
@@ -247,12 +404,17 @@ pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
             "SBCHART_TOKEN",
             r#"{{ required "token is required" .Values.token | quote }}"#,
         ),
+        (
+            "SBCHART_REGISTRY_NAMESPACE",
+            r#"{{ .Values.registryNamespace | default "shapeblock" | quote }}"#,
+        ),
     ];
     let params = AgentManifestParams {
         cluster_id: SENTINELS[0].0.into(),
         hub_url: SENTINELS[1].0.into(),
         image: SENTINELS[2].0.into(),
         token: SENTINELS[3].0.into(),
+        registry_namespace: SENTINELS[4].0.into(),
     };
     let mut yaml = to_yaml(&agent_manifest(&params))?;
     for (sentinel, expression) in SENTINELS {
@@ -280,6 +442,7 @@ mod tests {
             hub_url: "wss://hub.example.com".into(),
             image: "ghcr.io/shapeblock/shapeblock-agent:0.1.0".into(),
             token: "sbt_c0123456789abcdef_secret".into(),
+            registry_namespace: "shapeblock".into(),
         }
     }
 
@@ -309,15 +472,21 @@ mod tests {
             kinds,
             [
                 "Namespace",
+                "Namespace",
                 "ServiceAccount",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+                "ClusterRole",
                 "ClusterRole",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
                 "Secret",
                 "Deployment"
             ]
         );
-        let deployment = &objects[6];
+        let deployment = &objects[12];
         let pod = &deployment["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         let container = &pod["containers"][0];
@@ -334,23 +503,45 @@ mod tests {
         // The token travels in the Secret, never on the command line.
         assert!(!container["args"].to_string().contains("sbt_"));
         assert_eq!(
-            objects[5]["stringData"]["token"],
+            objects[11]["stringData"]["token"],
             "sbt_c0123456789abcdef_secret"
         );
     }
 
-    #[test]
-    fn the_agent_role_grants_no_wildcards_and_no_interactive_access() {
-        let rules = agent_rules();
+    fn rules_of(rules: &Value) -> Vec<(String, String, Vec<String>, Option<Value>)> {
+        let mut out = vec![];
         for rule in rules.as_array().unwrap() {
-            for field in ["apiGroups", "resources", "verbs"] {
-                assert!(
-                    !rule[field].as_array().unwrap().iter().any(|v| v == "*"),
-                    "wildcard in {rule}"
-                );
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for resource in rule["resources"].as_array().unwrap() {
+                    out.push((
+                        group.as_str().unwrap().to_string(),
+                        resource.as_str().unwrap().to_string(),
+                        rule["verbs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_str().unwrap().to_string())
+                            .collect(),
+                        rule.get("resourceNames").cloned(),
+                    ));
+                }
             }
-            for resource in rule["resources"].as_array().unwrap() {
-                let r = resource.as_str().unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn the_agent_roles_grant_no_wildcards_and_no_interactive_access() {
+        for rules in [agent_rules(), project_rules(), registry_rules()] {
+            for rule in rules.as_array().unwrap() {
+                for field in ["apiGroups", "resources", "verbs"] {
+                    assert!(
+                        !rule[field].as_array().unwrap().iter().any(|v| v == "*"),
+                        "wildcard in {rule}"
+                    );
+                }
+            }
+            for (_, resource, verbs, _) in rules_of(&rules) {
                 assert!(
                     ![
                         "pods/exec",
@@ -359,25 +550,136 @@ mod tests {
                         "nodes/proxy",
                         "services/proxy"
                     ]
-                    .contains(&r),
-                    "{r}"
+                    .contains(&resource.as_str()),
+                    "{resource}"
                 );
+                for verb in ["escalate", "impersonate", "update", "deletecollection"] {
+                    assert!(
+                        !verbs.contains(&verb.to_string()) || resource.ends_with("/finalizers"),
+                        "{verb} on {resource}"
+                    );
+                }
             }
         }
-        // Binding is only possible to the deployer role.
-        let bind = rules
-            .as_array()
-            .unwrap()
+        // Binding is only possible to the ShapeBlock roles.
+        let bind: Vec<_> = rules_of(&agent_rules())
+            .into_iter()
+            .filter(|(_, _, verbs, _)| verbs.contains(&"bind".to_string()))
+            .collect();
+        assert_eq!(bind.len(), 1);
+        assert_eq!(bind[0].1, "clusterroles");
+        assert_eq!(bind[0].3, Some(json!([PROJECT_ROLE, DEPLOYER_ROLE])));
+    }
+
+    #[test]
+    fn cluster_wide_the_agent_reads_no_secret_or_configmap_and_writes_no_workload() {
+        let cluster_wide = rules_of(&agent_rules());
+        for (group, resource, verbs, _) in &cluster_wide {
+            assert!(
+                ![
+                    "secrets",
+                    "configmaps",
+                    "serviceaccounts",
+                    "pods/log",
+                    "roles"
+                ]
+                .contains(&resource.as_str()),
+                "{resource} granted cluster-wide"
+            );
+            if ["pods", "jobs", "deployments"].contains(&resource.as_str()) {
+                assert_eq!(verbs, &["get", "list", "watch"], "{group}/{resource}");
+            }
+        }
+        // Inside a project namespace: the writes, and nothing to grant further rights.
+        let project = rules_of(&project_rules());
+        let find = |resource: &str| {
+            project
+                .iter()
+                .find(|(_, r, _, _)| r == resource)
+                .map(|(_, _, verbs, _)| verbs.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            find("secrets"),
+            ["get", "list", "create", "patch", "delete"]
+        );
+        assert_eq!(find("jobs"), ["create", "delete"]);
+        assert!(
+            project
+                .iter()
+                .all(|(group, _, _, _)| group != "rbac.authorization.k8s.io")
+        );
+        // Outside them, Secrets are readable only in the registry namespace.
+        let objects = agent_manifest(&params());
+        let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
+        assert_eq!(role["metadata"]["namespace"], "shapeblock");
+        assert_eq!(
+            rules_of(&role["rules"]),
+            [(
+                String::new(),
+                "secrets".to_string(),
+                vec!["get".into(), "list".into(), "watch".into()],
+                None
+            )]
+        );
+        let binding = objects.iter().find(|o| o["kind"] == "RoleBinding").unwrap();
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        assert_eq!(binding["subjects"][0]["name"], NAME);
+    }
+
+    #[test]
+    fn the_admission_policy_fences_the_agent_alone() {
+        let objects = agent_manifest(&params());
+        let policy = objects
             .iter()
-            .find(|r| r["verbs"] == json!(["bind"]))
+            .find(|o| o["kind"] == "ValidatingAdmissionPolicy")
             .unwrap();
-        assert_eq!(bind["resourceNames"], json!([DEPLOYER_ROLE]));
+        let spec = &policy["spec"];
+        assert_eq!(spec["failurePolicy"], "Fail");
+        assert_eq!(
+            spec["matchConditions"][0]["expression"],
+            "request.userInfo.username == 'system:serviceaccount:shapeblock-agent:shapeblock-agent'"
+        );
+        let rule = &spec["matchConstraints"]["resourceRules"][0];
+        assert_eq!(rule["operations"], json!(["CREATE", "UPDATE", "DELETE"]));
+        assert_eq!(rule["resources"], json!(["*/*"]));
+        let validations = spec["validations"].as_array().unwrap();
+        assert_eq!(validations.len(), 3);
+        let all = validations
+            .iter()
+            .map(|v| v["expression"].as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for expected in [
+            "variables.inProject",
+            "request.operation == 'DELETE' ? variables.oldIsProject",
+            "object.roleRef.name == 'shapeblock-deployer'",
+            "s.name == 'deployer'",
+            "object.roleRef.name == 'shapeblock-agent-project'",
+            "s.namespace == 'shapeblock-agent'",
+        ] {
+            assert!(all.contains(expected), "{expected} missing from {all}");
+        }
+        let variables = spec["variables"].to_string();
+        assert!(
+            variables.contains("namespaceObject.metadata.labels['shapeblock.io/project'] == namespaceObject.metadata.name"),
+            "{variables}"
+        );
+        let binding = objects
+            .iter()
+            .find(|o| o["kind"] == "ValidatingAdmissionPolicyBinding")
+            .unwrap();
+        assert_eq!(binding["spec"]["policyName"], NAME);
+        assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+        // Applied before the agent holds any right.
+        let position = |kind: &str| objects.iter().position(|o| o["kind"] == kind).unwrap();
+        assert!(position("ValidatingAdmissionPolicyBinding") < position("ClusterRoleBinding"));
     }
 
     #[test]
     fn yaml_is_a_multi_document_stream() {
         let yaml = to_yaml(&agent_manifest(&params())).unwrap();
-        assert_eq!(yaml.matches("---\n").count(), 7);
+        assert_eq!(yaml.matches("---\n").count(), 13);
         assert!(yaml.contains("kind: Deployment"));
     }
 }

@@ -54,6 +54,7 @@ async fn install_agent_rbac(
         hub_url: hub.url(),
         image: "shapeblock-agent:test".into(),
         token: "unused".into(),
+        registry_namespace: "shapeblock".into(),
     });
     for object in objects.iter().filter(|o| o["kind"] != "Deployment") {
         super::apply_object(admin, object, "default", false).await;

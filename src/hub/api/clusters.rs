@@ -187,6 +187,7 @@ fn manifest(
         hub_url: hub_url.to_string(),
         image: state.agent_image.clone(),
         token: token.to_string(),
+        registry_namespace: state.registry_namespace.clone(),
     };
     to_yaml(&agent_manifest(&params)).map_err(|e| {
         ApiError::new(

@@ -49,6 +49,9 @@ pub struct ApiState {
     pub agent_image: String,
     /// Install manifests may name a loopback or `ws://` hub URL.
     pub allow_insecure_hub_url: bool,
+    /// The controllers' `registry_source_namespace`, which the install manifest grants the
+    /// agent reading Secrets in.
+    pub registry_namespace: String,
     /// Whether the hub itself serves TLS (for URLs derived from requests).
     pub tls: bool,
     pub metrics: Arc<prometheus_client::registry::Registry>,

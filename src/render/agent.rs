@@ -169,6 +169,13 @@ pub fn admission_policy() -> Value {
                 {"name": "inProject", "expression": project_namespace("namespaceObject")},
                 {"name": "oldIsProject", "expression": project_namespace("oldObject")},
                 {"name": "newIsProject", "expression": project_namespace("object")},
+                // What the controllers report on an object wherever it is, including why they
+                // refuse one outside a project (NotInProject): the status of a ShapeBlock kind,
+                // and an Event. Neither grants anything.
+                {"name": "isReport",
+                 "expression": "(request.resource.group == 'apps.shapeblock.io' && has(request.subResource) && request.subResource == 'status') \
+                                || (request.resource.group == 'events.k8s.io' && request.resource.resource == 'events' \
+                                    && request.operation == 'CREATE')"},
                 {"name": "isRoleBinding",
                  "expression": "request.resource.group == 'rbac.authorization.k8s.io' && request.resource.resource == 'rolebindings'"},
             ],
@@ -177,7 +184,7 @@ pub fn admission_policy() -> Value {
                     // A namespace's own request carries its name as `request.namespace` but no
                     // `namespaceObject`: namespaces are judged by the next rule.
                     "expression": "variables.requestNamespace == '' || variables.isNamespace || variables.inProject \
-                                   || (variables.requestNamespace == 'default' && request.resource.resource == 'events')",
+                                   || variables.isReport",
                     "messageExpression": format!("'the ShapeBlock agent writes only in project namespaces (labelled {label}), not in ' + variables.requestNamespace"),
                     "reason": "Forbidden"
                 },

@@ -253,6 +253,33 @@ async fn the_agent_cannot_reach_outside_shapeblock_namespaces() {
             .create(&post, &app)
             .await,
     );
+    // One made there by someone else: the agent may say why it is not served (its status,
+    // NotInProject), and nothing more.
+    Api::<shapeblock::crd::App>::namespaced(admin.clone(), &foreign.name)
+        .create(&post, &app)
+        .await
+        .unwrap();
+    let foreign_apps = Api::<shapeblock::crd::App>::namespaced(agent.clone(), &foreign.name);
+    let status = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
+        "status": {"phase": "Failed", "message": "not in a project"}});
+    foreign_apps
+        .patch_status(
+            "web",
+            &PatchParams::apply("privileges-test"),
+            &Patch::Apply(&status),
+        )
+        .await
+        .expect("the agent reports an App outside a project in its status");
+    fenced(
+        "change an App outside a project",
+        foreign_apps
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"displayName": "Taken"}})),
+            )
+            .await,
+    );
     // The registry namespace is read, never written.
     Api::<Secret>::namespaced(agent.clone(), "shapeblock")
         .get("registry-creds")

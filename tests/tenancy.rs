@@ -45,40 +45,44 @@ fn condition(conditions: &[Condition], type_: &str) -> Option<Condition> {
     conditions.iter().find(|c| c.type_ == type_).cloned()
 }
 
-/// Waits until the App's `Ready` condition has `reason`; returns it.
-async fn app_reason(apps: &Api<App>, name: &str, reason: &str) -> Condition {
+/// Waits until the condition `type_` of `name` (from `conditions`) has `reason`; returns it.
+async fn reason_of<K>(
+    api: &Api<K>,
+    name: &str,
+    type_: &str,
+    reason: &str,
+    conditions: fn(K) -> Option<Vec<Condition>>,
+) -> Condition
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     wait_for(
-        &format!("App {name}: Ready condition {reason}"),
+        &format!("{} {name}: {type_} condition {reason}", K::kind(&())),
         WAIT,
         async || {
-            let status = apps.get_opt(name).await.ok()??.status?;
-            condition(&status.conditions, "Ready").filter(|c| c.reason == reason)
+            let object = api.get_opt(name).await.ok()??;
+            condition(&conditions(object)?, type_).filter(|c| c.reason == reason)
         },
     )
     .await
 }
 
+/// Waits until the App's `Ready` condition has `reason`; returns it.
+async fn app_reason(apps: &Api<App>, name: &str, reason: &str) -> Condition {
+    reason_of(apps, name, "Ready", reason, |a| Some(a.status?.conditions)).await
+}
+
 async fn build_reason(builds: &Api<AppBuild>, name: &str, reason: &str) -> Condition {
-    wait_for(
-        &format!("AppBuild {name}: Built condition {reason}"),
-        WAIT,
-        async || {
-            let status = builds.get_opt(name).await.ok()??.status?;
-            condition(&status.conditions, "Built").filter(|c| c.reason == reason)
-        },
-    )
+    reason_of(builds, name, "Built", reason, |b| {
+        Some(b.status?.conditions)
+    })
     .await
 }
 
 async fn service_reason(services: &Api<Service>, name: &str, reason: &str) -> Condition {
-    wait_for(
-        &format!("Service {name}: Ready condition {reason}"),
-        WAIT,
-        async || {
-            let status = services.get_opt(name).await.ok()??.status?;
-            condition(&status.conditions, "Ready").filter(|c| c.reason == reason)
-        },
-    )
+    reason_of(services, name, "Ready", reason, |s| {
+        Some(s.status?.conditions)
+    })
     .await
 }
 

@@ -193,11 +193,16 @@ impl RelayFile {
                 "required with relay.url (or --relay-api-key / SHAPEBLOCK_HUB_RELAY_API_KEY)",
             )
         })?;
+        // One check of the URL, here where relay.allow_plaintext is still known.
         let scheme_ok = url.starts_with("wss://") || (allow_plaintext && url.starts_with("ws://"));
+        let has_host = url
+            .parse::<http::Uri>()
+            .ok()
+            .is_some_and(|u| u.host().is_some());
         check(
-            scheme_ok,
+            scheme_ok && has_host,
             "relay.url",
-            if url.starts_with("ws://") {
+            if !scheme_ok && url.starts_with("ws://") {
                 format!(
                     "{url:?} is not encrypted and would carry the API key in clear: use wss:// \
                      (or set relay.allow_plaintext: true on a trusted network)"
@@ -454,17 +459,6 @@ impl HubConfig {
         validate_jobs(&runtime.controllers.jobs)?;
         validate_apps(&runtime.controllers.apps)?;
         if let Some(relay) = relay {
-            let url = &relay.url;
-            // The scheme was checked against relay.allow_plaintext when the section was merged.
-            let ok = url
-                .parse::<http::Uri>()
-                .ok()
-                .is_some_and(|u| u.host().is_some());
-            check(
-                ok,
-                "relay.url",
-                format!("{url:?} must be a wss:// URL with a host"),
-            )?;
             check(
                 !relay.ping_interval.is_zero(),
                 "relay.ping_interval_seconds",

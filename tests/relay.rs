@@ -35,6 +35,39 @@ const WAIT: Duration = Duration::from_secs(60);
 /// namespace in it, so concurrent hubs would race each other on the same AppBuilds (and a
 /// stalled one would hold its watches back), which one hub per cluster never does.
 static ONE_HUB: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes [`ONE_HUB`], then deletes the AppBuilds earlier tests left. A new hub re-sends the log
+/// of every build that ended in the last ten minutes (`RESEND_AFTER_RESTART`), and the
+/// simulated node serves one log file per container name to every pod, so an earlier test's
+/// builds would be relayed again with this test's log: tens of thousands of lines that are
+/// not this test's, which once crowded the outage test out of its deadline.
+async fn one_hub() -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = ONE_HUB.lock().await;
+    // The relay's warnings, shown with a failing test's output (the hubs run in this process).
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_env_filter("shapeblock::relay=warn,error")
+        .try_init();
+    let builds: Api<AppBuild> = Api::all(support::client().await);
+    // Before the first hub of this binary installs the CRDs, there is nothing to delete.
+    let left = async || match builds.list(&Default::default()).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        Err(e) => panic!("listing AppBuilds: {e}"),
+    };
+    for build in left().await {
+        let ns = build.namespace().unwrap_or_default();
+        let _ = Api::<AppBuild>::namespaced(support::client().await, &ns)
+            .delete(&build.name_any(), &Default::default())
+            .await;
+    }
+    wait_for("no AppBuild left by an earlier test", WAIT, async || {
+        left().await.is_empty().then_some(())
+    })
+    .await;
+    guard
+}
 /// Lines of the build log the slow-server test relays.
 const LOG_LINES: usize = 30_000;
 
@@ -46,34 +79,76 @@ struct TestServer {
     connections: Arc<AtomicUsize>,
     read_delay_ms: Arc<AtomicU64>,
     cut: Arc<Notify>,
+    /// When this many BUILD_LOG messages have arrived (0: never), the server goes away for
+    /// [`OUTAGE`]: every connection dropped, the listener closed, then listening again on the
+    /// same port.
+    outage_after_lines: Arc<AtomicUsize>,
+    /// The outage began.
+    away: Arc<Notify>,
+    /// Listening again after an outage.
+    back: Arc<Notify>,
+}
+
+/// How long the server is away in the outage test.
+const OUTAGE: Duration = Duration::from_secs(30);
+
+/// A listener on `addr` with a small receive buffer, so a server that stops reading pushes back
+/// on the hub soon (instead of the kernel absorbing megabytes first); the port can be taken
+/// again after an outage.
+fn listen(addr: std::net::SocketAddr) -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket.listen(64).unwrap()
 }
 
 impl TestServer {
     // tungstenite's handshake callback returns a whole HTTP response as its error.
     #[allow(clippy::result_large_err)]
     async fn start() -> Self {
-        // A small receive buffer, so a server that stops reading pushes back on the hub soon
-        // (instead of the kernel absorbing megabytes first).
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener: TcpListener = socket.listen(64).unwrap();
-        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let listener = listen("127.0.0.1:0".parse().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let url = format!("ws://{addr}/ws");
         let server = Self {
             url,
             received: Arc::default(),
             connections: Arc::default(),
             read_delay_ms: Arc::default(),
             cut: Arc::new(Notify::new()),
+            outage_after_lines: Arc::default(),
+            away: Arc::new(Notify::new()),
+            back: Arc::new(Notify::new()),
         };
-        let (received, connections, delay, cut) = (
+        let away = server.away.clone();
+        let (received, connections, delay, cut, outage_after, back) = (
             server.received.clone(),
             server.connections.clone(),
             server.read_delay_ms.clone(),
             server.cut.clone(),
+            server.outage_after_lines.clone(),
+            server.back.clone(),
         );
+        let down = Arc::new(Notify::new());
+        let log_lines = Arc::new(AtomicUsize::new(0));
+        // Bumped to drop every connection at once.
+        let (epoch, _) = tokio::sync::watch::channel(0u64);
         tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+            let mut listener = listener;
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = down.notified() => {
+                        drop(listener);
+                        epoch.send_modify(|e| *e += 1);
+                        away.notify_one();
+                        tokio::time::sleep(OUTAGE).await;
+                        listener = listen(addr);
+                        back.notify_one();
+                        continue;
+                    }
+                };
+                let Ok((tcp, _)) = accepted else { continue };
                 let check =
                     |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
                      response| {
@@ -94,12 +169,23 @@ impl TestServer {
                 };
                 connections.fetch_add(1, Ordering::SeqCst);
                 let (received, delay, cut) = (received.clone(), delay.clone(), cut.clone());
+                let (outage_after, log_lines, down) =
+                    (outage_after.clone(), log_lines.clone(), down.clone());
+                let mut dropped = epoch.subscribe();
                 tokio::spawn(async move {
                     loop {
                         tokio::select! {
                             frame = ws.next() => match frame {
                                 Some(Ok(Message::Text(text))) => {
-                                    received.lock().unwrap().push(serde_json::from_str(&text).unwrap());
+                                    let message: Value = serde_json::from_str(&text).unwrap();
+                                    let line = message["type"] == "BUILD_LOG";
+                                    received.lock().unwrap().push(message);
+                                    let at = outage_after.load(Ordering::SeqCst);
+                                    if line && log_lines.fetch_add(1, Ordering::SeqCst) + 1 == at {
+                                        // The server goes away mid-log, without a close frame.
+                                        down.notify_one();
+                                        return;
+                                    }
                                     let ms = delay.load(Ordering::SeqCst);
                                     if ms > 0 {
                                         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -110,6 +196,7 @@ impl TestServer {
                             },
                             // Cut: drop the TCP connection without a close frame.
                             _ = cut.notified() => return,
+                            _ = dropped.changed() => return,
                         }
                     }
                 });
@@ -255,7 +342,7 @@ async fn ready_web_app(admin: &Client, ns: &str) {
 
 #[tokio::test]
 async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
-    let _one_hub = ONE_HUB.lock().await;
+    let _one_hub = one_hub().await;
     support::jobs().await;
     let server = TestServer::start().await;
     let cluster = connected_cluster_relaying("relay-order", Some(server.relay(64))).await;
@@ -353,7 +440,7 @@ async fn every_phase_arrives_in_order_and_a_cut_connection_ends_consistent() {
 
 #[tokio::test]
 async fn a_slow_server_gets_backpressure_and_every_event() {
-    let _one_hub = ONE_HUB.lock().await;
+    let _one_hub = one_hub().await;
     support::jobs().await;
     // A 4.5 MB build log: far more than the socket buffers hold, so a stalled server pushes
     // back through the relay's queue of 4 to the log follower.
@@ -461,7 +548,7 @@ async fn a_slow_server_gets_backpressure_and_every_event() {
 
 #[tokio::test]
 async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
-    let _one_hub = ONE_HUB.lock().await;
+    let _one_hub = one_hub().await;
     let server = TestServer::start().await;
     let cluster = connected_cluster_relaying("relay-events", Some(server.relay(64))).await;
     let admin = cluster.admin.clone();
@@ -581,7 +668,7 @@ async fn the_events_endpoint_resumes_from_a_cursor_or_starts_from_a_snapshot() {
 
 #[tokio::test]
 async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
-    let _one_hub = ONE_HUB.lock().await;
+    let _one_hub = one_hub().await;
     support::jobs().await;
     support::write_container_log(
         "clone",
@@ -752,4 +839,241 @@ async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
         .await;
     assert_eq!(slashed.status, 400, "{}", slashed.text());
     assert!(slashed.text().contains("not a valid Kubernetes name"));
+}
+
+/// The log, as the server holds it after dropping repeats by position: (container, line) →
+/// text, and how many messages were repeats.
+fn log_by_position(
+    messages: &[Value],
+    ns: &str,
+    build: &str,
+) -> (BTreeMap<(String, u64), String>, usize) {
+    let mut held = BTreeMap::new();
+    let mut repeats = 0;
+    for m in messages {
+        if m["type"] != "BUILD_LOG" || m["buildId"] != build || m["namespace"] != ns {
+            continue;
+        }
+        let Some(line) = m["line"].as_u64() else {
+            continue; // the final message
+        };
+        let position = (m["container"].as_str().unwrap().to_string(), line);
+        let text = m["log"].as_str().unwrap().to_string();
+        match held.get(&position) {
+            Some(first) => {
+                assert_eq!(*first, text, "a repeat of {position:?} has the same text");
+                repeats += 1;
+            }
+            None => {
+                held.insert(position, text);
+            }
+        }
+    }
+    (held, repeats)
+}
+
+#[tokio::test]
+async fn no_build_log_line_is_lost_across_a_30_s_server_outage() {
+    let _one_hub = one_hub().await;
+    support::jobs().await;
+    // Three containers with logs (the build pod's commit container prints nothing), the two
+    // big ones 30,000 lines each.
+    let logs: Vec<(&str, Vec<String>)> =
+        [("clone", 3), ("prepare", LOG_LINES), ("build", LOG_LINES)]
+            .into_iter()
+            .map(|(container, n)| {
+                let lines = (1..=n)
+                    .map(|i| format!("{container} line {i:05}"))
+                    .collect();
+                (container, lines)
+            })
+            .collect();
+    for (container, lines) in &logs {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        support::write_container_log(container, &refs);
+    }
+    support::write_container_log("commit", &[]);
+    let server = TestServer::start().await;
+    // Mid-log: two thirds into the prepare container's 30,000 lines.
+    server.outage_after_lines.store(20_000, Ordering::SeqCst);
+    let mut cluster = connected_cluster_relaying("relay-outage", Some(server.relay(64))).await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "outage").await;
+    ready_app(
+        &admin,
+        &ns,
+        "worker",
+        json!({"displayName": "Worker", "git": {"url": "https://github.com/org/worker.git"},
+            "registry": {"url": "registry.example.com"}, "build": {"type": "buildpack"}}),
+    )
+    .await;
+    let journal = cluster.hub.as_ref().unwrap().journal.clone();
+    Api::<AppBuild>::namespaced(admin.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &shapeblock(
+                "AppBuild",
+                "worker-1",
+                json!({"appName": "worker", "gitRef": "main"}),
+            ),
+        )
+        .await
+        .unwrap();
+    // The server goes away after its 20,000th line and is back 30 s later; the build pod runs
+    // on meanwhile, and ends only once the server is back. As the outage begins, the agent is
+    // killed and started again: the hub's read of the build log fails mid-way, and must be
+    // read again rather than end the log early.
+    tokio::time::timeout(Duration::from_secs(120), server.away.notified())
+        .await
+        .expect("the outage began: the server received 20,000 lines");
+    cluster.restart_agent().await;
+    tokio::time::timeout(Duration::from_secs(120), server.back.notified())
+        .await
+        .expect("the outage happened: the server received 20,000 lines");
+    let outage_ended = std::time::Instant::now();
+    wait_for("reconnected after the outage", WAIT, async || {
+        (server.connections.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let reconnected_after = outage_ended.elapsed();
+    let end = PodEnd {
+        phase: "Succeeded",
+        init: vec![
+            ("clone", 0, ""),
+            ("commit", 0, "4b825dc642cb6eb9a060e54bf8d69288fbee4904\n"),
+            ("prepare", 0, ""),
+        ],
+        containers: vec![("build", 0, "Completed", "")],
+    };
+    finish_job_pod(&admin, &ns, "worker-1-build", end).await;
+    let expected: usize = logs.iter().map(|(_, lines)| lines.len()).sum();
+    // Until the server holds every position, or long after it could have.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let (held, repeats) = loop {
+        let (held, repeats) = log_by_position(&server.messages(), &ns, "worker-1");
+        if held.len() >= expected || std::time::Instant::now() > deadline {
+            break (held, repeats);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut lost = 0;
+    for (container, lines) in &logs {
+        for (i, text) in lines.iter().enumerate() {
+            match held.get(&(container.to_string(), i as u64 + 1)) {
+                Some(got) => assert_eq!(*got, format!("{text}\n"), "{container} line {}", i + 1),
+                None => lost += 1,
+            }
+        }
+    }
+    let extra = held.len() + lost - expected;
+    let messages = server.messages();
+    let resent = messages
+        .iter()
+        .filter(|m| m["type"] == "BUILD_LOG" && m["resent"] == true)
+        .count();
+    eprintln!(
+        "lines lost across a 30 s outage: {lost} (of {expected} lines in 3 containers; \
+         {resent} lines re-sent from the cluster after the reconnect, {repeats} repeats dropped \
+         by position; reconnected {:.1} s after the server was back; {} connections)",
+        reconnected_after.as_secs_f64(),
+        server.connections.load(Ordering::SeqCst)
+    );
+    assert_eq!(lost, 0, "every line 1..={LOG_LINES} of every container");
+    assert_eq!(extra, 0, "no position beyond the log");
+    assert!(resent > 0, "lines were re-sent, marked so");
+    assert!(
+        journal.stats.log_lines_resent.get() > 0,
+        "the hub counted its re-sent lines"
+    );
+    assert_eq!(journal.stats.log_lines_lost.get(), 0);
+    // The final message, with each container's line count, follows the re-sent lines.
+    let finals: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["type"] == "BUILD_LOG" && m["buildId"] == "worker-1" && m["final"] == true)
+        .collect();
+    let last = finals.last().expect("a final message");
+    for (container, lines) in &logs {
+        assert_eq!(last["lineCounts"][container], lines.len(), "{last}");
+    }
+    for (container, _) in &logs {
+        support::write_container_log(container, &[]);
+    }
+}
+
+#[tokio::test]
+async fn a_build_that_ended_while_its_log_was_undelivered_is_resent_after_a_hub_restart() {
+    let _one_hub = one_hub().await;
+    // Not `web-1`: every test's hub sees every namespace, and another test follows `web-1` by name.
+    support::jobs().await;
+    let logs: Vec<(&str, Vec<String>)> = [("clone", 2), ("commit", 0), ("build", 1000)]
+        .into_iter()
+        .map(|(container, n)| {
+            let lines = (1..=n).map(|i| format!("{container} says {i}")).collect();
+            (container, lines)
+        })
+        .collect();
+    for (container, lines) in &logs {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        support::write_container_log(container, &refs);
+    }
+    let server = TestServer::start().await;
+    // The server takes its first message, then reads nothing for a minute: the first hub's
+    // log lines wait in its queue (large enough that the controllers go on meanwhile).
+    server.read_delay_ms.store(60_000, Ordering::SeqCst);
+    let mut cluster =
+        connected_cluster_relaying("relay-restart", Some(server.relay(100_000))).await;
+    let admin = cluster.admin.clone();
+    let ns = active_project(&admin, "restart-log").await;
+    ready_web_app(&admin, &ns).await;
+    build_to_completion(&admin, &ns, "web-restart", None).await;
+    wait_for("web-restart Completed in the cluster", WAIT, async || {
+        let truth = truth(&admin, &ns).await;
+        (truth
+            .get(&("AppBuild".into(), ns.clone(), "web-restart".into()))
+            .map(String::as_str)
+            == Some("Completed"))
+        .then_some(())
+    })
+    .await;
+    let before = log_by_position(&server.messages(), &ns, "web-restart")
+        .0
+        .len();
+    // The hub stops with the log undelivered; the new one finds the build ended moments ago.
+    server.read_delay_ms.store(0, Ordering::SeqCst);
+    cluster.restart_hub().await;
+    let expected: usize = logs.iter().map(|(_, lines)| lines.len()).sum();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let held = loop {
+        let (held, _) = log_by_position(&server.messages(), &ns, "web-restart");
+        if held.len() >= expected || std::time::Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let lost = expected - held.len().min(expected);
+    eprintln!(
+        "lines lost across a hub restart after the build ended: {lost} (of {expected}; the \
+         server held {before} before the restart)"
+    );
+    assert_eq!(lost, 0, "every line of the ended build, after the restart");
+    for (container, lines) in &logs {
+        for (i, text) in lines.iter().enumerate() {
+            assert_eq!(
+                held.get(&(container.to_string(), i as u64 + 1)),
+                Some(&format!("{text}\n")),
+                "{container} line {}",
+                i + 1
+            );
+        }
+    }
+    let resent = server
+        .messages()
+        .iter()
+        .filter(|m| m["type"] == "BUILD_LOG" && m["buildId"] == "web-restart")
+        .skip(before)
+        .all(|m| m["resent"] == true);
+    assert!(resent, "the new hub marks every line it sends again");
+    for (container, _) in &logs {
+        support::write_container_log(container, &[]);
+    }
 }

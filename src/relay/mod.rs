@@ -8,11 +8,13 @@
 //! resyncs. Nothing is dropped silently: the outbound queue is bounded and a full queue makes
 //! the producers wait (backpressure down to the watches, whose data then waits in the tunnel's
 //! flow control), and the only events ever discarded are those queued while the ShapeBlock
-//! server is unreachable, which the resync after reconnecting replaces.
+//! server is unreachable, which the resync after reconnecting replaces, and build log lines,
+//! which [`delivery`] re-reads from the cluster and re-sends.
 //!
 //! Depends on: crd, observed, secret, tunnel.
 //! Never uses: axum (the relay knows nothing of the hub's HTTP API).
 
+pub mod delivery;
 pub mod logs;
 pub mod outbound;
 
@@ -72,12 +74,25 @@ pub struct Event {
     /// BUILD_LOG: the container the line came from (`clone`, `build`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// BUILD_LOG: the line's number in its container's log, from 1. With `cluster`,
+    /// `namespace`, `buildId` and `container` it is the line's position: the server keeps one
+    /// line per position and drops repeats. Absent on the `final` message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
     /// BUILD_LOG: one line, with its trailing newline; empty with `final` set at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
     /// BUILD_LOG: the last message of a build's log.
     #[serde(rename = "final", skip_serializing_if = "std::ops::Not::not")]
     pub last: bool,
+    /// BUILD_LOG `final`: how many lines each container's log has, so the server can tell
+    /// whether it holds them all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line_counts: Option<BTreeMap<String, u64>>,
+    /// BUILD_LOG: always present; `true` when the server may have had this message already
+    /// (re-read from the cluster after a reconnect, or after a hub restart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resent: Option<bool>,
 }
 
 impl Event {
@@ -101,8 +116,11 @@ impl Event {
             resync: false,
             build_id: None,
             container: None,
+            line: None,
             log: None,
             last: false,
+            line_counts: None,
+            resent: None,
         }
     }
 }
@@ -219,6 +237,11 @@ pub struct JournalStats {
     pub connects: Counter,
     /// 1 while connected to the ShapeBlock server.
     pub connected: Gauge,
+    /// Build log lines re-read from the cluster and sent again (after a reconnect).
+    pub log_lines_resent: Counter,
+    /// Build log lines the server may have missed and that could not be re-read (the pod or
+    /// its log was gone, or the build ended longer ago than [`delivery::KEEP_ENDED`]).
+    pub log_lines_lost: Counter,
 }
 
 impl JournalStats {
@@ -250,6 +273,16 @@ impl JournalStats {
             "1 while connected to the ShapeBlock server",
             self.connected.clone(),
         );
+        sub.register(
+            "log_lines_resent",
+            "Build log lines re-read from the cluster and sent again after a reconnect",
+            self.log_lines_resent.clone(),
+        );
+        sub.register(
+            "log_lines_lost",
+            "Build log lines the server may have missed that could not be re-read",
+            self.log_lines_lost.clone(),
+        );
     }
 }
 
@@ -264,6 +297,11 @@ pub struct Journal {
     live: broadcast::Sender<Arc<Event>>,
     outbound: Option<mpsc::Sender<Arc<Event>>>,
     pub stats: JournalStats,
+    /// Which build log lines the server surely has.
+    pub deliveries: delivery::Deliveries,
+    /// When this journal (this hub process) started: a build pod older than it may have had
+    /// lines sent by the process before.
+    pub started: jiff::Timestamp,
 }
 
 /// A cursor the journal cannot resume from without a gap: older than the events kept, from
@@ -321,6 +359,8 @@ impl Journal {
             live,
             outbound,
             stats: JournalStats::default(),
+            deliveries: Default::default(),
+            started: jiff::Timestamp::now(),
         })
     }
 
@@ -438,23 +478,36 @@ impl Journal {
         }
     }
 
-    /// Relays one build log line (or, with `last`, the end of a build's log).
-    pub async fn log_line(
+    /// Relays one build log line at its position.
+    pub async fn log_line(&self, at: &delivery::LogLine<'_>, text: String, resent: bool) {
+        let event = Event {
+            message_type: Some("BUILD_LOG"),
+            build_id: Some(at.build.build.clone()),
+            container: Some(at.container.into()),
+            line: Some(at.line),
+            log: Some(text),
+            resent: Some(resent),
+            ..Event::blank(&at.build.cluster, &at.build.namespace)
+        };
+        self.append(event, None, false).await;
+    }
+
+    /// Relays the end of a build's log, with the number of lines of each container.
+    pub async fn log_end(
         &self,
-        cluster: &str,
-        namespace: &str,
-        build: &str,
-        container: &str,
-        line: String,
-        last: bool,
+        build: &delivery::BuildKey,
+        line_counts: BTreeMap<String, u64>,
+        resent: bool,
     ) {
         let event = Event {
             message_type: Some("BUILD_LOG"),
-            build_id: Some(build.into()),
-            container: Some(container.into()),
-            log: Some(line),
-            last,
-            ..Event::blank(cluster, namespace)
+            build_id: Some(build.build.clone()),
+            container: Some(String::new()),
+            log: Some(String::new()),
+            last: true,
+            line_counts: Some(line_counts),
+            resent: Some(resent),
+            ..Event::blank(&build.cluster, &build.namespace)
         };
         self.append(event, None, false).await;
     }

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
+use super::delivery::Acks;
 use super::{Event, Journal};
 use crate::secret::Secret;
 use crate::tunnel::{self, Backoff, ClientWebSocket, DialError, DialOptions, TlsError, Trust};
@@ -131,11 +132,10 @@ async fn connect(config: &RelayConfig) -> Result<ClientWebSocket, RelayError> {
         })
 }
 
-async fn send(
-    ws: &mut ClientWebSocket,
-    event: &Event,
-    timeout: Duration,
-) -> Result<(), RelayError> {
+async fn send<S>(ws: &mut S, event: &Event, timeout: Duration) -> Result<(), RelayError>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
     let text = serde_json::to_string(event)?;
     match tokio::time::timeout(timeout, ws.send(Message::text(text))).await {
         Ok(Ok(())) => Ok(()),
@@ -144,14 +144,47 @@ async fn send(
     }
 }
 
+/// Reads the server's frames until the connection ends: pongs acknowledge build log lines
+/// ([`Acks`]). Its own task, so pongs are read while the writer waits on a slow server (else the
+/// lines' acknowledgements would wait for the writer, and a cut would re-send them all).
+async fn read_frames(
+    mut frames: futures_util::stream::SplitStream<ClientWebSocket>,
+    journal: Arc<Journal>,
+    acks: Arc<std::sync::Mutex<Acks>>,
+    last_pong: Arc<std::sync::Mutex<Instant>>,
+) -> RelayError {
+    loop {
+        match frames.next().await {
+            Some(Ok(Message::Pong(payload))) => {
+                *last_pong.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                locked(&acks).pong(&journal.deliveries, &payload);
+            }
+            Some(Ok(Message::Close(frame))) => return RelayError::Closed(frame),
+            Some(Ok(_)) => {} // pings are answered by the library; other frames are ignored
+            Some(Err(e)) => return RelayError::Read(e),
+            None => return RelayError::Eof,
+        }
+    }
+}
+
 /// One connection: resync, then events in order, until it fails or the hub stops.
 async fn session(
-    mut ws: ClientWebSocket,
-    journal: &Journal,
+    ws: ClientWebSocket,
+    journal: &Arc<Journal>,
     events: &mut mpsc::Receiver<Arc<Event>>,
     config: &RelayConfig,
     shutdown: &CancellationToken,
 ) -> Result<(), RelayError> {
+    let (mut ws, frames) = ws.split();
+    let acks = Arc::new(std::sync::Mutex::new(Acks::default()));
+    let last_pong = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut reader = tokio::spawn(read_frames(
+        frames,
+        journal.clone(),
+        acks.clone(),
+        last_pong.clone(),
+    ));
+    let _reader = AbortOnDrop(reader.abort_handle());
     let (snapshot, mark) = journal.snapshot().await;
     tracing::info!(
         resources = snapshot.len(),
@@ -161,38 +194,60 @@ async fn session(
     for event in &snapshot {
         send(&mut ws, event, config.write_timeout).await?;
     }
+    // After the snapshot, so every line numbered before it is either still queued or re-sent.
+    journal.resend_unacknowledged();
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
-    let mut last_pong = Instant::now();
     loop {
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else { return Ok(()) };
-                if event.id > mark {
+                // Log lines are not in the snapshot: each goes, whatever its id.
+                if event.id > mark || event.message_type.is_some() {
                     send(&mut ws, &event, config.write_timeout).await?;
+                    let payload = {
+                        let mut acks = locked(&acks);
+                        acks.sent(&journal.deliveries, &event);
+                        acks.wants_ping(events.is_empty()).then(|| acks.ping())
+                    };
+                    if let Some(payload) = payload {
+                        tokio::time::timeout(config.write_timeout, ws.send(Message::Ping(payload.into())))
+                            .await
+                            .map_err(|_| RelayError::PingTimeout)?
+                            .map_err(RelayError::Ping)?;
+                    }
                 }
             }
-            frame = ws.next() => match frame {
-                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
-                Some(Ok(Message::Close(frame))) => return Err(RelayError::Closed(frame)),
-                Some(Ok(_)) => {} // pings are answered by the library; other frames are ignored
-                Some(Err(e)) => return Err(RelayError::Read(e)),
-                None => return Err(RelayError::Eof),
-            },
+            ended = &mut reader => return Err(ended.unwrap_or(RelayError::Eof)),
             _ = ping.tick() => {
-                if last_pong.elapsed() > config.ping_interval * 3 {
+                let silent = last_pong.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                if silent > config.ping_interval * 3 {
                     return Err(RelayError::NoPong);
                 }
-                tokio::time::timeout(config.write_timeout, ws.send(Message::Ping(Vec::new().into())))
+                let payload = locked(&acks).ping();
+                tokio::time::timeout(config.write_timeout, ws.send(Message::Ping(payload.into())))
                     .await
                     .map_err(|_| RelayError::PingTimeout)?
                     .map_err(RelayError::Ping)?;
             }
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close()).await;
                 return Ok(());
             }
         }
+    }
+}
+
+fn locked(acks: &std::sync::Mutex<Acks>) -> std::sync::MutexGuard<'_, Acks> {
+    acks.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ends the frame reader with its session.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -225,8 +280,9 @@ pub async fn run(
                 tracing::warn!(%reason, retry_in = ?wait, "relay cannot reach the ShapeBlock server")
             }
         }
-        // Away from the server: what queues now is replaced by the resync on reconnect, so
-        // keep the queue moving rather than stall the controllers.
+        // Away from the server: what queues now is replaced by the resync on reconnect (status)
+        // or re-read from the cluster then (log lines), so keep the queue moving rather than
+        // stall the controllers.
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {

@@ -96,6 +96,8 @@ pub struct ConnectedCluster {
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
     apps: AppSettings,
     agent: Option<AgentProcess>,
+    /// The agent's token, for [`Self::restart_agent`].
+    token: String,
 }
 
 impl ConnectedCluster {
@@ -108,6 +110,16 @@ impl ConnectedCluster {
         if let Some(hub) = &self.hub {
             hub.wait_disconnected(&self.cluster_id).await;
         }
+    }
+
+    /// Kills the agent (SIGKILL) and starts a new one, as a node failure and the Deployment's
+    /// restart would; returns once it is connected again. Every request in the old tunnel
+    /// fails mid-way.
+    pub async fn restart_agent(&mut self) {
+        self.kill_agent().await;
+        let hub = self.hub.as_ref().expect("hub running");
+        self.agent =
+            Some(connect_agent(&self.admin, &self.dir, hub, &self.cluster_id, &self.token).await);
     }
 
     /// Stops the hub (as a crash would, it keeps nothing but the registry) and starts a new one
@@ -173,6 +185,7 @@ pub async fn connected_cluster_with(
         relay,
         apps,
         agent: Some(agent),
+        token: token.expose().to_string(),
     }
 }
 

@@ -236,31 +236,33 @@ fn relay_log(ctx: &Context, store: &Store<AppBuild>, ns: &str, build: &str, pod:
         return;
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let (cluster, ns, build, pod) = (
-        ctx.cluster.clone(),
-        ns.to_string(),
-        build.to_string(),
+    let key = crate::relay::delivery::BuildKey {
+        cluster: ctx.cluster.clone(),
+        namespace: ns.to_string(),
+        build: build.to_string(),
+    };
+    tokio::spawn(crate::relay::delivery::relay_build_log(
+        journal,
+        pods,
+        key,
         pod.to_string(),
-    );
-    tokio::spawn(async move {
-        let result = crate::relay::logs::follow_pod(&pods, &pod, true, |container, line| {
-            let journal = journal.clone();
-            let (cluster, ns, build) = (cluster.clone(), ns.clone(), build.clone());
-            async move {
-                journal
-                    .log_line(&cluster, &ns, &build, &container, line, false)
-                    .await;
-                true
-            }
-        })
-        .await;
-        if let Err(err) = &result {
-            tracing::warn!(%cluster, namespace = %ns, %build, error = %err, "following the build log failed");
-        }
-        journal
-            .log_line(&cluster, &ns, &build, "", String::new(), true)
-            .await;
-    });
+    ));
+}
+
+/// The build pod of a build whose build ended less than
+/// [`RESEND_AFTER_RESTART`](crate::relay::delivery::RESEND_AFTER_RESTART) ago: after a hub
+/// restart its log is sent again (the server may have missed its end while the hub was down).
+fn recently_built(build: &AppBuild) -> Option<&str> {
+    if build.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = build.status.as_ref()?;
+    let ended = status.build_end_time.as_ref()?.0;
+    let window =
+        jiff::SignedDuration::try_from(crate::relay::delivery::RESEND_AFTER_RESTART).ok()?;
+    (jiff::Timestamp::now().duration_since(ended) < window)
+        .then_some(status.pod_name.as_deref())
+        .flatten()
 }
 
 /// Records a successful deploy on the App: current image, the one before it, latest build.
@@ -682,6 +684,13 @@ async fn reconcile(
         workloads: children.workloads.as_deref(),
         settings: &ctx.config.jobs,
     });
+    // Once per build per hub process (nothing when this process relayed the log already):
+    // after a restart, a build that ended shortly before has its log sent again, as the
+    // server may have missed its end while the hub was down.
+    if let Some(pod) = recently_built(&build) {
+        let ns = build.namespace().unwrap_or_default();
+        relay_log(&ctx, &store, &ns, &build.name_any(), pod);
+    }
     if step == Step::Nothing {
         return Ok(Action::await_change());
     }

@@ -381,13 +381,64 @@ impl AgentProcess {
         tag: &str,
         flags: &[&str],
     ) -> Self {
+        let binary = crate::process::agent_binary();
+        Self::start(
+            None, &binary, dir, url, ca_file, token, kubeconfig, tag, flags,
+        )
+    }
+
+    /// An agent `binary` of another architecture, run by the user-mode emulator `launcher`
+    /// (`qemu-aarch64-static`) against the hub at `url` (trusting `ca_file`, or over plain
+    /// `ws://`); killed, emulator and all, when dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_emulated(
+        launcher: &std::path::Path,
+        binary: &std::path::Path,
+        dir: &std::path::Path,
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        token: &str,
+        kubeconfig: &std::path::Path,
+        tag: &str,
+    ) -> Self {
+        Self::start(
+            Some(launcher),
+            binary,
+            dir,
+            url,
+            ca_file,
+            token,
+            kubeconfig,
+            tag,
+            &[],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        launcher: Option<&std::path::Path>,
+        binary: &std::path::Path,
+        dir: &std::path::Path,
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        token: &str,
+        kubeconfig: &std::path::Path,
+        tag: &str,
+        flags: &[&str],
+    ) -> Self {
         let token_file = dir.join(format!("{tag}.token"));
         std::fs::write(&token_file, token).unwrap();
         let log = dir.join(format!("{tag}.log"));
         let out = append_log(&log);
         let err = out.try_clone().unwrap();
-        let binary = crate::process::agent_binary();
-        let mut cmd = crate::process::agent_command(&binary, url, ca_file, &token_file, kubeconfig);
+        let mut cmd = crate::process::agent_command_via(
+            launcher,
+            binary,
+            url,
+            ca_file,
+            &token_file,
+            kubeconfig,
+        );
         cmd.arg("--reconnect-min-ms=100")
             .arg("--reconnect-max-ms=1000")
             .args(flags)

@@ -79,7 +79,28 @@ pub fn agent_command(
     token_file: &Path,
     kubeconfig: &Path,
 ) -> Command {
-    let mut cmd = Command::new(binary);
+    agent_command_via(None, binary, hub_url, ca_file, token_file, kubeconfig)
+}
+
+/// [`agent_command`] run by `launcher` when given: an emulator such as
+/// `qemu-aarch64-static`, so a binary built for another architecture runs here as one process
+/// (killing the launcher kills the agent).
+pub fn agent_command_via(
+    launcher: Option<&Path>,
+    binary: &Path,
+    hub_url: &str,
+    ca_file: Option<&Path>,
+    token_file: &Path,
+    kubeconfig: &Path,
+) -> Command {
+    let mut cmd = match launcher {
+        Some(launcher) => {
+            let mut cmd = Command::new(launcher);
+            cmd.arg(binary);
+            cmd
+        }
+        None => Command::new(binary),
+    };
     cmd.arg("--hub-url")
         .arg(hub_url)
         .arg("--token-file")

@@ -117,12 +117,44 @@ async fn the_agent_chart_renders_the_install_manifest_and_installs() {
         image: "ghcr.io/shapeblock/shapeblock-agent:1.2.3".into(),
         token: "sbt_c0123456789abcdef_abc".into(),
         registry_namespace: "shapeblock".into(),
+        registry_secret: "registry-creds".into(),
+        hub_ca: None,
     });
     from_hub.sort_by_key(key);
     assert_eq!(from_chart.len(), 13);
     assert_eq!(
         from_chart, from_hub,
         "the agent chart and the hub's install manifest differ"
+    );
+    // With the hub's private CA: the ConfigMap, its mount and the agent's flag, as the hub
+    // renders them.
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n";
+    let ca_file = std::env::temp_dir().join(format!("hub-ca-{}.crt", support::random_suffix()));
+    std::fs::write(&ca_file, ca).unwrap();
+    let mut with_ca = documents(&run_helm(&[
+        "template",
+        "agent",
+        repo().join("charts/shapeblock-agent").to_str().unwrap(),
+        "--set",
+        "clusterId=c0123456789abcdef,hubUrl=wss://hub.example.com:8443,token=sbt_c0123456789abcdef_abc,image.tag=1.2.3",
+        "--set-file",
+        &format!("hubCA={}", ca_file.display()),
+    ]));
+    with_ca.sort_by_key(key);
+    let mut from_hub_with_ca = agent_manifest(&AgentManifestParams {
+        cluster_id: "c0123456789abcdef".into(),
+        hub_url: "wss://hub.example.com:8443".into(),
+        image: "ghcr.io/shapeblock/shapeblock-agent:1.2.3".into(),
+        token: "sbt_c0123456789abcdef_abc".into(),
+        registry_namespace: "shapeblock".into(),
+        registry_secret: "registry-creds".into(),
+        hub_ca: Some(ca.into()),
+    });
+    from_hub_with_ca.sort_by_key(key);
+    assert_eq!(with_ca.len(), 14);
+    assert_eq!(
+        with_ca, from_hub_with_ca,
+        "the agent chart with hubCA and the hub's install manifest with its CA differ"
     );
     // Missing values are refused, not rendered empty.
     let out = Command::new(helm())

@@ -179,6 +179,14 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
     let client = support::client().await;
     let ns = TestNamespace::new("hub-chart").await;
     let chart = repo().join("charts/shapeblock-hub");
+    // A private CA for agents to trust (agentHubCA), which the hub checks at start-up.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let ca_file = support::hub::scratch_dir("hub-chart-ca").join("ca.crt");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let set_ca = format!("agentHubCA={}", ca_file.display());
     let variants: [&[&str]; 2] = [
         &[],
         &[
@@ -190,6 +198,8 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
             "config.handshakes_per_second=50,config.ping_interval_seconds=15",
             "--set",
             "resources.requests.memory=128Mi,image.tag=9.9.9",
+            "--set-file",
+            &set_ca,
         ],
     ];
     for (i, extra) in variants.iter().enumerate() {
@@ -225,7 +235,16 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
         let config_map = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
         let dir = support::hub::scratch_dir("hub-chart-config");
         let file = dir.join("hub.yaml");
-        std::fs::write(&file, config_map["data"]["hub.yaml"].as_str().unwrap()).unwrap();
+        // The CA is the ConfigMap's other key, mounted beside hub.yaml in the pod.
+        let mounted_ca = dir.join("agent-hub-ca.crt");
+        if let Some(ca) = config_map["data"]["agent-hub-ca.crt"].as_str() {
+            std::fs::write(&mounted_ca, ca).unwrap();
+        }
+        let hub_yaml = config_map["data"]["hub.yaml"].as_str().unwrap().replace(
+            "/etc/shapeblock-hub/agent-hub-ca.crt",
+            mounted_ca.to_str().unwrap(),
+        );
+        std::fs::write(&file, hub_yaml).unwrap();
         let config = shapeblock::hub::HubConfig::load(shapeblock::hub::HubArgs {
             config: Some(file),
             ..Default::default()
@@ -258,7 +277,9 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
                 Some("wss://hub.internal:8443")
             );
             assert_eq!(config.gateway.handshakes_per_second, 50);
+            assert_eq!(config.agent_hub_ca.as_deref(), Some(ca_pem.as_str()));
         } else {
+            assert_eq!(config.agent_hub_ca, None);
             assert_eq!(config.public_url.as_deref(), Some("wss://hub.example.com"));
         }
         let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();

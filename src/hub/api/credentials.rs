@@ -314,7 +314,22 @@ pub(super) async fn put_cluster_credentials(
     let client = client(&state, &cluster)?;
     let (namespace, name) = cluster_path(&state);
     let secrets = Api::<Secret>::namespaced(client, &namespace);
-    let written = write(&secrets, &name, &secret_object(&namespace, &name, config)).await?;
+    let written = write(&secrets, &name, &secret_object(&namespace, &name, config))
+        .await
+        .map_err(|e| match e.code {
+            // An agent installed before it was allowed this Secret (its Role read-only there).
+            403 => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "AgentNotPermitted",
+                format!(
+                    "the cluster refused the agent writing Secret {namespace}/{name} ({}); apply the \
+                     agent's current install manifest (POST …/agent-manifest, or helm upgrade the \
+                     agent chart), which grants it",
+                    e.message
+                ),
+            ),
+            _ => e,
+        })?;
     tracing::info!(%cluster, secret = %format!("{namespace}/{name}"), "registry credentials set");
     Ok(Json(view(&namespace, &name, Some(&written))))
 }

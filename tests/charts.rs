@@ -117,12 +117,44 @@ async fn the_agent_chart_renders_the_install_manifest_and_installs() {
         image: "ghcr.io/shapeblock/shapeblock-agent:1.2.3".into(),
         token: "sbt_c0123456789abcdef_abc".into(),
         registry_namespace: "shapeblock".into(),
+        registry_secret: "registry-creds".into(),
+        hub_ca: None,
     });
     from_hub.sort_by_key(key);
     assert_eq!(from_chart.len(), 13);
     assert_eq!(
         from_chart, from_hub,
         "the agent chart and the hub's install manifest differ"
+    );
+    // With the hub's private CA: the ConfigMap, its mount and the agent's flag, as the hub
+    // renders them.
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n";
+    let ca_file = std::env::temp_dir().join(format!("hub-ca-{}.crt", support::random_suffix()));
+    std::fs::write(&ca_file, ca).unwrap();
+    let mut with_ca = documents(&run_helm(&[
+        "template",
+        "agent",
+        repo().join("charts/shapeblock-agent").to_str().unwrap(),
+        "--set",
+        "clusterId=c0123456789abcdef,hubUrl=wss://hub.example.com:8443,token=sbt_c0123456789abcdef_abc,image.tag=1.2.3",
+        "--set-file",
+        &format!("hubCA={}", ca_file.display()),
+    ]));
+    with_ca.sort_by_key(key);
+    let mut from_hub_with_ca = agent_manifest(&AgentManifestParams {
+        cluster_id: "c0123456789abcdef".into(),
+        hub_url: "wss://hub.example.com:8443".into(),
+        image: "ghcr.io/shapeblock/shapeblock-agent:1.2.3".into(),
+        token: "sbt_c0123456789abcdef_abc".into(),
+        registry_namespace: "shapeblock".into(),
+        registry_secret: "registry-creds".into(),
+        hub_ca: Some(ca.into()),
+    });
+    from_hub_with_ca.sort_by_key(key);
+    assert_eq!(with_ca.len(), 14);
+    assert_eq!(
+        with_ca, from_hub_with_ca,
+        "the agent chart with hubCA and the hub's install manifest with its CA differ"
     );
     // Missing values are refused, not rendered empty.
     let out = Command::new(helm())
@@ -147,6 +179,14 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
     let client = support::client().await;
     let ns = TestNamespace::new("hub-chart").await;
     let chart = repo().join("charts/shapeblock-hub");
+    // A private CA for agents to trust (agentHubCA), which the hub checks at start-up.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let ca_file = support::hub::scratch_dir("hub-chart-ca").join("ca.crt");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let set_ca = format!("agentHubCA={}", ca_file.display());
     let variants: [&[&str]; 2] = [
         &[],
         &[
@@ -158,6 +198,8 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
             "config.handshakes_per_second=50,config.ping_interval_seconds=15",
             "--set",
             "resources.requests.memory=128Mi,image.tag=9.9.9",
+            "--set-file",
+            &set_ca,
         ],
     ];
     for (i, extra) in variants.iter().enumerate() {
@@ -193,7 +235,16 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
         let config_map = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
         let dir = support::hub::scratch_dir("hub-chart-config");
         let file = dir.join("hub.yaml");
-        std::fs::write(&file, config_map["data"]["hub.yaml"].as_str().unwrap()).unwrap();
+        // The CA is the ConfigMap's other key, mounted beside hub.yaml in the pod.
+        let mounted_ca = dir.join("agent-hub-ca.crt");
+        if let Some(ca) = config_map["data"]["agent-hub-ca.crt"].as_str() {
+            std::fs::write(&mounted_ca, ca).unwrap();
+        }
+        let hub_yaml = config_map["data"]["hub.yaml"].as_str().unwrap().replace(
+            "/etc/shapeblock-hub/agent-hub-ca.crt",
+            mounted_ca.to_str().unwrap(),
+        );
+        std::fs::write(&file, hub_yaml).unwrap();
         let config = shapeblock::hub::HubConfig::load(shapeblock::hub::HubArgs {
             config: Some(file),
             ..Default::default()
@@ -226,7 +277,9 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
                 Some("wss://hub.internal:8443")
             );
             assert_eq!(config.gateway.handshakes_per_second, 50);
+            assert_eq!(config.agent_hub_ca.as_deref(), Some(ca_pem.as_str()));
         } else {
+            assert_eq!(config.agent_hub_ca, None);
             assert_eq!(config.public_url.as_deref(), Some("wss://hub.example.com"));
         }
         let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();

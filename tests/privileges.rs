@@ -1,7 +1,8 @@
 //! The agent's identity is not cluster-admin (issue 14, item 7): requests made with the
 //! install manifest's own ServiceAccount token (a real bound token, as the agent's pod has)
 //! against the real control plane (RBAC authorization, the manifest's admission policy).
-//! Refused: reading Secrets or ConfigMaps outside project namespaces, creating pods or Jobs in
+//! Refused: reading Secrets or ConfigMaps outside project namespaces, writing any Secret of
+//! the registry namespace but the cluster's registry Secret, creating pods or Jobs in
 //! `kube-system`, binding `cluster-admin`, binding the ShapeBlock roles to anyone else or
 //! outside a project, deleting or adopting a namespace it did not create. Allowed: its work
 //! in a project namespace. It also prints the identity's rules as `kubectl auth can-i --list`
@@ -280,15 +281,48 @@ async fn the_agent_cannot_reach_outside_shapeblock_namespaces() {
             )
             .await,
     );
-    // The registry namespace is read, never written.
-    Api::<Secret>::namespaced(agent.clone(), "shapeblock")
+    // The registry namespace is read; of its objects only the cluster's registry Secret is
+    // written (the API's registry-credentials, by server-side apply as the hub does).
+    let registry = Api::<Secret>::namespaced(agent.clone(), "shapeblock");
+    let current = registry
         .get("registry-creds")
         .await
         .expect("the agent reads the registry Secret");
+    let apply = PatchParams::apply("privileges-test").force();
+    let same = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "registry-creds", "namespace": "shapeblock"},
+        "type": "kubernetes.io/dockerconfigjson", "data": current.data});
+    registry
+        .patch("registry-creds", &apply, &Patch::Apply(&same))
+        .await
+        .expect("the agent writes the cluster's registry Secret");
     forbidden(
         "write in the registry namespace",
-        Api::<Secret>::namespaced(agent.clone(), "shapeblock")
-            .create(&post, &secret)
+        registry.create(&post, &secret).await,
+    );
+    let other = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "team-registry-forged", "namespace": "shapeblock"},
+        "type": "kubernetes.io/dockerconfigjson", "data": current.data});
+    forbidden(
+        "apply another Secret in the registry namespace",
+        registry
+            .patch("team-registry-forged", &apply, &Patch::Apply(&other))
+            .await,
+    );
+    forbidden(
+        "delete another Secret in the registry namespace",
+        registry
+            .delete("team-registry", &DeleteParams::default())
+            .await,
+    );
+    // Its name in another namespace is still no project's.
+    let in_system = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "registry-creds", "namespace": "kube-system"},
+        "type": "kubernetes.io/dockerconfigjson", "data": current.data});
+    forbidden(
+        "apply a registry-creds Secret in kube-system",
+        Api::<Secret>::namespaced(agent.clone(), "kube-system")
+            .patch("registry-creds", &apply, &Patch::Apply(&in_system))
             .await,
     );
 

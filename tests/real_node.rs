@@ -77,6 +77,8 @@ async fn start_fleet() -> Fleet {
         image: "shapeblock-agent:test".into(),
         token: "unused".into(),
         registry_namespace: "shapeblock".into(),
+        registry_secret: "registry-creds".into(),
+        hub_ca: None,
     })
     .iter()
     .filter(|o| o["kind"] != "Deployment")

@@ -1001,3 +1001,97 @@ async fn a_renewed_certificate_is_served_without_dropping_tunnels() {
         .await
         .expect("a request through the tunnel opened before the renewal");
 }
+
+/// A hub whose certificate is from a private CA (`agent_hub_ca_file`) embeds that CA in the
+/// install manifest: a ConfigMap mounted into the agent and `--hub-ca-file` pointing at it. An
+/// agent run with what the manifest says connects over wss://; without the CA it refuses the
+/// hub's certificate (issue 20, item 2).
+#[tokio::test]
+async fn the_install_manifest_carries_the_private_hub_ca_the_agent_trusts() {
+    let dir = scratch_dir("hub-ca");
+    let ns = TestNamespace::new("hub-ca").await;
+    let identity = agent_identity(&dir, &ns.name, "agent", None).await;
+    let hub = TestHub::builder().tls(&dir).agent_hub_ca().start().await;
+    let registered = hub
+        .api("POST", "/api/v1/clusters", Some(json!({"name": "hub-ca"})))
+        .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    let body = registered.json();
+    let cluster = body["cluster"]["id"].as_str().unwrap().to_string();
+    let token = body["token"].as_str().unwrap();
+    let objects: Vec<serde_json::Value> = body["manifest"]
+        .as_str()
+        .unwrap()
+        // Documents start at a line `---` (a PEM's `-----END CERTIFICATE-----` ends in `---`).
+        .split("\n---\n")
+        .map(|doc| doc.trim_start_matches("---\n"))
+        .filter(|doc| !doc.trim().is_empty())
+        .map(|doc| serde_saphyr::from_str(doc).unwrap())
+        .collect();
+    let config_map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap")
+        .expect("a ConfigMap with the hub's CA");
+    let ca = config_map["data"]["ca.crt"].as_str().unwrap();
+    let test_ca = std::fs::read_to_string(hub.ca_file.as_ref().unwrap()).unwrap();
+    assert_eq!(ca, test_ca);
+    let pod = &objects.last().unwrap()["spec"]["template"]["spec"];
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let after = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+    let ca_path = after("--hub-ca-file");
+    assert!(after("--hub-url").starts_with("wss://"), "{args:?}");
+    // The manifest's host is the test client's Host header (`localhost`, no port): the agent
+    // dials the hub's own address, under the name its certificate holds.
+    let url = hub.url();
+    let url = url.as_str();
+    // The mount the agent reads the CA from is the ConfigMap's key.
+    let mount = &pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| ca_path.starts_with(m["mountPath"].as_str().unwrap()))
+        .expect("the CA file is on a mount")["name"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| &v["name"] == mount)
+        .unwrap();
+    assert_eq!(volume["configMap"]["name"], config_map["metadata"]["name"]);
+    assert!(ca_path.ends_with(volume["configMap"]["items"][0]["path"].as_str().unwrap()));
+
+    // The mounted file, as the pod sees it.
+    let mounted = dir.join("mounted-ca.crt");
+    std::fs::write(&mounted, ca).unwrap();
+    let agent = AgentProcess::spawn_to(
+        &dir,
+        url,
+        Some(&mounted),
+        token,
+        &identity.kubeconfig,
+        "with-ca",
+    );
+    hub.wait_connected(&cluster).await;
+    agent.kill().await;
+    hub.wait_disconnected(&cluster).await;
+
+    // Without the CA, the agent trusts the web's roots only, and refuses the hub.
+    let agent = AgentProcess::spawn_to(&dir, url, None, token, &identity.kubeconfig, "without-ca");
+    support::cluster::wait_for(
+        "the agent without the CA refuses the hub's certificate",
+        Duration::from_secs(30),
+        async || {
+            let log = agent.log_text();
+            log.contains("invalid peer certificate: UnknownIssuer")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!hub.gateway.status(&cluster).connected);
+    hub.stop().await;
+}

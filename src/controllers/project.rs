@@ -30,6 +30,9 @@ pub const FINALIZER: &str = "apps.shapeblock.io/project-namespace";
 pub const PROJECT_LABEL: &str = crate::render::agent::PROJECT_LABEL;
 /// Name of the registry Secret in each project namespace.
 pub const REGISTRY_SECRET: &str = "registry-creds";
+/// Name of a project's own registry Secret in its namespace as the API writes it
+/// (`spec.ownRegistrySecret`), copied to [`REGISTRY_SECRET`].
+pub const OWN_REGISTRY_SECRET: &str = "registry-creds-own";
 /// Name of the project's deployer ServiceAccount and its RoleBinding.
 pub const DEPLOYER: &str = crate::render::agent::DEPLOYER_ACCOUNT;
 
@@ -182,6 +185,10 @@ pub enum Step {
     WaitForNamespace,
     /// Deleting: the namespace is gone, let the Project go.
     RemoveFinalizer,
+    /// The Project copies a Secret of its own namespace (`spec.ownRegistrySecret`), which
+    /// does not exist yet: apply the namespace and the agent's RoleBinding (its event brings
+    /// the Project back).
+    PrepareNamespace,
     /// The namespace exists and belongs to someone else.
     NamespaceTaken {
         namespace: String,
@@ -221,6 +228,9 @@ pub fn decide(project: &Project, o: &Observed, source: &str) -> Step {
     }
     if o.namespace.is_some() && own.is_none() {
         return Step::NamespaceTaken { namespace: name };
+    }
+    if project.spec.own_registry_secret.is_some() && own.is_none() {
+        return Step::PrepareNamespace;
     }
     let Some(registry) = &o.registry_source else {
         return Step::RegistrySourceMissing {
@@ -268,6 +278,7 @@ pub fn reason(step: &Step) -> &'static str {
         Step::RegistrySourceMissing { .. } => "RegistrySecretMissing",
         Step::RegistrySourceInvalid { .. } => REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON,
         Step::DeleteNamespace | Step::WaitForNamespace => "Terminating",
+        Step::PrepareNamespace => "Initializing",
         _ => "Active",
     }
 }
@@ -279,6 +290,10 @@ pub fn status_after(step: &Step, source_namespace: &str) -> Option<(ProjectPhase
         Step::DeleteNamespace | Step::WaitForNamespace => Some((
             ProjectPhase::Terminating,
             "deleting the project namespace".into(),
+        )),
+        Step::PrepareNamespace => Some((
+            ProjectPhase::Initializing,
+            "creating the project namespace for its own registry Secret".into(),
         )),
         Step::NamespaceTaken { .. }
         | Step::RegistrySourceMissing { .. }
@@ -297,7 +312,7 @@ fn failure(step: &Step, source_namespace: &str) -> Option<ReconcileError> {
             "namespace {namespace} already exists and does not belong to this project; choose another project name"
         ))),
         Step::RegistrySourceMissing { source } => Some(ReconcileError::Missing(format!(
-            "registry secret {source_namespace}/{source} not found; create it, the project picks it up automatically"
+            "registry secret {source_namespace}/{source} not found; set it with PUT …/registry-credentials of the hub's API (or create it), the project picks it up automatically"
         ))),
         Step::RegistrySourceInvalid { source, detail } => Some(ReconcileError::Refused {
             reason: REGISTRY_SECRET_NOT_DOCKER_CONFIG_JSON,
@@ -309,12 +324,20 @@ fn failure(step: &Step, source_namespace: &str) -> Option<ReconcileError> {
     }
 }
 
-fn registry_source_name(project: &Project, ctx: &Context) -> String {
-    project
-        .spec
-        .registry_secret
-        .clone()
-        .unwrap_or_else(|| ctx.config.default_registry_secret.clone())
+/// The registry Secret a Project copies, `(namespace, name)`: its own (in its namespace) or
+/// the cluster's (in the registry source namespace).
+fn registry_source(project: &Project, ctx: &Context) -> (String, String) {
+    match &project.spec.own_registry_secret {
+        Some(own) => (project.name_any(), own.clone()),
+        None => (
+            ctx.config.registry_source_namespace.clone(),
+            project
+                .spec
+                .registry_secret
+                .clone()
+                .unwrap_or_else(|| ctx.config.default_registry_secret.clone()),
+        ),
+    }
 }
 
 async fn read(project: &Project, ctx: &Context) -> Result<Observed, ReconcileError> {
@@ -323,12 +346,38 @@ async fn read(project: &Project, ctx: &Context) -> Result<Observed, ReconcileErr
         namespace: namespaces.get_opt(&project.name_any()).await?,
         registry_source: None,
     };
-    if project.metadata.deletion_timestamp.is_none() {
-        let sources: Api<Secret> =
-            Api::namespaced(ctx.client.clone(), &ctx.config.registry_source_namespace);
-        o.registry_source = sources.get_opt(&registry_source_name(project, ctx)).await?;
+    let own_namespace = o
+        .namespace
+        .as_ref()
+        .is_some_and(|ns| ns.labels().get(PROJECT_LABEL) == Some(&project.name_any()));
+    // A Secret of the project's namespace is read only once that namespace is its own.
+    if project.metadata.deletion_timestamp.is_none()
+        && (project.spec.own_registry_secret.is_none() || own_namespace)
+    {
+        let (namespace, name) = registry_source(project, ctx);
+        let sources: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+        o.registry_source = sources.get_opt(&name).await?;
     }
     Ok(o)
+}
+
+/// The namespace, then the agent's rights in it (before anything else is written there).
+async fn prepare_namespace(project: &Project, ctx: &Context) -> Result<(), ReconcileError> {
+    let name = project.name_any();
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    namespaces
+        .patch(&name, &apply_params(), &Patch::Apply(&namespace(project)))
+        .await?;
+    let rb_api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(ctx.client.clone(), &name);
+    rb_api
+        .patch(
+            PROJECT_BINDING,
+            &apply_params(),
+            &Patch::Apply(&agent_binding(project)),
+        )
+        .await?;
+    Ok(())
 }
 
 async fn apply(
@@ -356,22 +405,16 @@ async fn apply(
                 .delete(&name, &DeleteParams::background())
                 .await?;
         }
+        Step::PrepareNamespace => {
+            prepare_namespace(project, ctx).await?;
+        }
         Step::Ensure => {
             let Some(source) = &o.registry_source else {
                 return Ok(());
             };
-            namespaces
-                .patch(&name, &apply_params(), &Patch::Apply(&namespace(project)))
-                .await?;
+            prepare_namespace(project, ctx).await?;
             let rb_api: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
                 Api::namespaced(client.clone(), &name);
-            rb_api
-                .patch(
-                    PROJECT_BINDING,
-                    &apply_params(),
-                    &Patch::Apply(&agent_binding(project)),
-                )
-                .await?;
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &name);
             secrets
                 .patch(
@@ -406,9 +449,9 @@ async fn apply(
 
 async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let observed = read(&project, &ctx).await?;
-    let source = registry_source_name(&project, &ctx);
+    let (source_namespace, source) = registry_source(&project, &ctx);
     let step = decide(&project, &observed, &source);
-    let source_namespace = &ctx.config.registry_source_namespace;
+    let source_namespace = &source_namespace;
     if let Some((phase, message)) = status_after(&step, source_namespace)
         && phase == ProjectPhase::Terminating
     {
@@ -659,6 +702,44 @@ mod tests {
         assert_eq!(owner["kind"], "Project");
         assert_eq!(owner["uid"], "u-1");
         assert_eq!(binding["metadata"]["labels"][PROJECT_LABEL], "shop");
+    }
+
+    #[test]
+    fn a_project_with_its_own_registry_secret_gets_its_namespace_first() {
+        let mut own = project(true, false);
+        own.spec.own_registry_secret = Some(OWN_REGISTRY_SECRET.into());
+        assert_eq!(
+            decide(&own, &observed(None, false), OWN_REGISTRY_SECRET),
+            Step::PrepareNamespace
+        );
+        assert_eq!(
+            status_after(&Step::PrepareNamespace, "shop").map(|(p, _)| p),
+            Some(ProjectPhase::Initializing)
+        );
+        // Its namespace there, the Secret not yet: it waits for it, naming where it belongs.
+        let namespace = Some(namespace_labelled(Some("shop"), false));
+        let step = decide(
+            &own,
+            &observed(namespace.clone(), false),
+            OWN_REGISTRY_SECRET,
+        );
+        let error = failure(&step, "shop").unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("shop/registry-creds-own not found"),
+            "{error}"
+        );
+        assert_eq!(
+            decide(&own, &observed(namespace, true), OWN_REGISTRY_SECRET),
+            Step::Ensure
+        );
+        // A foreign namespace is still never taken.
+        let foreign = Some(namespace_labelled(None, false));
+        assert!(matches!(
+            decide(&own, &observed(foreign, false), OWN_REGISTRY_SECRET),
+            Step::NamespaceTaken { .. }
+        ));
     }
 
     #[test]

@@ -27,6 +27,8 @@ use super::rules::dns_label_re;
         .message("the Project name becomes a namespace name: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
     validation = Rule::new("!(self.metadata.name in ['default', 'shapeblock'] || self.metadata.name.startsWith('kube-'))")
         .message("the Project name is reserved: 'default', 'shapeblock' and names starting with 'kube-' cannot be projects"),
+    validation = Rule::new("!has(self.spec) || !has(self.spec.ownRegistrySecret) || self.spec.ownRegistrySecret != 'registry-creds'")
+        .message("spec.ownRegistrySecret names the Secret copied to registry-creds, so it cannot be registry-creds itself"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectSpec {
@@ -44,6 +46,14 @@ pub struct ProjectSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub registry_secret: Option<String>,
+    /// Name of a `kubernetes.io/dockerconfigjson` Secret in the project's own namespace,
+    /// copied as `registry-creds` instead of `registrySecret`: for a project that pushes to a
+    /// registry of its own. Set by `PUT /api/v1/clusters/{cluster}/projects/{project}/registry-credentials`
+    /// (which writes `registry-creds-own`); the namespace is created first, then the Project
+    /// waits (`RegistrySecretMissing`) until the Secret exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub own_registry_secret: Option<String>,
 }
 
 /// Lifecycle of a Project.

@@ -60,6 +60,11 @@ pub struct HubArgs {
     /// Agent image used in install manifests.
     #[arg(long, env = "SHAPEBLOCK_HUB_AGENT_IMAGE")]
     pub agent_image: Option<String>,
+    /// PEM file of the CA certificate(s) that signed the hub's TLS certificate, when it is a
+    /// private CA: embedded into install manifests (a ConfigMap the agent trusts instead of
+    /// the web's roots) [default: none; agents trust the web's roots].
+    #[arg(long, env = "SHAPEBLOCK_HUB_AGENT_HUB_CA_FILE")]
+    pub agent_hub_ca_file: Option<PathBuf>,
     /// Render install manifests whose hub URL is loopback or plaintext (`ws://`), for a hub and
     /// agents on one machine or a trusted network. `--allow-insecure-hub-url` alone means true.
     #[arg(
@@ -110,6 +115,7 @@ struct HubFile {
     tls_key_file: Option<PathBuf>,
     public_url: Option<String>,
     agent_image: Option<String>,
+    agent_hub_ca_file: Option<PathBuf>,
     allow_insecure_hub_url: Option<bool>,
     admin_tokens: Option<Vec<Secret>>,
     viewer_tokens: Option<Vec<Secret>>,
@@ -270,6 +276,9 @@ pub struct HubConfig {
     pub tls: Option<TlsFiles>,
     pub public_url: Option<String>,
     pub agent_image: String,
+    /// The CA certificates (PEM, checked at start-up) install manifests tell agents to trust
+    /// for the hub (`agent_hub_ca_file`).
+    pub agent_hub_ca: Option<String>,
     /// Install manifests may tell agents to dial a loopback or `ws://` URL.
     pub allow_insecure_hub_url: bool,
     pub admin_tokens: Vec<TokenHash>,
@@ -304,6 +313,7 @@ impl Default for HubConfig {
             tls: None,
             public_url: None,
             agent_image: default_agent_image(),
+            agent_hub_ca: None,
             allow_insecure_hub_url: false,
             admin_tokens: Vec::new(),
             viewer_tokens: Vec::new(),
@@ -331,6 +341,7 @@ impl HubConfig {
             tls_key_file,
             public_url,
             agent_image,
+            agent_hub_ca_file,
             allow_insecure_hub_url,
             admin_tokens,
             viewer_tokens,
@@ -352,6 +363,10 @@ impl HubConfig {
             agent_image: agent_image
                 .or(file.agent_image)
                 .unwrap_or(defaults.agent_image),
+            agent_hub_ca: agent_hub_ca_file
+                .or(file.agent_hub_ca_file)
+                .map(|path| read_ca_file(&path))
+                .transpose()?,
             allow_insecure_hub_url: allow_insecure_hub_url
                 .or(file.allow_insecure_hub_url)
                 .unwrap_or(defaults.allow_insecure_hub_url),
@@ -385,6 +400,7 @@ impl HubConfig {
             tls: _,
             public_url,
             agent_image: _,
+            agent_hub_ca: _,
             allow_insecure_hub_url: _,
             admin_tokens: _,
             viewer_tokens: _,
@@ -475,6 +491,41 @@ impl HubConfig {
 }
 
 /// TLS from the certificate and key, which go together.
+/// The text of `agent_hub_ca_file`, once it is known to hold only PEM certificates that are
+/// usable as trust anchors: an agent handed anything else (a key, a truncated file) would
+/// fail every connection, far from this mistake.
+pub fn read_ca_file(path: &std::path::Path) -> Result<String, ConfigError> {
+    let key = "agent_hub_ca_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
+    check_ca_pem(&text)
+        .map_err(|reason| ConfigError::key(key, format!("{}: {reason}", path.display())))?;
+    Ok(text)
+}
+
+/// Whether `text` is one or more PEM certificates, each a valid trust anchor (pure).
+pub fn check_ca_pem(text: &str) -> Result<(), String> {
+    use rustls_pki_types::pem::{PemObject, SectionKind};
+    let mut roots = rustls::RootCertStore::empty();
+    let mut count = 0;
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(text.as_bytes()) {
+        let (kind, der) = section.map_err(|e| format!("not PEM: {e}"))?;
+        if kind != SectionKind::Certificate {
+            return Err(format!(
+                "holds a {kind:?} section; only CERTIFICATE sections are allowed (never a key)"
+            ));
+        }
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der))
+            .map_err(|e| format!("certificate {} is not usable as a CA: {e}", count + 1))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(())
+}
+
 fn tls_files(
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
@@ -1120,5 +1171,44 @@ mod tests {
         }
         // Relay timings matter only with a relay.
         assert!(load("relay: {ping_interval_seconds: 0}\n").is_ok());
+    }
+
+    #[test]
+    fn agent_hub_ca_file_must_hold_pem_certificates_only() {
+        let dir = std::env::temp_dir().join(format!("hub-ca-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        assert_eq!(read_ca_file(&good).unwrap(), ca.pem());
+        for (name, text, expected) in [
+            ("empty.pem", String::new(), "no PEM certificate"),
+            ("text.pem", "hello".to_string(), "no PEM certificate"),
+            (
+                "key.pem",
+                format!("{}{}", ca.pem(), key.serialize_pem()),
+                "only CERTIFICATE sections",
+            ),
+            (
+                "broken.pem",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_string(),
+                "not usable as a CA",
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let err = read_ca_file(&path).unwrap_err().to_string();
+            assert!(
+                err.starts_with("agent_hub_ca_file:") && err.contains(expected),
+                "{name}: {err}"
+            );
+        }
+        let missing = read_ca_file(&dir.join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("cannot read"), "{missing}");
     }
 }

@@ -24,6 +24,10 @@ pub const REGISTRY_ROLE: &str = "shapeblock-agent-registry";
 pub const PROJECT_LABEL: &str = "shapeblock.io/project";
 /// Secret holding the cluster token.
 pub const TOKEN_SECRET: &str = "shapeblock-agent-token";
+/// ConfigMap holding the hub's CA certificates (key `ca.crt`), when the hub has a private CA.
+pub const HUB_CA_CONFIG_MAP: &str = "shapeblock-agent-hub-ca";
+/// Where the agent's container finds the hub's CA certificates.
+const HUB_CA_DIR: &str = "/etc/shapeblock/hub-ca";
 
 /// The username the apiserver gives the agent's ServiceAccount.
 pub fn agent_user() -> String {
@@ -43,6 +47,13 @@ pub struct AgentManifestParams {
     /// `registry_source_namespace`): the agent may read Secrets there and nowhere else
     /// outside project namespaces.
     pub registry_namespace: String,
+    /// The cluster's registry Secret in `registry_namespace` (the hub's
+    /// `default_registry_secret`): the one Secret outside project namespaces the agent may
+    /// write, so the hub's API can set and rotate it.
+    pub registry_secret: String,
+    /// The hub's CA certificates (PEM), when the hub's certificate is from a private CA: put in
+    /// a ConfigMap the agent trusts instead of the web's roots (`--hub-ca-file`).
+    pub hub_ca: Option<String>,
 }
 
 fn labels(cluster_id: &str) -> Value {
@@ -128,18 +139,23 @@ pub fn project_rules() -> Value {
 
 /// What the agent does in the registry source namespace: reads the registry Secrets Projects
 /// copy (any name a Project's `spec.registrySecret` gives, so not by resource name), and
-/// watches them, metadata only, to re-sync the copies.
-pub fn registry_rules() -> Value {
+/// watches them, metadata only, to re-sync the copies; writes the cluster's own registry
+/// Secret, `registry_secret`, and no other (the API's `registry-credentials`; by server-side
+/// apply, so `create` is asked with the name and `resourceNames` holds for it too).
+pub fn registry_rules(registry_secret: &str) -> Value {
     json!([
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [registry_secret],
+         "verbs": ["create", "patch", "delete"]},
     ])
 }
 
 /// CEL of the agent's admission policy: the only writes it lets through are in project
-/// namespaces, to project namespaces, and RoleBindings of the ShapeBlock roles to the
-/// ShapeBlock accounts. RBAC cannot say "namespaces with this label", and a hub that is
-/// compromised holds the agent's rights: this is what keeps it from widening them.
-pub fn admission_policy() -> Value {
+/// namespaces, to project namespaces, RoleBindings of the ShapeBlock roles to the
+/// ShapeBlock accounts, and the cluster's registry Secret (`registry_secret` in
+/// `registry_namespace`, by name). RBAC cannot say "namespaces with this label", and a hub
+/// that is compromised holds the agent's rights: this is what keeps it from widening them.
+pub fn admission_policy(registry_namespace: &str, registry_secret: &str) -> Value {
     let user = agent_user();
     let label = PROJECT_LABEL;
     // A namespace object (`object` or `oldObject`) that is a project's: labelled with its own name.
@@ -178,14 +194,21 @@ pub fn admission_policy() -> Value {
                                     && request.operation == 'CREATE')"},
                 {"name": "isRoleBinding",
                  "expression": "request.resource.group == 'rbac.authorization.k8s.io' && request.resource.resource == 'rolebindings'"},
+                // The cluster's registry Secret, which the API sets and rotates; no other object
+                // of the registry namespace.
+                {"name": "isRegistrySecret",
+                 "expression": format!("request.resource.group == '' && request.resource.resource == 'secrets' \
+                                        && variables.requestNamespace == '{registry_namespace}' \
+                                        && !has(request.subResource) \
+                                        && has(request.name) && request.name == '{registry_secret}'")},
             ],
             "validations": [
                 {
                     // A namespace's own request carries its name as `request.namespace` but no
                     // `namespaceObject`: namespaces are judged by the next rule.
                     "expression": "variables.requestNamespace == '' || variables.isNamespace || variables.inProject \
-                                   || variables.isReport",
-                    "messageExpression": format!("'the ShapeBlock agent writes only in project namespaces (labelled {label}), not in ' + variables.requestNamespace"),
+                                   || variables.isReport || variables.isRegistrySecret",
+                    "messageExpression": format!("'the ShapeBlock agent writes only in project namespaces (labelled {label}) and the registry Secret {registry_namespace}/{registry_secret}, not in ' + variables.requestNamespace"),
                     "reason": "Forbidden"
                 },
                 {
@@ -246,7 +269,7 @@ pub fn deployer_rules() -> Value {
 /// The objects of the install manifest, in apply order.
 pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
     let labels = labels(&p.cluster_id);
-    vec![
+    let mut objects = vec![
         json!({
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": NAMESPACE, "labels": merge(&labels, json!({
@@ -263,7 +286,10 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": labels}
         }),
         // The fence first: the agent never holds its rights without it.
-        with_labels(admission_policy(), &labels),
+        with_labels(
+            admission_policy(&p.registry_namespace, &p.registry_secret),
+            &labels,
+        ),
         with_labels(admission_policy_binding(), &labels),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -289,7 +315,7 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": REGISTRY_ROLE, "namespace": p.registry_namespace, "labels": labels},
-            "rules": registry_rules()
+            "rules": registry_rules(&p.registry_secret)
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -303,66 +329,86 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             "type": "Opaque",
             "stringData": {"token": p.token}
         }),
-        json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": labels},
-            "spec": {
-                "replicas": 1,
-                // One live tunnel per cluster: never run two agents during a rollout.
-                "strategy": {"type": "Recreate"},
-                "selector": {"matchLabels": {"app.kubernetes.io/name": NAME}},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "serviceAccountName": NAME,
-                        "automountServiceAccountToken": true,
-                        "enableServiceLinks": false,
-                        "securityContext": {
-                            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                            "seccompProfile": {"type": "RuntimeDefault"}
+    ];
+    if let Some(ca) = &p.hub_ca {
+        objects.push(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": HUB_CA_CONFIG_MAP, "namespace": NAMESPACE, "labels": labels},
+            "data": {"ca.crt": ca}
+        }));
+    }
+    let mut mounts =
+        vec![json!({"name": "token", "mountPath": "/var/run/shapeblock", "readOnly": true})];
+    let mut volumes = vec![json!({"name": "token", "secret": {
+        "secretName": TOKEN_SECRET, "defaultMode": 0o440,
+        "items": [{"key": "token", "path": "token"}]
+    }})];
+    if p.hub_ca.is_some() {
+        mounts.push(json!({"name": "hub-ca", "mountPath": HUB_CA_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "hub-ca", "configMap": {
+            "name": HUB_CA_CONFIG_MAP, "items": [{"key": "ca.crt", "path": "ca.crt"}]
+        }}));
+    }
+    objects.push(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": NAMESPACE, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            // One live tunnel per cluster: never run two agents during a rollout.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app.kubernetes.io/name": NAME}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "automountServiceAccountToken": true,
+                    "enableServiceLinks": false,
+                    "securityContext": {
+                        "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": "agent",
+                        "image": p.image,
+                        "args": agent_args(&p.hub_url, p.hub_ca.is_some()),
+                        "env": [{"name": "SHAPEBLOCK_AGENT_LOG_FORMAT", "value": "json"}],
+                        "resources": {
+                            "requests": {"cpu": "10m", "memory": "16Mi"},
+                            "limits": {"memory": "64Mi"}
                         },
-                        "containers": [{
-                            "name": "agent",
-                            "image": p.image,
-                            "args": agent_args(&p.hub_url),
-                            "env": [{"name": "SHAPEBLOCK_AGENT_LOG_FORMAT", "value": "json"}],
-                            "resources": {
-                                "requests": {"cpu": "10m", "memory": "16Mi"},
-                                "limits": {"memory": "64Mi"}
-                            },
-                            "securityContext": {
-                                "readOnlyRootFilesystem": true,
-                                "allowPrivilegeEscalation": false,
-                                "capabilities": {"drop": ["ALL"]}
-                            },
-                            "volumeMounts": [{"name": "token", "mountPath": "/var/run/shapeblock", "readOnly": true}]
-                        }],
-                        "volumes": [{"name": "token", "secret": {
-                            "secretName": TOKEN_SECRET, "defaultMode": 0o440,
-                            "items": [{"key": "token", "path": "token"}]
-                        }}]
-                    }
+                        "securityContext": {
+                            "readOnlyRootFilesystem": true,
+                            "allowPrivilegeEscalation": false,
+                            "capabilities": {"drop": ["ALL"]}
+                        },
+                        "volumeMounts": mounts
+                    }],
+                    "volumes": volumes
                 }
             }
-        }),
-    ]
+        }
+    }));
+    objects
 }
 
 /// The agent's command line. A `ws://` hub URL is rendered only when the hub's operator allowed
-/// it (`allow_insecure_hub_url`), so the agent is told to accept it too.
-fn agent_args(hub_url: &str) -> Value {
-    let mut args = json!([
-        "--hub-url",
-        hub_url,
-        "--token-file",
-        "/var/run/shapeblock/token"
-    ]);
-    if hub_url.starts_with("ws://")
-        && let Some(args) = args.as_array_mut()
-    {
+/// it (`allow_insecure_hub_url`), so the agent is told to accept it too. With the hub's CA
+/// (`hub_ca`), the agent trusts that CA, mounted from [`HUB_CA_CONFIG_MAP`], and nothing else.
+fn agent_args(hub_url: &str, hub_ca: bool) -> Value {
+    let mut args = vec![
+        json!("--hub-url"),
+        json!(hub_url),
+        json!("--token-file"),
+        json!("/var/run/shapeblock/token"),
+    ];
+    if hub_url.starts_with("ws://") {
         args.push(json!("--allow-plaintext"));
     }
-    args
+    if hub_ca {
+        args.push(json!("--hub-ca-file"));
+        args.push(json!(format!("{HUB_CA_DIR}/ca.crt")));
+    }
+    Value::Array(args)
 }
 
 /// `object` with these labels in its metadata.
@@ -394,27 +440,35 @@ pub fn to_yaml(objects: &[Value]) -> Result<String, serde_saphyr::SerializeError
 /// by `shapeblock-hub agent-chart` (CI fails on drift), so the chart and the hub's install
 /// manifest cannot diverge.
 pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
-    const SENTINELS: [(&str, &str); 5] = [
+    // (sentinel, the value as Helm expression); a sentinel that is a whole YAML value is
+    // replaced by the expression `| quote`d, one inside a longer string (the admission
+    // policy's CEL names the registry Secret) by the bare value.
+    const SENTINELS: [(&str, &str); 7] = [
         (
             "SBCHART_CLUSTER_ID",
-            r#"{{ required "clusterId is required" .Values.clusterId | quote }}"#,
+            r#"required "clusterId is required" .Values.clusterId"#,
         ),
         (
             "SBCHART_HUB_URL",
-            r#"{{ required "hubUrl is required" .Values.hubUrl | quote }}"#,
+            r#"required "hubUrl is required" .Values.hubUrl"#,
         ),
         (
             "SBCHART_IMAGE",
-            r#"{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) | quote }}"#,
+            r#"printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion)"#,
         ),
         (
             "SBCHART_TOKEN",
-            r#"{{ required "token is required" .Values.token | quote }}"#,
+            r#"required "token is required" .Values.token"#,
         ),
         (
             "SBCHART_REGISTRY_NAMESPACE",
-            r#"{{ .Values.registryNamespace | default "shapeblock" | quote }}"#,
+            r#".Values.registryNamespace | default "shapeblock""#,
         ),
+        (
+            "SBCHART_REGISTRY_SECRET",
+            r#".Values.registrySecret | default "registry-creds""#,
+        ),
+        ("SBCHART_HUB_CA", ".Values.hubCA"),
     ];
     let params = AgentManifestParams {
         cluster_id: SENTINELS[0].0.into(),
@@ -422,20 +476,59 @@ pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
         image: SENTINELS[2].0.into(),
         token: SENTINELS[3].0.into(),
         registry_namespace: SENTINELS[4].0.into(),
+        registry_secret: SENTINELS[5].0.into(),
+        hub_ca: None,
     };
-    let mut yaml = to_yaml(&agent_manifest(&params))?;
-    for (sentinel, expression) in SENTINELS {
-        for quoted in [
-            format!("'{sentinel}'"),
-            format!("\"{sentinel}\""),
-            sentinel.to_string(),
-        ] {
-            yaml = yaml.replace(&quoted, expression);
+    // The objects with a hub CA (`hubCA` set) and without: one that differs is rendered both
+    // ways under `if .Values.hubCA`, one only there under it, so each variant is exactly
+    // what the hub renders.
+    let plain = agent_manifest(&params);
+    let with_ca = agent_manifest(&AgentManifestParams {
+        hub_ca: Some(SENTINELS[6].0.into()),
+        ..params
+    });
+    let key = |o: &Value| (o["kind"].clone(), o["metadata"]["name"].clone());
+    let mut yaml = String::new();
+    for object in &with_ca {
+        let text = to_yaml(std::slice::from_ref(object))?;
+        match plain.iter().find(|o| key(o) == key(object)) {
+            Some(same) if same == object => yaml.push_str(&text),
+            Some(other) => {
+                let other = to_yaml(std::slice::from_ref(other))?;
+                yaml.push_str(&format!(
+                    "{{{{- if .Values.hubCA }}}}\n{text}{{{{- else }}}}\n{other}{{{{- end }}}}\n"
+                ));
+            }
+            None => yaml.push_str(&format!(
+                "{{{{- if .Values.hubCA }}}}\n{text}{{{{- end }}}}\n"
+            )),
         }
+    }
+    let mut out = String::with_capacity(yaml.len() * 2);
+    for line in yaml.lines() {
+        let mut line = line.to_string();
+        for (sentinel, expression) in SENTINELS {
+            for whole in [
+                format!("'{sentinel}'"),
+                format!("\"{sentinel}\""),
+                sentinel.to_string(),
+            ] {
+                for prefix in [": ", "- "] {
+                    let value = format!("{prefix}{whole}");
+                    if line.ends_with(&value) {
+                        let keep = line.len() - whole.len();
+                        line = format!("{}{{{{ {expression} | quote }}}}", &line[..keep]);
+                    }
+                }
+            }
+            line = line.replace(sentinel, &format!("{{{{ {expression} }}}}"));
+        }
+        out.push_str(&line);
+        out.push('\n');
     }
     Ok(format!(
         "# Generated by `shapeblock-hub agent-chart --out charts/shapeblock-agent` from\n\
-         # src/render/agent.rs, the same code that renders the hub's install manifests. Do not edit.\n{yaml}"
+         # src/render/agent.rs, the same code that renders the hub's install manifests. Do not edit.\n{out}"
     ))
 }
 
@@ -450,13 +543,45 @@ mod tests {
             image: "ghcr.io/shapeblock/shapeblock-agent:0.1.0".into(),
             token: "sbt_c0123456789abcdef_secret".into(),
             registry_namespace: "shapeblock".into(),
+            registry_secret: "registry-creds".into(),
+            hub_ca: None,
         }
+    }
+
+    #[test]
+    fn a_private_hub_ca_is_mounted_from_a_config_map_and_trusted() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let objects = agent_manifest(&AgentManifestParams {
+            hub_ca: Some(pem.into()),
+            ..params()
+        });
+        let config_map = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
+        assert_eq!(config_map["metadata"]["name"], HUB_CA_CONFIG_MAP);
+        assert_eq!(config_map["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(config_map["data"]["ca.crt"], pem);
+        let deployment = objects.last().unwrap();
+        assert_eq!(deployment["kind"], "Deployment");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let args = pod["containers"][0]["args"].to_string();
+        assert!(
+            args.contains("\"--hub-ca-file\",\"/etc/shapeblock/hub-ca/ca.crt\""),
+            "{args}"
+        );
+        assert_eq!(pod["volumes"][1]["configMap"]["name"], HUB_CA_CONFIG_MAP);
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"][1]["mountPath"],
+            "/etc/shapeblock/hub-ca"
+        );
+        // Without it, nothing of the kind.
+        let plain = agent_manifest(&params());
+        assert!(plain.iter().all(|o| o["kind"] != "ConfigMap"));
+        assert!(!plain.last().unwrap().to_string().contains("hub-ca"));
     }
 
     #[test]
     fn a_ws_hub_url_comes_with_allow_plaintext() {
         assert_eq!(
-            agent_args("wss://hub.example.com"),
+            agent_args("wss://hub.example.com", false),
             json!([
                 "--hub-url",
                 "wss://hub.example.com",
@@ -464,8 +589,11 @@ mod tests {
                 "/var/run/shapeblock/token"
             ])
         );
-        let args = agent_args("ws://10.0.0.5:8080");
+        let args = agent_args("ws://10.0.0.5:8080", false);
         assert_eq!(args[4], "--allow-plaintext");
+        let args = agent_args("wss://hub.example.com", true);
+        assert_eq!(args[4], "--hub-ca-file");
+        assert_eq!(args[5], "/etc/shapeblock/hub-ca/ca.crt");
     }
 
     #[test]
@@ -539,7 +667,11 @@ mod tests {
 
     #[test]
     fn the_agent_roles_grant_no_wildcards_and_no_interactive_access() {
-        for rules in [agent_rules(), project_rules(), registry_rules()] {
+        for rules in [
+            agent_rules(),
+            project_rules(),
+            registry_rules("registry-creds"),
+        ] {
             for rule in rules.as_array().unwrap() {
                 for field in ["apiGroups", "resources", "verbs"] {
                     assert!(
@@ -616,18 +748,27 @@ mod tests {
                 .iter()
                 .all(|(group, _, _, _)| group != "rbac.authorization.k8s.io")
         );
-        // Outside them, Secrets are readable only in the registry namespace.
+        // Outside them, Secrets are readable only in the registry namespace, and writable
+        // there only by the name of the cluster's registry Secret.
         let objects = agent_manifest(&params());
         let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
         assert_eq!(role["metadata"]["namespace"], "shapeblock");
         assert_eq!(
             rules_of(&role["rules"]),
-            [(
-                String::new(),
-                "secrets".to_string(),
-                vec!["get".into(), "list".into(), "watch".into()],
-                None
-            )]
+            [
+                (
+                    String::new(),
+                    "secrets".to_string(),
+                    vec!["get".into(), "list".into(), "watch".into()],
+                    None
+                ),
+                (
+                    String::new(),
+                    "secrets".to_string(),
+                    vec!["create".into(), "patch".into(), "delete".into()],
+                    Some(json!(["registry-creds"]))
+                )
+            ]
         );
         let binding = objects.iter().find(|o| o["kind"] == "RoleBinding").unwrap();
         assert_eq!(binding["roleRef"]["kind"], "Role");
@@ -664,12 +805,18 @@ mod tests {
             "s.name == 'deployer'",
             "object.roleRef.name == 'shapeblock-agent-project'",
             "s.namespace == 'shapeblock-agent'",
+            "variables.isRegistrySecret",
         ] {
             assert!(all.contains(expected), "{expected} missing from {all}");
         }
         let variables = spec["variables"].to_string();
         assert!(
             variables.contains("namespaceObject.metadata.labels['shapeblock.io/project'] == namespaceObject.metadata.name"),
+            "{variables}"
+        );
+        assert!(
+            variables.contains("variables.requestNamespace == 'shapeblock'")
+                && variables.contains("request.name == 'registry-creds'"),
             "{variables}"
         );
         let binding = objects

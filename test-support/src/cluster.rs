@@ -55,6 +55,8 @@ async fn install_agent_rbac(
         image: "shapeblock-agent:test".into(),
         token: "unused".into(),
         registry_namespace: "shapeblock".into(),
+        registry_secret: "registry-creds".into(),
+        hub_ca: None,
     });
     for object in objects.iter().filter(|o| o["kind"] != "Deployment") {
         super::apply_object(admin, object, "default", false).await;
@@ -162,6 +164,21 @@ pub async fn connected_cluster_with(
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
     apps: AppSettings,
 ) -> ConnectedCluster {
+    connected_cluster_from(name, relay, apps, true).await
+}
+
+/// Like [`connected_cluster`], with no `shapeblock/registry-creds` Secret created (the cluster
+/// as the install manifest leaves it; a test sets the credentials through the API).
+pub async fn connected_cluster_without_registry_secret(name: &str) -> ConnectedCluster {
+    connected_cluster_from(name, None, AppSettings::default(), false).await
+}
+
+async fn connected_cluster_from(
+    name: &str,
+    relay: Option<shapeblock::relay::outbound::RelayConfig>,
+    apps: AppSettings,
+    registry_secret: bool,
+) -> ConnectedCluster {
     let admin = super::client().await;
     let dir = scratch_dir(name);
     let registry = Arc::new(Registry::in_memory());
@@ -175,7 +192,15 @@ pub async fn connected_cluster_with(
     }
     let hub = hub.start().await;
     let (record, token) = hub.registry.register(name, Default::default()).unwrap();
-    let agent = connect_agent(&admin, &dir, &hub, &record.id, token.expose()).await;
+    let agent = connect_agent_with(
+        &admin,
+        &dir,
+        &hub,
+        &record.id,
+        token.expose(),
+        registry_secret,
+    )
+    .await;
     ConnectedCluster {
         admin,
         hub: Some(hub),
@@ -199,18 +224,31 @@ pub async fn connect_agent(
     cluster: &str,
     token: &str,
 ) -> AgentProcess {
+    connect_agent_with(admin, dir, hub, cluster, token, true).await
+}
+
+async fn connect_agent_with(
+    admin: &Client,
+    dir: &std::path::Path,
+    hub: &TestHub,
+    cluster: &str,
+    token: &str,
+    with_registry_secret: bool,
+) -> AgentProcess {
     let kubeconfig = install_agent_rbac(admin, dir, cluster, hub).await;
     let shapeblock: Namespace =
         serde_json::from_value(json!({"metadata": {"name": "shapeblock"}})).unwrap();
     let _ = Api::<Namespace>::all(admin.clone())
         .create(&PostParams::default(), &shapeblock)
         .await;
-    let _ = Api::<Secret>::namespaced(admin.clone(), "shapeblock")
-        .create(
-            &PostParams::default(),
-            &registry_secret("registry-creds", "dXNlcjpvbmU="),
-        )
-        .await;
+    if with_registry_secret {
+        let _ = Api::<Secret>::namespaced(admin.clone(), "shapeblock")
+            .create(
+                &PostParams::default(),
+                &registry_secret("registry-creds", "dXNlcjpvbmU="),
+            )
+            .await;
+    }
     let agent = AgentProcess::spawn(dir, hub, token, &kubeconfig, "agent");
     hub.wait_connected(cluster).await;
     let projects: Api<Project> = Api::all(admin.clone());

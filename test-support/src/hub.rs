@@ -91,6 +91,7 @@ pub struct TestHubBuilder {
     relay: Option<shapeblock::relay::outbound::RelayConfig>,
     gateway: GatewayConfig,
     apps: shapeblock::render::app::AppSettings,
+    agent_hub_ca: bool,
 }
 
 impl TestHubBuilder {
@@ -110,6 +111,13 @@ impl TestHubBuilder {
     /// Listens on `addr` (a restart on the address of the hub before).
     pub fn addr(mut self, addr: SocketAddr) -> Self {
         self.addr = Some(addr);
+        self
+    }
+
+    /// Embeds the test CA of [`TestHubBuilder::tls`] into install manifests
+    /// (`agent_hub_ca_file`).
+    pub fn agent_hub_ca(mut self) -> Self {
+        self.agent_hub_ca = true;
         self
     }
 
@@ -162,6 +170,13 @@ impl TestHubBuilder {
             allow_insecure_hub_url: true,
             max_request_body_bytes: 64 * 1024,
             controllers: self.controllers,
+            agent_hub_ca: match (&ca_file, self.agent_hub_ca) {
+                (Some(ca_file), true) => Some(
+                    shapeblock::hub::config::read_ca_file(ca_file)
+                        .expect("the test CA as agent_hub_ca_file"),
+                ),
+                _ => None,
+            },
             ..HubConfig::default()
         };
         let mut config = config;
@@ -197,6 +212,7 @@ impl TestHub {
             relay: None,
             gateway: test_gateway_config(),
             apps: Default::default(),
+            agent_hub_ca: false,
         }
     }
 

@@ -188,6 +188,8 @@ fn manifest(
         image: state.agent_image.clone(),
         token: token.to_string(),
         registry_namespace: state.registry_namespace.clone(),
+        registry_secret: state.registry_secret.clone(),
+        hub_ca: state.agent_hub_ca.clone(),
     };
     to_yaml(&agent_manifest(&params)).map_err(|e| {
         ApiError::new(

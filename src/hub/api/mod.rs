@@ -1,6 +1,7 @@
 //! The hub's HTTP API for the ShapeBlock server (and an operator with curl), one file per
 //! resource: `clusters` (registration, tokens, install manifests, connection status),
-//! `resources` (the ShapeBlock kinds inside a cluster, through its tunnel), `apps` (an App's
+//! `resources` (the ShapeBlock kinds inside a cluster, through its tunnel), `credentials`
+//! (registry credentials of a cluster and of a project), `apps` (an App's
 //! logs and its rollback in one call), [`events`] (the
 //! relay's events and build logs as streams) and `health` (liveness, readiness, metrics).
 //! This file holds what they share: state, errors, authentication and the router. Documented
@@ -10,10 +11,12 @@
 //! Every `/api/v1` route needs `Authorization: Bearer <token>`: admin tokens may do
 //! everything, viewer tokens only read. Errors are JSON `{code, reason, message}`.
 //!
-//! Depends on: hub, relay, render, crd, secret.
+//! Depends on: hub, relay, render, crd, secret, controllers (`credentials` checks a registry
+//! Secret as the Project controller does).
 
 mod apps;
 pub(crate) mod clusters;
+pub mod credentials;
 pub mod events;
 mod health;
 mod resources;
@@ -47,11 +50,16 @@ pub struct ApiState {
     pub viewer_tokens: Vec<TokenHash>,
     pub public_url: Option<String>,
     pub agent_image: String,
+    /// The hub's CA certificates (PEM) embedded into install manifests, if any.
+    pub agent_hub_ca: Option<String>,
     /// Install manifests may name a loopback or `ws://` hub URL.
     pub allow_insecure_hub_url: bool,
     /// The controllers' `registry_source_namespace`, which the install manifest grants the
     /// agent reading Secrets in.
     pub registry_namespace: String,
+    /// The controllers' `default_registry_secret`: the cluster's registry Secret in
+    /// `registry_namespace`, which `registry-credentials` writes and the agent may write.
+    pub registry_secret: String,
     /// Whether the hub itself serves TLS (for URLs derived from requests).
     pub tls: bool,
     pub metrics: Arc<prometheus_client::registry::Registry>,
@@ -354,6 +362,16 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(clusters::cluster_status))
         .routes(routes!(clusters::rotate_token))
         .routes(routes!(clusters::agent_manifest_yaml))
+        .routes(routes!(
+            credentials::get_cluster_credentials,
+            credentials::put_cluster_credentials,
+            credentials::delete_cluster_credentials
+        ))
+        .routes(routes!(
+            credentials::get_project_credentials,
+            credentials::put_project_credentials,
+            credentials::delete_project_credentials
+        ))
         .routes(routes!(resources::list_projects, resources::create_project))
         .routes(routes!(
             resources::get_project,

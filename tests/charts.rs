@@ -82,11 +82,30 @@ fn agent_chart_template_matches_the_renderer() {
 }
 
 #[test]
+fn the_hub_charts_local_cluster_template_matches_the_renderer() {
+    let path = repo().join("charts/shapeblock-hub/templates/local-cluster.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        committed,
+        shapeblock::render::agent::local_cluster_template().unwrap(),
+        "{} is stale: run `cargo run -- agent-chart --out charts/shapeblock-agent --hub-chart charts/shapeblock-hub`",
+        path.display()
+    );
+}
+
+#[test]
 fn charts_lint() {
     run_helm(&[
         "lint",
         "--strict",
         repo().join("charts/shapeblock-hub").to_str().unwrap(),
+    ]);
+    run_helm(&[
+        "lint",
+        "--strict",
+        repo().join("charts/shapeblock-hub").to_str().unwrap(),
+        "--set",
+        "localCluster.enabled=true",
     ]);
     run_helm(&[
         "lint",

@@ -44,6 +44,10 @@ enum Command {
         /// Chart directory; the template goes to `<out>/templates/agent.yaml`.
         #[arg(long)]
         out: PathBuf,
+        /// The hub chart's directory, to also write its local cluster's agent template
+        /// (`<hub-chart>/templates/local-cluster.yaml`).
+        #[arg(long)]
+        hub_chart: Option<PathBuf>,
     },
 }
 
@@ -52,7 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Crds { out }) => print_crds(out),
         Some(Command::Openapi) => print_openapi(),
-        Some(Command::AgentChart { out }) => write_agent_chart(out),
+        Some(Command::AgentChart { out, hub_chart }) => write_agent_chart(out, hub_chart),
         None => serve(cli.serve),
     };
     match result {
@@ -92,14 +96,25 @@ fn print_openapi() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn write_agent_chart(out: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
-    let dir = out.join("templates");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("agent.yaml"),
-        shapeblock::render::agent::helm_template()?,
-    )?;
-    eprintln!("wrote {}", dir.join("agent.yaml").display());
+fn write_agent_chart(
+    out: PathBuf,
+    hub_chart: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use shapeblock::render::agent::{helm_template, local_cluster_template};
+    let mut files = vec![(out.join("templates/agent.yaml"), helm_template()?)];
+    if let Some(hub_chart) = hub_chart {
+        files.push((
+            hub_chart.join("templates/local-cluster.yaml"),
+            local_cluster_template()?,
+        ));
+    }
+    for (path, text) in files {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, text)?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
 

@@ -99,6 +99,11 @@ pub struct HubArgs {
     /// API key for the relay.
     #[arg(long, env = "SHAPEBLOCK_HUB_RELAY_API_KEY", hide_env_values = true)]
     pub relay_api_key: Option<Secret>,
+    /// File holding the token of the hub's own cluster (`local_cluster.token_file`): the hub
+    /// registers that cluster under the token's id and manages it like any other, through the
+    /// agent given the same token [default: none, no local cluster].
+    #[arg(long, env = "SHAPEBLOCK_HUB_LOCAL_CLUSTER_TOKEN_FILE")]
+    pub local_cluster_token_file: Option<PathBuf>,
 }
 
 /// The configuration file. Keys that a flag can override are `Option` (absent: the flag or
@@ -131,6 +136,67 @@ struct HubFile {
     #[serde(flatten)]
     controller_settings: ControllerConfig,
     relay: RelayFile,
+    local_cluster: LocalClusterFile,
+}
+
+/// The `local_cluster:` section: the cluster the hub runs in, registered from here rather than
+/// through the API (single tenant: one `helm install` deploys the hub and an agent beside it,
+/// both given one token).
+#[derive(Deserialize, Debug, Default)]
+#[serde(default, deny_unknown_fields)]
+struct LocalClusterFile {
+    name: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+/// The hub's own cluster, when configured.
+#[derive(Clone, Debug)]
+pub struct LocalCluster {
+    /// Its name in the API (`local_cluster.name`, default `local`).
+    pub name: String,
+    /// The token its agent holds, read from `local_cluster.token_file` at start-up.
+    pub token: Secret,
+}
+
+/// The local cluster of the file's section and the flag's token file (the flag wins); none
+/// without a token file. The token is read and checked here, so a hub that could never accept
+/// its own agent does not start.
+fn local_cluster(
+    file: LocalClusterFile,
+    token_file: Option<PathBuf>,
+) -> Result<Option<LocalCluster>, ConfigError> {
+    let LocalClusterFile {
+        name,
+        token_file: file_token_file,
+    } = file;
+    let key = "local_cluster.token_file";
+    let Some(path) = token_file.or(file_token_file) else {
+        if name.is_some() {
+            return Err(ConfigError::key(
+                "local_cluster.name",
+                "needs local_cluster.token_file (or --local-cluster-token-file)",
+            ));
+        }
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
+    let token = Secret::new(text.trim());
+    check(
+        crate::hub::registry::well_formed_token(token.expose()),
+        key,
+        format!(
+            "{} does not hold a cluster token (sbt_c<16 hex digits>_<64 hex digits>)",
+            path.display()
+        ),
+    )?;
+    let name = name.unwrap_or_else(|| "local".to_string());
+    check(
+        !name.trim().is_empty() && name.len() <= 63 && !name.chars().any(char::is_control),
+        "local_cluster.name",
+        "must be 1 to 63 characters, without control characters",
+    )?;
+    Ok(Some(LocalCluster { name, token }))
 }
 
 /// The `relay:` section. Its URL and key may come from flags, and the relay is off without a
@@ -293,6 +359,8 @@ pub struct HubConfig {
     pub relay: Option<RelayConfig>,
     /// Status events kept for `/api/v1/events` consumers resuming from a cursor.
     pub events_capacity: usize,
+    /// The hub's own cluster (`local_cluster`), registered at start-up.
+    pub local_cluster: Option<LocalCluster>,
 }
 
 /// Default agent image: the one released with this hub.
@@ -324,6 +392,7 @@ impl Default for HubConfig {
             runtime: RuntimeConfig::default(),
             relay: None,
             events_capacity: 10_000,
+            local_cluster: None,
         }
     }
 }
@@ -348,6 +417,7 @@ impl HubConfig {
             log_format,
             relay_url,
             relay_api_key,
+            local_cluster_token_file,
         } = args;
         let file: HubFile = read_yaml(config.as_deref())?;
         let defaults = Self::default();
@@ -386,6 +456,7 @@ impl HubConfig {
             },
             relay: file.relay.merge(relay_url, relay_api_key)?,
             events_capacity: file.events_capacity.unwrap_or(defaults.events_capacity),
+            local_cluster: local_cluster(file.local_cluster, local_cluster_token_file)?,
         };
         config.validate()?;
         Ok(config)
@@ -411,6 +482,7 @@ impl HubConfig {
             runtime,
             relay,
             events_capacity,
+            local_cluster: _,
         } = self;
         check(
             *metrics_listen != Some(*listen),
@@ -768,6 +840,58 @@ mod tests {
             hash_token("file-token-0123456789")
         );
         assert!(!format!("{settings:?}").contains("file-token-0123456789"));
+    }
+
+    #[test]
+    fn the_local_cluster_comes_from_its_token_file() {
+        let token = format!("sbt_c0123456789abcdef_{}", "ab".repeat(32));
+        // A Secret's file may end in a newline; the token is the trimmed text.
+        let file = write("local-token", &format!("{token}\n"));
+        let config = load(&format!(
+            "local_cluster: {{name: home, token_file: {}}}\n",
+            file.display()
+        ))
+        .unwrap();
+        let local = config.local_cluster.as_ref().unwrap();
+        assert_eq!(
+            (local.name.as_str(), local.token.expose()),
+            ("home", token.as_str())
+        );
+        assert!(!format!("{config:?}").contains(&token));
+        // The flag alone, with the default name.
+        let config = HubConfig::load(parse(&[
+            "--local-cluster-token-file",
+            file.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(config.local_cluster.unwrap().name, "local");
+        assert!(
+            HubConfig::load(HubArgs::default())
+                .unwrap()
+                .local_cluster
+                .is_none()
+        );
+        for (body, expected) in [
+            (
+                "local_cluster: {name: home}\n".to_string(),
+                "needs local_cluster.token_file",
+            ),
+            (
+                "local_cluster: {token_file: /nonexistent/token}\n".to_string(),
+                "cannot read /nonexistent/token",
+            ),
+            (
+                format!(
+                    "local_cluster: {{token_file: {}}}\n",
+                    write("local-bad", "sbt_short_token").display()
+                ),
+                "does not hold a cluster token",
+            ),
+        ] {
+            let err = load(&body).unwrap_err().to_string();
+            assert!(err.contains(expected), "{body}: {err}");
+            assert!(err.contains("local_cluster"), "{err}");
+        }
     }
 
     #[derive(clap::Parser)]

@@ -49,6 +49,9 @@ pub enum HubError {
     /// The controller shards (threads with their own runtimes) could not be started.
     #[error("starting the controller shards: {0}")]
     Shards(#[source] std::io::Error),
+    /// The hub's own cluster (`local_cluster`) could not be registered.
+    #[error("registering the local cluster: {0}")]
+    LocalCluster(#[source] registry::StoreError),
 }
 
 /// Certificate and key files for serving TLS.
@@ -83,6 +86,13 @@ pub struct Hub {
 impl Hub {
     /// Binds the listener and builds the hub's state around `registry`.
     pub async fn bind(config: &HubConfig, registry: Arc<Registry>) -> Result<Self, HubError> {
+        // Before the listener exists, so the local agent's first handshake finds its token.
+        if let Some(local) = &config.local_cluster {
+            let record = registry
+                .ensure_local(&local.name, &local.token)
+                .map_err(HubError::LocalCluster)?;
+            tracing::info!(cluster = %record.id, name = %record.name, "local cluster registered");
+        }
         let (tls, certificate) = match config.tls.as_ref().map(tls_acceptor).transpose()? {
             Some((acceptor, certificate)) => (Some(acceptor), Some(certificate)),
             None => (None, None),

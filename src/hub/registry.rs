@@ -50,6 +50,10 @@ pub struct ClusterRecord {
     pub agent_version: Option<String>,
     #[serde(default)]
     pub kubernetes_version: Option<String>,
+    /// The hub's own cluster (`local_cluster`): registered from the hub's configuration, whose
+    /// token file is the only way to change its token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
     /// `sha256:<hex>` of the current token.
     token_hash: String,
 }
@@ -80,6 +84,12 @@ pub enum StoreError {
     /// Another cluster has this name: names are how people tell clusters apart.
     #[error("a cluster named {0:?} is already registered; choose another name")]
     NameTaken(String),
+    /// `local_cluster.name` names a cluster registered through the API.
+    #[error(
+        "local_cluster.name is {0:?}, but a cluster registered through the API has that name; \
+         choose another local_cluster.name, or delete that cluster"
+    )]
+    LocalNameTaken(String),
 }
 
 /// The clusters the hub accepts tunnels from.
@@ -108,6 +118,30 @@ use crate::secret::hash_token as hash;
 
 fn new_token(id: &str) -> Secret {
     Secret::new(format!("sbt_{id}_{}", random_hex(32)))
+}
+
+/// The cluster id a token names (`sbt_<id>_<secret>`), whatever its secret part.
+fn token_id(token: &str) -> Option<&str> {
+    token
+        .strip_prefix("sbt_")
+        .and_then(|rest| rest.split_once('_'))
+        .map(|(id, _)| id)
+}
+
+/// Whether `token` has the shape of a token this registry issues: `sbt_`, `c` and 16 hex
+/// digits (the cluster id), `_`, 64 hex digits (256 random bits). Lower-case hex only, so one
+/// token has one spelling.
+pub fn well_formed_token(token: &str) -> bool {
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let Some(rest) = token.strip_prefix("sbt_c") else {
+        return false;
+    };
+    match rest.split_once('_') {
+        Some((id, secret)) => hex(id, 16) && hex(secret, 64),
+        None => false,
+    }
 }
 
 impl Default for Registry {
@@ -215,6 +249,7 @@ impl Registry {
             last_connected: None,
             agent_version: None,
             kubernetes_version: None,
+            local: false,
             token_hash: hash(token.expose()),
         };
         let stored = record.clone();
@@ -226,6 +261,46 @@ impl Registry {
             Ok(())
         })?;
         Ok((record, token))
+    }
+
+    /// Registers the hub's own cluster with the token its agent was given (the hub's
+    /// `local_cluster`), or brings the record in line with it: the id is the token's, the
+    /// token the one hash that authenticates it. A local cluster of an earlier token (the chart
+    /// generated a new one) is the same cluster under an id nothing holds a token for any more,
+    /// so it is forgotten. `token` must be [`well_formed_token`].
+    pub fn ensure_local(&self, name: &str, token: &Secret) -> Result<ClusterRecord, StoreError> {
+        let id = token_id(token.expose()).unwrap_or_default().to_string();
+        let token_hash = hash(token.expose());
+        let name = name.to_string();
+        self.try_change(move |clusters| {
+            if clusters
+                .values()
+                .any(|c| c.name == name && c.id != id && !c.local)
+            {
+                return Err(StoreError::LocalNameTaken(name));
+            }
+            clusters.retain(|other, c| !c.local || *other == id);
+            let now = Timestamp::now();
+            let record = clusters.entry(id.clone()).or_insert_with(|| ClusterRecord {
+                id: id.clone(),
+                name: name.clone(),
+                labels: BTreeMap::new(),
+                created: now,
+                token_issued: now,
+                last_connected: None,
+                agent_version: None,
+                kubernetes_version: None,
+                local: true,
+                token_hash: token_hash.clone(),
+            });
+            record.local = true;
+            record.name = name;
+            if record.token_hash != token_hash {
+                record.token_hash = token_hash;
+                record.token_issued = now;
+            }
+            Ok(record.clone())
+        })
     }
 
     /// Replaces a cluster's token; the old one stops working at once.
@@ -262,10 +337,7 @@ impl Registry {
     /// The cluster a token belongs to, if it is current. Takes the same time whether the
     /// cluster id is unknown or the secret part is wrong.
     pub fn authenticate(&self, token: &str) -> Option<ClusterId> {
-        let id = token
-            .strip_prefix("sbt_")
-            .and_then(|rest| rest.split_once('_'))
-            .map(|(id, _)| id);
+        let id = token_id(token);
         let presented = hash(token);
         let clusters = self.read();
         let record = id.and_then(|id| clusters.get(id));
@@ -422,6 +494,66 @@ mod tests {
             None,
             "removed cluster's token works"
         );
+    }
+
+    #[test]
+    fn the_local_cluster_follows_its_configured_token() {
+        let registry = Registry::in_memory();
+        let token = |n: char| {
+            Secret::new(format!(
+                "sbt_c{}_{}",
+                "0".repeat(15) + &n.to_string(),
+                "ab".repeat(32)
+            ))
+        };
+        let first = token('1');
+        assert!(well_formed_token(first.expose()));
+        let local = registry.ensure_local("local", &first).unwrap();
+        assert_eq!(
+            (local.id.as_str(), local.local),
+            ("c0000000000000001", true)
+        );
+        assert_eq!(
+            registry.authenticate(first.expose()),
+            Some(local.id.clone())
+        );
+        // The same token again (a restart) keeps the record and its history.
+        registry.note_connected(&local.id, Some("0.1.0".into()), None);
+        let again = registry.ensure_local("local", &first).unwrap();
+        assert_eq!(again.token_issued, local.token_issued);
+        assert_eq!(again.agent_version.as_deref(), Some("0.1.0"));
+        // A new token of the same id replaces the hash: the old one stops working.
+        let rotated = Secret::new(first.expose().replace("abab", "cdcd"));
+        registry.ensure_local("local", &rotated).unwrap();
+        assert_eq!(registry.authenticate(first.expose()), None);
+        assert_eq!(
+            registry.authenticate(rotated.expose()),
+            Some(local.id.clone())
+        );
+        // A token of another id (a regenerated chart Secret) replaces the local cluster.
+        let other = token('2');
+        let replaced = registry.ensure_local("local", &other).unwrap();
+        assert_eq!(replaced.id, "c0000000000000002");
+        assert_eq!(registry.list().len(), 1);
+        assert_eq!(registry.authenticate(rotated.expose()), None);
+        // The name is the local cluster's: the API cannot take it, nor it a registered one's.
+        assert!(matches!(
+            registry.register("local", BTreeMap::new()),
+            Err(StoreError::NameTaken(_))
+        ));
+        registry.register("prod", BTreeMap::new()).unwrap();
+        assert!(matches!(
+            registry.ensure_local("prod", &other),
+            Err(StoreError::LocalNameTaken(_))
+        ));
+        for bad in [
+            "sbt_c000000000000000_".to_string() + &"ab".repeat(32),
+            "sbt_c0000000000000001_".to_string() + &"AB".repeat(32),
+            "sbt_c0000000000000001_abc".to_string(),
+            "c0000000000000001_".to_string() + &"ab".repeat(32),
+        ] {
+            assert!(!well_formed_token(&bad), "{bad}");
+        }
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct ClusterView {
     /// When the agent last established a tunnel (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_connected: Option<String>,
+    /// The hub's own cluster (its `local_cluster`): registered and given its token by the
+    /// hub's configuration, so it cannot be deleted, nor its token rotated, through the API.
+    pub local: bool,
     pub status: ConnectionState,
 }
 
@@ -63,6 +66,26 @@ fn view(state: &ApiState, record: ClusterRecord) -> ClusterView {
         created: record.created.to_string(),
         token_issued: record.token_issued.to_string(),
         last_connected: record.last_connected.map(|t| t.to_string()),
+        local: record.local,
+    }
+}
+
+/// Refuses a change the hub's configuration owns: the local cluster's token comes from
+/// `local_cluster.token_file`, which its agent reads too, and the hub registers it again at
+/// every start.
+fn not_local(state: &ApiState, cluster: &str, what: &str) -> Result<(), ApiError> {
+    match state.registry.get(cluster) {
+        Some(record) if record.local => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "LocalCluster",
+            format!(
+                "cluster {cluster} ({}) is the hub's own cluster: {what} is done through the \
+                 hub's configuration (local_cluster.token_file, given by the hub chart's \
+                 localCluster values), not the API",
+                record.name
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -287,11 +310,12 @@ pub(super) async fn cluster_status(
 /// Delete a cluster: its token stops working and its tunnel is closed.
 #[utoipa::path(delete, path = "/api/v1/clusters/{cluster}", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 204, description = "forgotten"), (status = 404, body = ApiError), (status = 500, body = ApiError)))]
+    responses((status = 204, description = "forgotten"), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn delete_cluster(
     State(state): Shared,
     Path(cluster): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    not_local(&state, &cluster, "removing it (localCluster.enabled=false)")?;
     let registry = state.registry.clone();
     let id = cluster.clone();
     if !blocking(move || registry.remove(&id)).await? {
@@ -331,7 +355,7 @@ async fn rotate(state: &ApiState, cluster: &str) -> Result<String, ApiError> {
 /// Rotate a cluster's token. The old token stops working and the live tunnel is closed.
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/token", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, body = RotatedToken), (status = 400, body = ApiError), (status = 404, body = ApiError),
+    responses((status = 200, body = RotatedToken), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError),
               (status = 500, body = ApiError)))]
 pub(super) async fn rotate_token(
     State(state): Shared,
@@ -339,6 +363,7 @@ pub(super) async fn rotate_token(
     uri: Uri,
     Path(cluster): Path<String>,
 ) -> Result<Json<RotatedToken>, ApiError> {
+    not_local(&state, &cluster, "rotating its token")?;
     let hub_url = hub_url(&state, &headers, &uri)?;
     let token = rotate(&state, &cluster).await?;
     let manifest = manifest(&state, &hub_url, &cluster, &token)?;
@@ -349,7 +374,7 @@ pub(super) async fn rotate_token(
 /// token (the previous one stops working), since the hub keeps only token hashes.
 #[utoipa::path(post, path = "/api/v1/clusters/{cluster}/agent-manifest", tag = "clusters",
     params(("cluster" = String, Path, description = "Cluster id")),
-    responses((status = 200, content_type = "application/yaml", body = String), (status = 400, body = ApiError),
+    responses((status = 200, content_type = "application/yaml", body = String), (status = 400, body = ApiError), (status = 409, body = ApiError),
               (status = 404, body = ApiError), (status = 500, body = ApiError)))]
 pub(super) async fn agent_manifest_yaml(
     State(state): Shared,
@@ -357,6 +382,7 @@ pub(super) async fn agent_manifest_yaml(
     uri: Uri,
     Path(cluster): Path<String>,
 ) -> Result<Response, ApiError> {
+    not_local(&state, &cluster, "installing its agent")?;
     let hub_url = hub_url(&state, &headers, &uri)?;
     let token = rotate(&state, &cluster).await?;
     let yaml = manifest(&state, &hub_url, &cluster, &token)?;

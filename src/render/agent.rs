@@ -559,7 +559,7 @@ pub fn local_cluster_template() -> Result<String, serde_saphyr::SerializeError> 
         // The host and port: the URL is rendered `ws://` (so the agent is told to accept it).
         (
             "SBCHART_HUB_URL",
-            r#"printf "%s.%s.svc:%v" .Release.Name .Release.Namespace .Values.service.port"#,
+            r#".Values.localCluster.hubAddress | default (printf "%s.%s.svc:%v" .Release.Name .Release.Namespace .Values.service.port)"#,
         ),
         (
             "SBCHART_IMAGE",

@@ -191,11 +191,9 @@ fn local_cluster(
         ),
     )?;
     let name = name.unwrap_or_else(|| "local".to_string());
-    check(
-        !name.trim().is_empty() && name.len() <= 63 && !name.chars().any(char::is_control),
-        "local_cluster.name",
-        "must be 1 to 63 characters, without control characters",
-    )?;
+    if let Some(problem) = crate::hub::registry::name_problem(&name) {
+        return Err(ConfigError::key("local_cluster.name", problem));
+    }
     Ok(Some(LocalCluster { name, token }))
 }
 

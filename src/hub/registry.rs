@@ -120,6 +120,18 @@ fn new_token(id: &str) -> Secret {
     Secret::new(format!("sbt_{id}_{}", random_hex(32)))
 }
 
+/// What is wrong with a cluster name, if anything: names reach log lines, metrics and the UI,
+/// where a control character (a newline, an ANSI escape) could forge a line or a metric.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() || name.len() > 63 {
+        Some("must be 1 to 63 characters")
+    } else if name.chars().any(char::is_control) {
+        Some("must not contain control characters (newlines, escapes)")
+    } else {
+        None
+    }
+}
+
 /// The cluster id a token names (`sbt_<id>_<secret>`), whatever its secret part.
 fn token_id(token: &str) -> Option<&str> {
     token

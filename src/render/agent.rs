@@ -440,9 +440,7 @@ pub fn to_yaml(objects: &[Value]) -> Result<String, serde_saphyr::SerializeError
 /// by `shapeblock-hub agent-chart` (CI fails on drift), so the chart and the hub's install
 /// manifest cannot diverge.
 pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
-    // (sentinel, the value as Helm expression); a sentinel that is a whole YAML value is
-    // replaced by the expression `| quote`d, one inside a longer string (the admission
-    // policy's CEL names the registry Secret) by the bare value.
+    // (sentinel, the value as Helm expression), replaced by [`substitute`].
     const SENTINELS: [(&str, &str); 7] = [
         (
             "SBCHART_CLUSTER_ID",

@@ -97,15 +97,11 @@ fn validate_registration(body: &RegisterCluster) -> Result<(), ApiError> {
             m,
         ))
     };
-    if body.name.trim().is_empty() || body.name.len() > 63 {
-        return invalid("name must be 1 to 63 characters".into());
+    if let Some(problem) = crate::hub::registry::name_problem(&body.name) {
+        return invalid(format!("name {problem}"));
     }
-    // Names and labels reach log lines, metrics and the UI: a control character (a newline,
-    // an ANSI escape) could forge a log line or a metric.
+    // Labels, like names, reach log lines, metrics and the UI.
     let control = |text: &str| text.chars().any(char::is_control);
-    if control(&body.name) {
-        return invalid("name must not contain control characters (newlines, escapes)".into());
-    }
     if let Some((k, _)) = body.labels.iter().find(|(k, v)| control(k) || control(v)) {
         return invalid(format!(
             "label {k:?}: keys and values must not contain control characters"

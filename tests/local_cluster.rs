@@ -256,6 +256,22 @@ async fn the_hub_chart_manages_its_own_cluster_as_local() {
     assert_eq!(local["id"], cluster_id.as_str());
     assert_eq!(local["name"], "local");
     let cluster = format!("/api/v1/clusters/{cluster_id}");
+    // Its agent is the chart's to upgrade (with the hub), never the fleet upgrades': the hub
+    // read the chart's agent Deployment through the tunnel and leaves it alone.
+    let upgrade = wait_for(
+        "the local agent's upgrade state",
+        Duration::from_secs(30),
+        async || {
+            let upgrade = pods.api("GET", &cluster, None).await.json()["agentUpgrade"].clone();
+            (!upgrade.is_null()).then_some(upgrade)
+        },
+    )
+    .await;
+    assert_eq!(upgrade["state"], "Pinned", "{upgrade}");
+    assert!(
+        upgrade["reason"].as_str().unwrap().contains("hub chart"),
+        "{upgrade}"
+    );
     let credentials = pods
         .api(
             "PUT",

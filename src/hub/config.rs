@@ -137,6 +137,7 @@ struct HubFile {
     controller_settings: ControllerConfig,
     relay: RelayFile,
     local_cluster: LocalClusterFile,
+    agent_upgrades: crate::hub::upgrades::UpgradeConfig,
 }
 
 /// The `local_cluster:` section: the cluster the hub runs in, registered from here rather than
@@ -359,6 +360,8 @@ pub struct HubConfig {
     pub events_capacity: usize,
     /// The hub's own cluster (`local_cluster`), registered at start-up.
     pub local_cluster: Option<LocalCluster>,
+    /// Fleet upgrades of agents to `agent_image` (`agent_upgrades`).
+    pub agent_upgrades: crate::hub::upgrades::UpgradeConfig,
 }
 
 /// Default agent image: the one released with this hub.
@@ -391,6 +394,7 @@ impl Default for HubConfig {
             relay: None,
             events_capacity: 10_000,
             local_cluster: None,
+            agent_upgrades: Default::default(),
         }
     }
 }
@@ -455,6 +459,7 @@ impl HubConfig {
             relay: file.relay.merge(relay_url, relay_api_key)?,
             events_capacity: file.events_capacity.unwrap_or(defaults.events_capacity),
             local_cluster: local_cluster(file.local_cluster, local_cluster_token_file)?,
+            agent_upgrades: file.agent_upgrades,
         };
         config.validate()?;
         Ok(config)
@@ -481,6 +486,7 @@ impl HubConfig {
             relay,
             events_capacity,
             local_cluster: _,
+            agent_upgrades,
         } = self;
         check(
             *metrics_listen != Some(*listen),
@@ -556,6 +562,21 @@ impl HubConfig {
                 "must be positive",
             )?;
         }
+        check(
+            agent_upgrades.max_concurrent > 0,
+            "agent_upgrades.max_concurrent",
+            "must be positive",
+        )?;
+        check(
+            agent_upgrades.max_failures > 0,
+            "agent_upgrades.max_failures",
+            "must be positive",
+        )?;
+        check(
+            !agent_upgrades.timeout.is_zero(),
+            "agent_upgrades.timeout_seconds",
+            "must be positive",
+        )?;
         check(*events_capacity > 0, "events_capacity", "must be positive")
     }
 }

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;
+pub mod upgrades;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -159,8 +160,17 @@ impl Hub {
             })
             .transpose()
             .map_err(HubError::Shards)?;
+        let upgrades = upgrades::Upgrades::new(
+            config.agent_upgrades.clone(),
+            config.agent_image.clone(),
+            gateway.clone(),
+            registry.clone(),
+        );
+        upgrades.register_metrics(&mut prometheus);
+        tokio::spawn(upgrades.clone().run(runtime_shutdown.clone()));
         let api = Arc::new(api::ApiState {
             runtimes,
+            upgrades,
             registry: registry.clone(),
             gateway: gateway.clone(),
             admin_tokens: config.admin_tokens.clone(),

@@ -54,6 +54,9 @@ pub struct ClusterRecord {
     /// token file is the only way to change its token.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// The hub's fleet upgrades leave this cluster's agent image alone (`agent-pin`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_pinned: bool,
     /// `sha256:<hex>` of the current token.
     token_hash: String,
 }
@@ -262,6 +265,7 @@ impl Registry {
             agent_version: None,
             kubernetes_version: None,
             local: false,
+            agent_pinned: false,
             token_hash: hash(token.expose()),
         };
         let stored = record.clone();
@@ -303,6 +307,7 @@ impl Registry {
                 agent_version: None,
                 kubernetes_version: None,
                 local: true,
+                agent_pinned: false,
                 token_hash: token_hash.clone(),
             });
             record.local = true;
@@ -330,9 +335,25 @@ impl Registry {
         Ok(found.then_some(token))
     }
 
+    /// Pins (or unpins) a cluster's agent: fleet upgrades leave a pinned agent's image alone.
+    /// False when the cluster is unknown.
+    pub fn set_agent_pinned(&self, id: &str, pinned: bool) -> Result<bool, StoreError> {
+        self.change(|clusters| match clusters.get_mut(id) {
+            Some(record) => {
+                record.agent_pinned = pinned;
+                true
+            }
+            None => false,
+        })
+    }
+
     /// Forgets a cluster; its token stops working at once.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
         self.change(|clusters| clusters.remove(id).is_some())
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.read().contains_key(id)
     }
 
     pub fn get(&self, id: &str) -> Option<ClusterRecord> {

@@ -19,6 +19,11 @@ pub const PROJECT_ROLE: &str = "shapeblock-agent-project";
 pub const PROJECT_BINDING: &str = "shapeblock-agent";
 /// Role (and RoleBinding) of the agent in the registry source namespace.
 pub const REGISTRY_ROLE: &str = "shapeblock-agent-registry";
+/// Role (and RoleBinding) of the agent over its own Deployment, in [`NAMESPACE`]: the hub's
+/// fleet upgrades set the agent's image through it (`crate::hub::upgrades`).
+pub const SELF_ROLE: &str = "shapeblock-agent-self";
+/// The agent's container in its Deployment.
+pub const CONTAINER: &str = "agent";
 /// Label on every project namespace (its value: the Project's name, which is also the
 /// namespace's). The admission policy lets the agent write only in namespaces carrying it.
 pub const PROJECT_LABEL: &str = "shapeblock.io/project";
@@ -150,12 +155,40 @@ pub fn registry_rules(registry_secret: &str) -> Value {
     ])
 }
 
+/// What the agent may do to itself: read and patch its own Deployment, by name, so the hub can
+/// upgrade it. The admission policy fences the patch to a new image of the same repository.
+pub fn self_rules() -> Value {
+    json!([
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [NAME],
+         "verbs": ["get", "patch"]},
+    ])
+}
+
+/// The repository of an image reference: `registry:5000/agent:1.2` → `registry:5000/agent`
+/// (a tag is after the last `:` only when no `/` follows it; a digest after `@`).
+pub fn image_repository(image: &str) -> &str {
+    let image = image.split_once('@').map_or(image, |(name, _)| name);
+    match image.rfind(':') {
+        Some(colon) if !image[colon..].contains('/') => &image[..colon],
+        _ => image,
+    }
+}
+
 /// CEL of the agent's admission policy: the only writes it lets through are in project
 /// namespaces, to project namespaces, RoleBindings of the ShapeBlock roles to the
 /// ShapeBlock accounts, and the cluster's registry Secret (`registry_secret` in
 /// `registry_namespace`, by name). RBAC cannot say "namespaces with this label", and a hub
 /// that is compromised holds the agent's rights: this is what keeps it from widening them.
-pub fn admission_policy(registry_namespace: &str, registry_secret: &str) -> Value {
+///
+/// Its own Deployment the agent may only update (the hub's fleet upgrades), to an image of
+/// `image_repository` (the manifest's), with every other part of its containers, its volumes
+/// and its ServiceAccount unchanged: a compromised hub cannot run another program, or the
+/// agent's program with other arguments or credentials, in the cluster.
+pub fn admission_policy(
+    registry_namespace: &str,
+    registry_secret: &str,
+    image_repository: &str,
+) -> Value {
     let user = agent_user();
     let label = PROJECT_LABEL;
     // A namespace object (`object` or `oldObject`) that is a project's: labelled with its own name.
@@ -201,13 +234,16 @@ pub fn admission_policy(registry_namespace: &str, registry_secret: &str) -> Valu
                                         && variables.requestNamespace == '{registry_namespace}' \
                                         && !has(request.subResource) \
                                         && has(request.name) && request.name == '{registry_secret}'")},
+                {"name": "isAgentDeployment",
+                 "expression": format!("request.resource.group == 'apps' && request.resource.resource == 'deployments' \
+                                        && variables.requestNamespace == '{NAMESPACE}'")},
             ],
             "validations": [
                 {
                     // A namespace's own request carries its name as `request.namespace` but no
                     // `namespaceObject`: namespaces are judged by the next rule.
                     "expression": "variables.requestNamespace == '' || variables.isNamespace || variables.inProject \
-                                   || variables.isReport || variables.isRegistrySecret",
+                                   || variables.isReport || variables.isRegistrySecret || variables.isAgentDeployment",
                     "messageExpression": format!("'the ShapeBlock agent writes only in project namespaces (labelled {label}) and the registry Secret {registry_namespace}/{registry_secret}, not in ' + variables.requestNamespace"),
                     "reason": "Forbidden"
                 },
@@ -228,6 +264,23 @@ pub fn admission_policy(registry_namespace: &str, registry_secret: &str) -> Valu
                             object.subjects.all(s, s.kind == 'ServiceAccount' && s.name == '{NAME}' \
                               && s.namespace == '{NAMESPACE}')))))"),
                     "message": format!("the ShapeBlock agent binds only ClusterRole {DEPLOYER_ROLE} to its namespace's {DEPLOYER_ACCOUNT} ServiceAccount, and {PROJECT_ROLE} to itself"),
+                    "reason": "Forbidden"
+                },
+                {
+                    "expression": format!(
+                        "!variables.isAgentDeployment || (request.operation == 'UPDATE' && !has(request.subResource) \
+                         && request.name == '{NAME}' \
+                         && object.spec.?replicas == oldObject.spec.?replicas \
+                         && object.spec.template.spec.?serviceAccountName == oldObject.spec.template.spec.?serviceAccountName \
+                         && object.spec.template.spec.?volumes == oldObject.spec.template.spec.?volumes \
+                         && size(object.spec.template.spec.containers) == size(oldObject.spec.template.spec.containers) \
+                         && !has(object.spec.template.spec.initContainers) \
+                         && object.spec.template.spec.containers.all(c, \
+                              (c.image.startsWith('{image_repository}:') || c.image.startsWith('{image_repository}@')) \
+                              && oldObject.spec.template.spec.containers.exists(o, o.name == c.name \
+                                   && o.?command == c.?command && o.?args == c.?args && o.?env == c.?env \
+                                   && o.?envFrom == c.?envFrom && o.?volumeMounts == c.?volumeMounts)))"),
+                    "message": format!("the ShapeBlock agent changes only the image of its own Deployment {NAMESPACE}/{NAME}, to another tag of {image_repository}"),
                     "reason": "Forbidden"
                 },
             ]
@@ -287,7 +340,11 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
         }),
         // The fence first: the agent never holds its rights without it.
         with_labels(
-            admission_policy(&p.registry_namespace, &p.registry_secret),
+            admission_policy(
+                &p.registry_namespace,
+                &p.registry_secret,
+                image_repository(&p.image),
+            ),
             &labels,
         ),
         with_labels(admission_policy_binding(), &labels),
@@ -321,6 +378,17 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": REGISTRY_ROLE, "namespace": p.registry_namespace, "labels": labels},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": REGISTRY_ROLE},
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": SELF_ROLE, "namespace": NAMESPACE, "labels": labels},
+            "rules": self_rules()
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": SELF_ROLE, "namespace": NAMESPACE, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SELF_ROLE},
             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
         }),
         json!({
@@ -368,7 +436,7 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
                         "seccompProfile": {"type": "RuntimeDefault"}
                     },
                     "containers": [{
-                        "name": "agent",
+                        "name": CONTAINER,
                         "image": p.image,
                         "args": agent_args(&p.hub_url, p.hub_ca.is_some()),
                         "env": [{"name": "SHAPEBLOCK_AGENT_LOG_FORMAT", "value": "json"}],
@@ -435,13 +503,18 @@ pub fn to_yaml(objects: &[Value]) -> Result<String, serde_saphyr::SerializeError
     Ok(out)
 }
 
+/// The image of the chart templates: whole, it becomes the chart's image expression; its
+/// repository part ([`REPOSITORY_SENTINEL`], in the admission policy) the chart's repository.
+const IMAGE_SENTINEL: &str = "SBCHART_IMAGE_REPOSITORY:SBCHART_IMAGE_TAG";
+const REPOSITORY_SENTINEL: &str = "SBCHART_IMAGE_REPOSITORY";
+
 /// The agent Helm chart's template: the same objects as [`agent_manifest`], with the values
 /// that vary per cluster left to Helm. Generated into `charts/shapeblock-agent/templates/`
 /// by `shapeblock-hub agent-chart` (CI fails on drift), so the chart and the hub's install
 /// manifest cannot diverge.
 pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
     // (sentinel, the value as Helm expression), replaced by [`substitute`].
-    const SENTINELS: [(&str, &str); 7] = [
+    const SENTINELS: [(&str, &str); 8] = [
         (
             "SBCHART_CLUSTER_ID",
             r#"required "clusterId is required" .Values.clusterId"#,
@@ -451,7 +524,7 @@ pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
             r#"required "hubUrl is required" .Values.hubUrl"#,
         ),
         (
-            "SBCHART_IMAGE",
+            IMAGE_SENTINEL,
             r#"printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion)"#,
         ),
         (
@@ -467,6 +540,8 @@ pub fn helm_template() -> Result<String, serde_saphyr::SerializeError> {
             r#".Values.registrySecret | default "registry-creds""#,
         ),
         ("SBCHART_HUB_CA", ".Values.hubCA"),
+        // In the admission policy's CEL (after the whole image above).
+        (REPOSITORY_SENTINEL, ".Values.image.repository"),
     ];
     let params = AgentManifestParams {
         cluster_id: SENTINELS[0].0.into(),
@@ -549,7 +624,7 @@ fn substitute(yaml: &str, sentinels: &[(&str, &str)]) -> String {
 /// own a namespace it did not create, and the release's namespace exists already.
 pub fn local_cluster_template() -> Result<String, serde_saphyr::SerializeError> {
     let registry_namespace = r#".Values.config.registry_source_namespace | default "shapeblock""#;
-    let sentinels: [(&str, &str); 6] = [
+    let sentinels: [(&str, &str); 7] = [
         (
             "SBCHART_CLUSTER_ID",
             r#"include "shapeblock-hub.localClusterId" ."#,
@@ -560,7 +635,7 @@ pub fn local_cluster_template() -> Result<String, serde_saphyr::SerializeError> 
             r#".Values.localCluster.hubAddress | default (printf "%s.%s.svc:%v" .Release.Name .Release.Namespace .Values.service.port)"#,
         ),
         (
-            "SBCHART_IMAGE",
+            IMAGE_SENTINEL,
             r#"printf "%s:%s" .Values.localCluster.agentImage.repository (.Values.localCluster.agentImage.tag | default .Chart.AppVersion)"#,
         ),
         ("SBCHART_TOKEN", r#"include "shapeblock-hub.localToken" ."#),
@@ -568,6 +643,10 @@ pub fn local_cluster_template() -> Result<String, serde_saphyr::SerializeError> 
         (
             "SBCHART_REGISTRY_SECRET",
             r#".Values.config.default_registry_secret | default "registry-creds""#,
+        ),
+        (
+            REPOSITORY_SENTINEL,
+            ".Values.localCluster.agentImage.repository",
         ),
     ];
     let objects = agent_manifest(&AgentManifestParams {
@@ -689,11 +768,13 @@ mod tests {
                 "ClusterRoleBinding",
                 "Role",
                 "RoleBinding",
+                "Role",
+                "RoleBinding",
                 "Secret",
                 "Deployment"
             ]
         );
-        let deployment = &objects[12];
+        let deployment = &objects[14];
         let pod = &deployment["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         let container = &pod["containers"][0];
@@ -710,7 +791,7 @@ mod tests {
         // The token travels in the Secret, never on the command line.
         assert!(!container["args"].to_string().contains("sbt_"));
         assert_eq!(
-            objects[11]["stringData"]["token"],
+            objects[13]["stringData"]["token"],
             "sbt_c0123456789abcdef_secret"
         );
     }
@@ -845,6 +926,45 @@ mod tests {
         let binding = objects.iter().find(|o| o["kind"] == "RoleBinding").unwrap();
         assert_eq!(binding["roleRef"]["kind"], "Role");
         assert_eq!(binding["subjects"][0]["name"], NAME);
+        // In its own namespace, its own Deployment by name: read it and patch its image.
+        let own = objects
+            .iter()
+            .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == SELF_ROLE)
+            .unwrap();
+        assert_eq!(own["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(
+            rules_of(&own["rules"]),
+            [(
+                "apps".to_string(),
+                "deployments".to_string(),
+                vec!["get".into(), "patch".into()],
+                Some(json!([NAME]))
+            )]
+        );
+        let own_binding = objects
+            .iter()
+            .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["name"] == SELF_ROLE)
+            .unwrap();
+        assert_eq!(own_binding["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(own_binding["roleRef"]["name"], SELF_ROLE);
+        assert_eq!(own_binding["subjects"][0]["name"], NAME);
+    }
+
+    #[test]
+    fn an_image_repository_is_the_reference_without_tag_or_digest() {
+        for (image, repository) in [
+            (
+                "ghcr.io/shapeblock/shapeblock-agent:0.1.0",
+                "ghcr.io/shapeblock/shapeblock-agent",
+            ),
+            ("registry:5000/agent:1.2", "registry:5000/agent"),
+            ("registry:5000/agent", "registry:5000/agent"),
+            ("agent", "agent"),
+            ("agent@sha256:abc", "agent"),
+            ("registry:5000/agent:1@sha256:abc", "registry:5000/agent"),
+        ] {
+            assert_eq!(image_repository(image), repository, "{image}");
+        }
     }
 
     #[test]
@@ -864,7 +984,7 @@ mod tests {
         assert_eq!(rule["operations"], json!(["CREATE", "UPDATE", "DELETE"]));
         assert_eq!(rule["resources"], json!(["*/*"]));
         let validations = spec["validations"].as_array().unwrap();
-        assert_eq!(validations.len(), 3);
+        assert_eq!(validations.len(), 4);
         let all = validations
             .iter()
             .map(|v| v["expression"].as_str().unwrap())
@@ -878,6 +998,9 @@ mod tests {
             "object.roleRef.name == 'shapeblock-agent-project'",
             "s.namespace == 'shapeblock-agent'",
             "variables.isRegistrySecret",
+            "request.name == 'shapeblock-agent'",
+            "c.image.startsWith('ghcr.io/shapeblock/shapeblock-agent:')",
+            "o.?args == c.?args",
         ] {
             assert!(all.contains(expected), "{expected} missing from {all}");
         }
@@ -905,7 +1028,7 @@ mod tests {
     #[test]
     fn yaml_is_a_multi_document_stream() {
         let yaml = to_yaml(&agent_manifest(&params())).unwrap();
-        assert_eq!(yaml.matches("---\n").count(), 13);
+        assert_eq!(yaml.matches("---\n").count(), 15);
         assert!(yaml.contains("kind: Deployment"));
     }
 }

@@ -92,9 +92,23 @@ pub struct TestHubBuilder {
     gateway: GatewayConfig,
     apps: shapeblock::render::app::AppSettings,
     agent_hub_ca: bool,
+    agent_image: String,
+    agent_upgrades: shapeblock::hub::upgrades::UpgradeConfig,
 }
 
 impl TestHubBuilder {
+    /// Upgrades connected agents to `image` with these settings (off unless asked: the shared
+    /// control plane's `shapeblock-agent` Deployment, when a test makes one, is not theirs).
+    pub fn agent_upgrades(
+        mut self,
+        image: &str,
+        upgrades: shapeblock::hub::upgrades::UpgradeConfig,
+    ) -> Self {
+        self.agent_image = image.into();
+        self.agent_upgrades = upgrades;
+        self
+    }
+
     /// The hub's registry (a restart passes the one of the hub before).
     pub fn registry(mut self, registry: Arc<Registry>) -> Self {
         self.registry = Some(registry);
@@ -165,7 +179,8 @@ impl TestHubBuilder {
             gateway: self.gateway,
             admin_tokens: vec![TokenHash(hash_token(ADMIN_TOKEN))],
             viewer_tokens: vec![TokenHash(hash_token(VIEWER_TOKEN))],
-            agent_image: "shapeblock-agent:test".into(),
+            agent_image: self.agent_image,
+            agent_upgrades: self.agent_upgrades,
             // Test agents dial ws://127.0.0.1 or wss://127.0.0.1.
             allow_insecure_hub_url: true,
             max_request_body_bytes: 64 * 1024,
@@ -213,6 +228,11 @@ impl TestHub {
             gateway: test_gateway_config(),
             apps: Default::default(),
             agent_hub_ca: false,
+            agent_image: "shapeblock-agent:test".into(),
+            agent_upgrades: shapeblock::hub::upgrades::UpgradeConfig {
+                enabled: false,
+                ..Default::default()
+            },
         }
     }
 
@@ -663,7 +683,16 @@ pub async fn service_account_kubeconfig(
     namespace: &str,
     name: &str,
 ) -> PathBuf {
-    let config = super::config().await;
+    service_account_kubeconfig_on(&super::config().await, dir, namespace, name).await
+}
+
+/// [`service_account_kubeconfig`] for the control plane of `config` (an extra one).
+pub async fn service_account_kubeconfig_on(
+    config: &kube::Config,
+    dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> PathBuf {
     let client = kube::Client::try_from(config.clone()).unwrap();
     // A bound token from the TokenRequest API, as a projected ServiceAccount token would be.
     let request = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});

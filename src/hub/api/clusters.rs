@@ -1,5 +1,5 @@
-//! Managed clusters: registration, listing, connection status, deletion, token rotation and
-//! the agent install manifest.
+//! Managed clusters: registration, listing, connection status, deletion, token rotation, the
+//! agent install manifest, and the fleet's agent upgrades (pins, report, resume).
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -8,11 +8,13 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, Uri, header};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use utoipa::ToSchema;
 
 use super::{ApiError, ApiState, Shared};
 use crate::hub::gateway::ConnectionState;
 use crate::hub::registry::{ClusterRecord, StoreError};
+use crate::hub::upgrades::{AgentUpgradeView, FleetUpgrades};
 use crate::render::agent::{AgentManifestParams, agent_manifest, to_yaml};
 
 /// Body of `POST /api/v1/clusters`.
@@ -43,6 +45,12 @@ pub struct ClusterView {
     /// The hub's own cluster (its `local_cluster`): registered and given its token by the
     /// hub's configuration, so it cannot be deleted, nor its token rotated, through the API.
     pub local: bool,
+    /// Fleet upgrades leave this cluster's agent alone (`PUT …/agent-pin`).
+    pub agent_pinned: bool,
+    /// Its agent against the hub's `agent_image`, once the hub has read the agent's Deployment
+    /// (at each connect).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_upgrade: Option<AgentUpgradeView>,
     pub status: ConnectionState,
 }
 
@@ -60,6 +68,8 @@ pub struct ClusterWithToken {
 fn view(state: &ApiState, record: ClusterRecord) -> ClusterView {
     ClusterView {
         status: state.gateway.status(&record.id),
+        agent_upgrade: state.upgrades.view(&record.id),
+        agent_pinned: record.agent_pinned,
         id: record.id,
         name: record.name,
         labels: record.labels,
@@ -383,6 +393,65 @@ pub(super) async fn agent_manifest_yaml(
     let token = rotate(&state, &cluster).await?;
     let yaml = manifest(&state, &hub_url, &cluster, &token)?;
     Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
+}
+
+async fn set_pin(
+    state: Arc<ApiState>,
+    cluster: String,
+    pinned: bool,
+) -> Result<Json<ClusterView>, ApiError> {
+    let registry = state.registry.clone();
+    let id = cluster.clone();
+    if !blocking(move || registry.set_agent_pinned(&id, pinned)).await? {
+        return Err(ApiError::not_found(format!("cluster {cluster}")));
+    }
+    tracing::info!(%cluster, pinned, "agent pin changed");
+    state.upgrades.reread(&cluster);
+    let record = state
+        .registry
+        .get(&cluster)
+        .ok_or_else(|| ApiError::not_found(format!("cluster {cluster}")))?;
+    Ok(Json(view(&state, record)))
+}
+
+/// Pin a cluster's agent: fleet upgrades leave its image as it is (an upgrade already under
+/// way finishes).
+#[utoipa::path(put, path = "/api/v1/clusters/{cluster}/agent-pin", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = ClusterView), (status = 404, body = ApiError), (status = 500, body = ApiError)))]
+pub(super) async fn pin_agent(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    set_pin(state, cluster, true).await
+}
+
+/// Unpin a cluster's agent: fleet upgrades bring it to the hub's `agent_image` again.
+#[utoipa::path(delete, path = "/api/v1/clusters/{cluster}/agent-pin", tag = "clusters",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = ClusterView), (status = 404, body = ApiError), (status = 500, body = ApiError)))]
+pub(super) async fn unpin_agent(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    set_pin(state, cluster, false).await
+}
+
+/// The fleet's agent upgrades: the target image, whether they are halted and why, and each
+/// cluster's state.
+#[utoipa::path(get, path = "/api/v1/agent-upgrades", tag = "clusters",
+    responses((status = 200, body = FleetUpgrades), (status = 401, body = ApiError)))]
+pub(super) async fn agent_upgrades(State(state): Shared) -> Json<FleetUpgrades> {
+    Json(state.upgrades.report())
+}
+
+/// Resume agent upgrades after a halt: the failure count starts over and failed clusters are
+/// tried again (connected ones now, the others when they reconnect).
+#[utoipa::path(post, path = "/api/v1/agent-upgrades/resume", tag = "clusters",
+    responses((status = 200, body = FleetUpgrades), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub(super) async fn resume_agent_upgrades(State(state): Shared) -> Json<FleetUpgrades> {
+    state.upgrades.resume();
+    Json(state.upgrades.report())
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// The per-cluster controllers, when the hub runs them.
     pub runtimes: Option<Arc<crate::hub::runtime::Runtimes>>,
+    /// The fleet's agent upgrades.
+    pub upgrades: Arc<crate::hub::upgrades::Upgrades>,
     pub gateway: Arc<Gateway>,
     pub admin_tokens: Vec<TokenHash>,
     pub viewer_tokens: Vec<TokenHash>,
@@ -362,6 +364,9 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(clusters::cluster_status))
         .routes(routes!(clusters::rotate_token))
         .routes(routes!(clusters::agent_manifest_yaml))
+        .routes(routes!(clusters::pin_agent, clusters::unpin_agent))
+        .routes(routes!(clusters::agent_upgrades))
+        .routes(routes!(clusters::resume_agent_upgrades))
         .routes(routes!(
             credentials::get_cluster_credentials,
             credentials::put_cluster_credentials,

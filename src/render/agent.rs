@@ -433,6 +433,9 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
                     "enableServiceLinks": false,
                     "securityContext": {
                         "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                        // The token file is mode 0440: readable by the agent through its
+                        // group, which the kubelet gives the Secret volume's files.
+                        "fsGroup": 65532,
                         "seccompProfile": {"type": "RuntimeDefault"}
                     },
                     "containers": [{
@@ -777,6 +780,12 @@ mod tests {
         let deployment = &objects[14];
         let pod = &deployment["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        // The token file (0440) is readable by the agent's user through the volume's group.
+        assert_eq!(pod["volumes"][0]["secret"]["defaultMode"], 0o440);
+        assert_eq!(
+            pod["securityContext"]["fsGroup"],
+            pod["securityContext"]["runAsUser"]
+        );
         let container = &pod["containers"][0];
         assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(

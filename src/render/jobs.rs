@@ -379,6 +379,9 @@ pub fn build_job(job: &BuildJob<'_>, settings: &JobSettings) -> Value {
                 "--cache=true".to_string(),
                 format!("--cache-repo={}", job.cache.repository()),
                 "--digest-file=/dev/termination-log".to_string(),
+                // Plain lines: the log reaches people through the API and the relay, where
+                // kaniko's default colour codes would be noise.
+                "--log-format=text".to_string(),
             ];
             args.extend(job.build_args.iter().cloned());
             json!({
@@ -916,6 +919,7 @@ mod tests {
         assert!(a.contains(&"--destination=registry.example.com:5000/shop/web:web-1"));
         assert!(a.contains(&"--cache-repo=registry.example.com:5000/shop/web-cache"));
         assert!(a.contains(&"--digest-file=/dev/termination-log"));
+        assert!(a.contains(&"--log-format=text"));
         assert_eq!(&a[a.len() - 2..], ["--build-arg", "A=$(id) ; `x`\nnext"]);
         assert!(build.get("command").is_none(), "kaniko's entrypoint runs");
         // The key is mounted read-only with mode 0400; no container starts a shell.

@@ -318,6 +318,31 @@ impl RealNode {
     /// Runs `program` with `args` on the host's filesystem but in the node's network
     /// namespace (where 10.250.0.1 is); fails the test unless it succeeds. Returns stdout.
     pub fn run_in_node(&self, program: &Path, args: &[&str]) -> String {
+        succeeds(
+            &mut self.in_node(program, args),
+            &format!("{} {args:?} in the node", program.display()),
+        )
+    }
+
+    /// Like [`RealNode::run_in_node`], for a command that may fail (a server not up yet):
+    /// its stdout, or its exit status and stderr.
+    pub fn try_run_in_node(&self, program: &Path, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .in_node(program, args)
+            .output()
+            .map_err(|e| format!("running {}: {e}", program.display()))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn in_node(&self, program: &Path, args: &[&str]) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg("-t")
@@ -326,10 +351,7 @@ impl RealNode {
             .arg("--")
             .arg(program)
             .args(args);
-        succeeds(
-            &mut command,
-            &format!("{} {args:?} in the node", program.display()),
-        )
+        command
     }
 
     /// Starts `program` with `args` in the node's network and mount namespaces (a server

@@ -613,6 +613,8 @@ mod tests {
             let (gone, _) = registry.register("gone", BTreeMap::new()).unwrap();
             registry.remove(&gone.id).unwrap();
             let token = registry.rotate_token(&kept.id).unwrap().unwrap();
+            assert!(registry.set_agent_pinned(&kept.id, true).unwrap());
+            assert!(!registry.set_agent_pinned(&gone.id, true).unwrap());
             registry.note_connected(&kept.id, Some("0.1.0".into()), Some("v1.36.3".into()));
             registry.flush().unwrap();
             (kept, token)
@@ -622,6 +624,7 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].labels["env"], "prod");
         assert_eq!(all[0].kubernetes_version.as_deref(), Some("v1.36.3"));
+        assert!(all[0].agent_pinned, "a pin is kept across restarts");
         assert_eq!(registry.authenticate(token.expose()), Some(kept.id));
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -17,7 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -38,24 +38,7 @@ const NAMESPACE: &str = "shapeblock";
 /// Where the chart mounts the local token in the hub's pod.
 const MOUNTED_TOKEN: &str = "/var/run/shapeblock-local/token";
 
-fn helm(kubeconfig: &Path, args: &[&str]) -> String {
-    let bins = std::env::var("SHAPEBLOCK_TEST_BINS").expect(
-        "SHAPEBLOCK_TEST_BINS (the control-plane cache with helm; .ci/run sets it) is not set",
-    );
-    let out = Command::new(PathBuf::from(bins).join("helm"))
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::helm;
 
 fn secret_value(secret: &Secret, key: &str) -> String {
     let bytes = &secret.data.as_ref().expect("Secret data")[key].0;

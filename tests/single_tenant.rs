@@ -93,19 +93,6 @@ fn import_image(node: &RealNode, dir: &Path, binary: &Path, reference: &str) {
     );
 }
 
-fn helm(node: &RealNode, args: &[&str]) -> String {
-    let bins = std::env::var("SHAPEBLOCK_TEST_BINS").expect(
-        "SHAPEBLOCK_TEST_BINS (the control-plane cache with helm; .ci/run sets it) is not set",
-    );
-    run(
-        Command::new(PathBuf::from(bins).join("helm"))
-            .args(args)
-            .arg("--kubeconfig")
-            .arg(&node.kubeconfig),
-        &format!("helm {args:?}"),
-    )
-}
-
 /// The in-pod hub's API, called from inside the node (as a pod or the Ingress would).
 struct HubApi<'a> {
     node: &'a RealNode,
@@ -172,8 +159,8 @@ async fn one_helm_install_runs_shapeblock_and_a_dockerfile_app_answers() {
     // the Jobs' images of the real-node tier.
     let chart = support::process::repository().join("charts/shapeblock-hub");
     let started = Instant::now();
-    helm(
-        node,
+    support::helm(
+        &node.kubeconfig,
         &[
             "install",
             RELEASE,
@@ -201,8 +188,8 @@ async fn one_helm_install_runs_shapeblock_and_a_dockerfile_app_answers() {
         .and_then(|s| s.cluster_ip)
         .expect("the hub Service's ClusterIP");
     // No cluster DNS on this node: the agent dials the ClusterIP.
-    helm(
-        node,
+    support::helm(
+        &node.kubeconfig,
         &[
             "upgrade",
             RELEASE,

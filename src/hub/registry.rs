@@ -352,10 +352,6 @@ impl Registry {
         self.change(|clusters| clusters.remove(id).is_some())
     }
 
-    pub fn contains(&self, id: &str) -> bool {
-        self.read().contains_key(id)
-    }
-
     pub fn get(&self, id: &str) -> Option<ClusterRecord> {
         self.read().get(id).cloned()
     }

@@ -628,17 +628,6 @@ impl Upgrades {
         let now = Instant::now();
         let started: Vec<ClusterId> = {
             let mut fleet = self.lock();
-            let gone: Vec<ClusterId> = fleet
-                .entries
-                .keys()
-                .filter(|id| !self.registry.contains(id))
-                .cloned()
-                .collect();
-            for id in gone {
-                if let Some(entry) = fleet.entries.remove(&id) {
-                    self.count(&id, entry.state, -1);
-                }
-            }
             let plan = plan(
                 &fleet.entries,
                 |id| self.gateway.status(id).connected,
@@ -705,11 +694,7 @@ impl Upgrades {
             return;
         }
         let image = entry.image.clone();
-        let refused = |state, reason: String| {
-            let mut next = Entry::new(state, image.clone(), Some(reason));
-            next.retry_at = Some(Instant::now() + RETRY_AFTER);
-            next
-        };
+        let refused = |state, reason: String| Entry::new(state, image.clone(), Some(reason));
         let next = match result {
             Ok(_) => {
                 entry.patched = true;
@@ -727,16 +712,28 @@ impl Upgrades {
                 UpgradeState::NotInstalled,
                 format!("no Deployment {NAMESPACE}/{NAME}: {}", e.message),
             ),
-            Err(err) => refused(
-                UpgradeState::Pending,
-                format!(
-                    "setting the image failed, trying again in {}s: {err}",
-                    RETRY_AFTER.as_secs()
-                ),
-            ),
+            Err(err) => {
+                let mut retry = refused(
+                    UpgradeState::Pending,
+                    format!(
+                        "setting the image failed, trying again in {}s: {err}",
+                        RETRY_AFTER.as_secs()
+                    ),
+                );
+                retry.retry_at = Some(Instant::now() + RETRY_AFTER);
+                retry
+            }
         };
         tracing::warn!(cluster = %id, reason = ?next.reason, "agent upgrade not started");
         self.set(&mut fleet, &id, next);
+    }
+
+    /// Forgets a deleted cluster's upgrade (and its metric series).
+    pub fn forget(&self, id: &str) {
+        let mut fleet = self.lock();
+        if let Some(entry) = fleet.entries.remove(id) {
+            self.count(id, entry.state, -1);
+        }
     }
 
     /// A cluster's upgrade, once the hub has read its agent's Deployment.

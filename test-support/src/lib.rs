@@ -305,6 +305,27 @@ pub async fn apply_object(
         .unwrap_or_else(|e| panic!("{} {name} rejected by the apiserver: {e}", gvk.kind));
 }
 
+/// Runs the cached `helm` (`SHAPEBLOCK_TEST_BINS`) against the cluster of `kubeconfig`; fails
+/// the test with helm's output unless it succeeds. Returns stdout.
+pub fn helm(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let bins = std::env::var("SHAPEBLOCK_TEST_BINS").expect(
+        "SHAPEBLOCK_TEST_BINS (the control-plane cache with helm; .ci/run sets it) is not set",
+    );
+    let out = std::process::Command::new(std::path::PathBuf::from(bins).join("helm"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn random_suffix() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

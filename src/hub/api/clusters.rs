@@ -331,6 +331,7 @@ pub(super) async fn delete_cluster(
         runtimes.stop(&cluster);
     }
     state.gateway.forget(&cluster);
+    state.upgrades.forget(&cluster);
     tracing::info!(%cluster, "cluster deleted");
     Ok(StatusCode::NO_CONTENT)
 }

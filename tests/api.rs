@@ -83,7 +83,7 @@ async fn register_install_connect_create_rotate() {
 
     // Install: the manifest's objects go into the cluster as they are.
     let objects = apply_manifest(&admin, manifest).await;
-    assert_eq!(objects.len(), 15);
+    assert_eq!(objects.len(), 20);
     let secret = Api::<Secret>::namespaced(admin.clone(), "shapeblock-agent")
         .get("shapeblock-agent-token")
         .await

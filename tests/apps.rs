@@ -32,32 +32,7 @@ static ONE_CONTROLLING_HUB: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_n
 /// A pod of App `app` as its Deployment would make it (label `shapeblock.io/app`, container
 /// `app`), run by kwok's fake node.
 async fn app_pod(admin: &kube::Client, ns: &str, app: &str, name: &str) {
-    use k8s_openapi::api::core::v1::Pod;
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"shapeblock.io/app": app}},
-        "spec": {"containers": [{"name": "app", "image": "registry.example.com/web:1",
-            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
-                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
-                "seccompProfile": {"type": "RuntimeDefault"}}}]}
-    }))
-    .unwrap();
-    pods.create(&Default::default(), &pod).await.unwrap();
-    wait_for(
-        &format!("pod {name} running"),
-        Duration::from_secs(60),
-        async || {
-            pods.get(name).await.ok().is_some_and(|p| {
-                p.status
-                    .and_then(|s| s.container_statuses)
-                    .is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-                    })
-            })
-        },
-    )
-    .await;
+    support::cluster::running_pod(admin, ns, name, json!({"shapeblock.io/app": app})).await;
 }
 
 /// A hub with controllers and a connected cluster (`name`), a Project (`prefix`…) and in it

@@ -140,7 +140,7 @@ async fn the_agent_chart_renders_the_install_manifest_and_installs() {
         hub_ca: None,
     });
     from_hub.sort_by_key(key);
-    assert_eq!(from_chart.len(), 15);
+    assert_eq!(from_chart.len(), 20);
     assert_eq!(
         from_chart, from_hub,
         "the agent chart and the hub's install manifest differ"
@@ -170,7 +170,7 @@ async fn the_agent_chart_renders_the_install_manifest_and_installs() {
         hub_ca: Some(ca.into()),
     });
     from_hub_with_ca.sort_by_key(key);
-    assert_eq!(with_ca.len(), 16);
+    assert_eq!(with_ca.len(), 21);
     assert_eq!(
         with_ca, from_hub_with_ca,
         "the agent chart with hubCA and the hub's install manifest with its CA differ"

@@ -30,6 +30,7 @@ fn api_for(client: &Client, kind: &str, namespace: Option<&str>) -> Api<DynamicO
         "App" => "apps",
         "AppBuild" => "appbuilds",
         "Service" => "services",
+        "Team" => "teams",
         other => panic!("unknown kind {other}"),
     };
     let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
@@ -94,8 +95,9 @@ async fn crds_install_and_become_established() {
         .map(|(ar, _)| ar.kind)
         .collect();
     kinds.sort();
-    assert_eq!(kinds, ["App", "AppBuild", "Project", "Service"]);
+    assert_eq!(kinds, ["App", "AppBuild", "Project", "Service", "Team"]);
     assert_eq!(Project::crd().spec.scope, "Cluster");
+    assert_eq!(shapeblock::crd::Team::crd().spec.scope, "Cluster");
     for namespaced in [App::crd(), AppBuild::crd(), Service::crd()] {
         assert_eq!(namespaced.spec.scope, "Namespaced");
     }
@@ -951,4 +953,67 @@ async fn the_run_spec_is_validated_with_messages_naming_the_field() {
         .create(&PostParams::default(), &object(rollback))
         .await
         .unwrap();
+}
+
+/// A Team names ShapeBlock user ids once each, each project once, with one of the three roles.
+#[tokio::test]
+async fn invalid_teams_are_rejected_with_the_field_named() {
+    let client = client_with_crds().await;
+    let teams = api_for(&client, "Team", None);
+    let team = |name: &str, spec: Value| {
+        object(
+            json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Team",
+            "metadata": {"name": name}, "spec": spec}),
+        )
+    };
+    let suffix = support::random_suffix();
+    let ok = format!("web-{suffix}");
+    teams
+        .create(
+            &PostParams::default(),
+            &team(
+                &ok,
+                json!({"members": ["dev", "alice@example.com", "u-42"],
+                       "projects": [{"project": "shop", "role": "developer"}]}),
+            ),
+        )
+        .await
+        .expect("a valid Team");
+    for (spec, field) in [
+        (json!({"members": ["system:admin"]}), "spec.members[0]"),
+        (json!({"members": [""]}), "spec.members[0]"),
+        (json!({"members": ["dev", "dev"]}), "spec.members[1]"),
+        (
+            json!({"projects": [{"project": "a", "role": "owner"}]}),
+            "spec.projects[0].role",
+        ),
+        (
+            json!({"projects": [{"project": "a", "role": "viewer"}, {"project": "a", "role": "admin"}]}),
+            "spec.projects[1]",
+        ),
+        (
+            json!({"projects": [{"project": "Not_A_Name", "role": "viewer"}]}),
+            "spec.projects[0].project",
+        ),
+    ] {
+        let name = format!("bad-{}", support::random_suffix());
+        match teams
+            .create(&PostParams::default(), &team(&name, spec.clone()))
+            .await
+        {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{spec}: {e:?}");
+                assert!(e.message.contains(field), "{spec}: {}", e.message);
+            }
+            other => panic!("{spec} accepted: {other:?}"),
+        }
+    }
+    match teams
+        .create(&PostParams::default(), &team("Bad_Name", json!({})))
+        .await
+    {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 422, "{e:?}"),
+        other => panic!("a Team named Bad_Name accepted: {other:?}"),
+    }
+    teams.delete(&ok, &Default::default()).await.unwrap();
 }

@@ -200,7 +200,12 @@ async fn the_agent_cannot_reach_outside_shapeblock_namespaces() {
     );
     let outsider =
         json!({"kind": "User", "name": "mallory", "apiGroup": "rbac.authorization.k8s.io"});
-    for role in ["shapeblock-deployer", PROJECT_ROLE] {
+    for role in [
+        "shapeblock-deployer",
+        PROJECT_ROLE,
+        "shapeblock-team-admin",
+        "shapeblock-team-viewer",
+    ] {
         fenced(
             &format!("bind {role} to someone else in its project"),
             Api::<RoleBinding>::namespaced(agent.clone(), &project)
@@ -208,6 +213,60 @@ async fn the_agent_cannot_reach_outside_shapeblock_namespaces() {
                 .await,
         );
     }
+
+    // A team role only to ShapeBlock users and teams, and only in a project: not to a
+    // ServiceAccount (which the agent could then use), nor in kube-system.
+    fenced(
+        "bind a team role to a ServiceAccount in its project",
+        Api::<RoleBinding>::namespaced(agent.clone(), &project)
+            .create(
+                &post,
+                &binding(&project, "shapeblock-team-admin", me.clone()),
+            )
+            .await,
+    );
+    let member = json!({"kind": "User", "name": "shapeblock:user:dev",
+                        "apiGroup": "rbac.authorization.k8s.io"});
+    fenced(
+        "bind a team role in kube-system",
+        Api::<RoleBinding>::namespaced(agent.clone(), "kube-system")
+            .create(
+                &post,
+                &binding("kube-system", "shapeblock-team-admin", member.clone()),
+            )
+            .await,
+    );
+    Api::<RoleBinding>::namespaced(agent.clone(), &project)
+        .create(&post, &binding(&project, "shapeblock-team-admin", member))
+        .await
+        .expect("the agent binds a team role to a ShapeBlock user in its project");
+    // Of the ClusterRoles it changes only its impersonation: not a team role (RBAC), and not
+    // its impersonation to cover a name that is no ShapeBlock user's (the policy).
+    forbidden(
+        "rewrite a team role",
+        Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(agent.clone())
+            .patch(
+                "shapeblock-team-viewer",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    &json!({"rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}),
+                ),
+            )
+            .await,
+    );
+    fenced(
+        "impersonate system:admin",
+        Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(agent.clone())
+            .patch(
+                "shapeblock-agent-impersonator",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    &json!({"rules": [{"apiGroups": [""], "resources": ["users"],
+                    "verbs": ["impersonate"], "resourceNames": ["system:admin"]}]}),
+                ),
+            )
+            .await,
+    );
 
     // Namespaces: only project namespaces are created, changed or deleted.
     let foreign = TestNamespace::new("not-the-agents").await;

@@ -1,5 +1,8 @@
 //! What the agent does with each request from the hub: refuse what policy forbids, then
-//! forward it to its own apiserver with its own credentials and stream the response back.
+//! forward it to its own apiserver with its own credentials and stream the response back. A
+//! request the hub makes for a person (kubectl through the hub) names them in the ShapeBlock
+//! act-as headers; the agent then impersonates `shapeblock:user:<id>` and their teams'
+//! `shapeblock:team:<name>` groups itself, and nothing else ([`acting_for`]).
 
 use std::convert::Infallible;
 
@@ -8,7 +11,10 @@ use http::{HeaderMap, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 
-use crate::tunnel::{AGENT_LOCAL_PREFIX, AGENT_PING_PATH};
+use crate::tunnel::{
+    ACT_AS_TEAM_HEADER, ACT_AS_USER_HEADER, AGENT_LOCAL_PREFIX, AGENT_PING_PATH,
+    IMPERSONATED_GROUP_PREFIX, IMPERSONATED_USER_PREFIX, valid_team_name, valid_user_id,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of a response sent back through the tunnel.
@@ -120,8 +126,91 @@ fn full(bytes: Bytes) -> ProxyBody {
         .boxed_unsync()
 }
 
+/// The person a request is made for: a ShapeBlock user id and the names of their Teams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActingFor {
+    pub user: String,
+    pub teams: Vec<String>,
+}
+
+/// Most Teams one request may name.
+pub const MAX_TEAMS: usize = 100;
+
+/// Who a request from the hub asks the agent to act for (pure). The hub may ask only through
+/// the ShapeBlock act-as headers; a request that carries `Impersonate-*` headers of its own, a
+/// malformed user id or team name, teams without a user, or more than one user is refused: the
+/// agent impersonates nothing but `shapeblock:user:<id>` and `shapeblock:team:<name>`, never
+/// a `system:` user or group, a uid or extra fields, whatever the hub sends.
+pub fn acting_for(headers: &HeaderMap) -> Result<Option<ActingFor>, String> {
+    let refuse = |why: String| {
+        format!(
+            "the ShapeBlock agent acts only for ShapeBlock users and teams, as the hub asks for them: {why}"
+        )
+    };
+    if let Some(name) = headers
+        .keys()
+        .find(|k| k.as_str().starts_with("impersonate-"))
+    {
+        return Err(refuse(format!(
+            "it does not forward impersonation headers ({name})"
+        )));
+    }
+    let text = |v: &http::HeaderValue| {
+        v.to_str()
+            .map(str::to_owned)
+            .map_err(|_| refuse("an act-as header is not ASCII".into()))
+    };
+    let users: Vec<String> = headers
+        .get_all(ACT_AS_USER_HEADER)
+        .iter()
+        .map(text)
+        .collect::<Result<_, _>>()?;
+    let teams: Vec<String> = headers
+        .get_all(ACT_AS_TEAM_HEADER)
+        .iter()
+        .map(text)
+        .collect::<Result<_, _>>()?;
+    let user = match users.as_slice() {
+        [] if teams.is_empty() => return Ok(None),
+        [] => {
+            return Err(refuse(
+                "teams were named without the user they are for".into(),
+            ));
+        }
+        [user] => user.clone(),
+        _ => return Err(refuse("a request is made for one user only".into())),
+    };
+    if !valid_user_id(&user) {
+        return Err(refuse(format!("{user:?} is not a ShapeBlock user id")));
+    }
+    if teams.len() > MAX_TEAMS {
+        return Err(refuse(format!("more than {MAX_TEAMS} teams")));
+    }
+    if let Some(bad) = teams.iter().find(|t| !valid_team_name(t)) {
+        return Err(refuse(format!("{bad:?} is not a Team name")));
+    }
+    Ok(Some(ActingFor { user, teams }))
+}
+
+/// Sets the impersonation of `who` on a request to the apiserver.
+fn impersonate(headers: &mut HeaderMap, who: &ActingFor) -> Result<(), String> {
+    let value = |s: String| http::HeaderValue::try_from(s).map_err(|e| e.to_string());
+    headers.insert(
+        "impersonate-user",
+        value(format!("{IMPERSONATED_USER_PREFIX}{}", who.user))?,
+    );
+    for team in &who.teams {
+        headers.append(
+            "impersonate-group",
+            value(format!("{IMPERSONATED_GROUP_PREFIX}{team}"))?,
+        );
+    }
+    Ok(())
+}
+
 /// Request headers never forwarded: hop-by-hop headers, and anything that would let the hub
-/// choose the identity the agent acts as (the agent always uses its own credentials).
+/// choose the identity the agent acts as (the agent uses its own credentials, and sets the
+/// impersonation of a person itself, from what [`acting_for`] accepted).
 fn strip_request_headers(headers: &mut HeaderMap) {
     for name in [
         header::AUTHORIZATION,
@@ -134,6 +223,8 @@ fn strip_request_headers(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+    headers.remove(ACT_AS_USER_HEADER);
+    headers.remove(ACT_AS_TEAM_HEADER);
     let impersonation: Vec<_> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("impersonate-"))
@@ -209,6 +300,17 @@ impl Proxy {
                 "the ShapeBlock agent does not forward connection upgrades",
             ));
         }
+        let acting_for = match acting_for(request.headers()) {
+            Ok(who) => who,
+            Err(message) => {
+                tracing::warn!(%path, method = %request.method(), %message, "refused impersonation");
+                return Ok(status_response(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &message,
+                ));
+            }
+        };
         let (mut parts, body) = request.into_parts();
         let limit = self.policy.max_request_body_bytes;
         let body = match Limited::new(body, limit).collect().await {
@@ -229,6 +331,15 @@ impl Proxy {
             }
         };
         strip_request_headers(&mut parts.headers);
+        if let Some(who) = &acting_for
+            && let Err(message) = impersonate(&mut parts.headers, who)
+        {
+            return Ok(status_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &message,
+            ));
+        }
         let path_and_query = parts
             .uri
             .path_and_query()
@@ -344,12 +455,75 @@ mod tests {
         }
     }
 
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn the_agent_acts_for_shapeblock_users_and_teams_only() {
+        assert_eq!(
+            acting_for(&headers(&[("accept", "application/json")])),
+            Ok(None)
+        );
+        let who = acting_for(&headers(&[
+            (ACT_AS_USER_HEADER, "alice@example.com"),
+            (ACT_AS_TEAM_HEADER, "web"),
+            (ACT_AS_TEAM_HEADER, "ops"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(who.user, "alice@example.com");
+        let mut out = HeaderMap::new();
+        impersonate(&mut out, &who).unwrap();
+        assert_eq!(out["impersonate-user"], "shapeblock:user:alice@example.com");
+        let groups: Vec<_> = out.get_all("impersonate-group").iter().collect();
+        assert_eq!(groups, ["shapeblock:team:web", "shapeblock:team:ops"]);
+        // What a compromised hub might try: its own impersonation, system names, uids,
+        // extras, prefixes smuggled into the id, several users, teams without a user.
+        for refused in [
+            vec![("impersonate-user", "system:admin")],
+            vec![("impersonate-group", "system:masters")],
+            vec![
+                (ACT_AS_USER_HEADER, "alice"),
+                ("impersonate-group", "system:masters"),
+            ],
+            vec![(ACT_AS_USER_HEADER, "alice"), ("impersonate-uid", "0")],
+            vec![
+                (ACT_AS_USER_HEADER, "alice"),
+                ("impersonate-extra-scopes", "x"),
+            ],
+            vec![(ACT_AS_USER_HEADER, "system:admin")],
+            vec![(ACT_AS_USER_HEADER, "x:system:masters")],
+            vec![(ACT_AS_USER_HEADER, "")],
+            vec![(ACT_AS_USER_HEADER, "alice ")],
+            vec![(ACT_AS_USER_HEADER, "alice"), (ACT_AS_USER_HEADER, "bob")],
+            vec![(ACT_AS_TEAM_HEADER, "web")],
+            vec![
+                (ACT_AS_USER_HEADER, "alice"),
+                (ACT_AS_TEAM_HEADER, "system:masters"),
+            ],
+            vec![(ACT_AS_USER_HEADER, "alice"), (ACT_AS_TEAM_HEADER, "Web")],
+        ] {
+            assert!(acting_for(&headers(&refused)).is_err(), "{refused:?}");
+        }
+        assert!(!valid_user_id(&"a".repeat(129)));
+        assert!(valid_user_id(&"a".repeat(128)));
+    }
+
     #[test]
     fn identity_headers_are_stripped() {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, "Bearer hub-token".parse().unwrap());
         headers.insert("impersonate-user", "system:admin".parse().unwrap());
         headers.insert("impersonate-group", "system:masters".parse().unwrap());
+        headers.insert(ACT_AS_USER_HEADER, "alice".parse().unwrap());
         headers.insert(header::ACCEPT, "application/json".parse().unwrap());
         strip_request_headers(&mut headers);
         assert_eq!(headers.len(), 1);

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod project;
 pub mod runtime;
 pub mod service;
+pub mod team;
 pub mod tenancy;
 
 use std::sync::Arc;

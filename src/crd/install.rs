@@ -29,20 +29,42 @@ pub enum InstallError {
     },
 }
 
-/// Applies every ShapeBlock CRD and waits until each is Established.
-pub async fn install(client: kube::Client, timeout: Duration) -> Result<(), InstallError> {
+/// The CRD of Teams, which an agent installed from a manifest older than Teams may not apply.
+pub const TEAMS_CRD: &str = "teams.apps.shapeblock.io";
+
+/// What [`install`] installed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installed {
+    /// Why the Team CRD was not installed: the apiserver refused it to an agent whose install
+    /// manifest predates Teams (everything else works; Teams wait for the manifest). None:
+    /// installed.
+    pub teams_refused: Option<String>,
+}
+
+/// Applies every ShapeBlock CRD and waits until each is Established. A refusal (403) of the
+/// Team CRD alone is not an error: [`Installed::teams_refused`] says so.
+pub async fn install(client: kube::Client, timeout: Duration) -> Result<Installed, InstallError> {
     let api: Api<CustomResourceDefinition> = Api::all(client);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let crds = super::all();
-    for crd in &crds {
+    let mut crds = super::all();
+    let mut teams_refused = None;
+    let mut applied = Vec::with_capacity(crds.len());
+    for crd in crds.drain(..) {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(&name, &params, &Patch::Apply(crd))
-            .await
-            .map_err(|source| InstallError::Apply {
-                name: name.clone(),
-                source,
-            })?;
+        match api.patch(&name, &params, &Patch::Apply(&crd)).await {
+            Ok(_) => applied.push(crd),
+            Err(kube::Error::Api(e)) if e.code == 403 && name == TEAMS_CRD => {
+                teams_refused = Some(e.message);
+            }
+            Err(source) => {
+                return Err(InstallError::Apply {
+                    name: name.clone(),
+                    source,
+                });
+            }
+        }
     }
+    let crds = applied;
     for crd in &crds {
         let name = crd.metadata.name.clone().unwrap_or_default();
         let established = await_condition(api.clone(), &name, conditions::is_crd_established());
@@ -52,5 +74,5 @@ pub async fn install(client: kube::Client, timeout: Duration) -> Result<(), Inst
             Err(_) => return Err(InstallError::NotEstablished { name, timeout }),
         }
     }
-    Ok(())
+    Ok(Installed { teams_refused })
 }

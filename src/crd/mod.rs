@@ -17,18 +17,20 @@ mod project;
 mod rules;
 mod run;
 mod service;
+mod team;
 
 pub use app::{
     App, AppBuildStrategy, AppPhase, AppSpec, AppStatus, BuildType, GitSource, Registry,
 };
 pub use appbuild::{AppBuild, AppBuildPhase, AppBuildSpec, AppBuildStatus, BuildVar};
-pub use install::{FIELD_MANAGER, InstallError, install};
+pub use install::{FIELD_MANAGER, InstallError, Installed, TEAMS_CRD, install};
 pub use project::{Project, ProjectPhase, ProjectSpec, ProjectStatus};
 pub use run::{
     Autoscaling, DEFAULT_PORT, Domain, EnvFrom, EnvVar, HealthCheck, RunResources, RunSpec,
     RuntimeState, RuntimeStatus,
 };
 pub use service::{ChartSource, Service, ServicePhase, ServiceSpec, ServiceStatus};
+pub use team::{Team, TeamProject, TeamRole, TeamSpec, TeamStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -44,7 +46,13 @@ pub const MANAGED_BY_VALUE: &str = "shapeblock-hub";
 
 /// Every ShapeBlock CRD, in a stable order (the order of the files in `crds/`).
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![Project::crd(), App::crd(), AppBuild::crd(), Service::crd()]
+    vec![
+        Project::crd(),
+        App::crd(),
+        AppBuild::crd(),
+        Service::crd(),
+        Team::crd(),
+    ]
 }
 
 /// Renders one CRD as the YAML document committed under `crds/`.

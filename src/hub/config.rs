@@ -138,6 +138,7 @@ struct HubFile {
     relay: RelayFile,
     local_cluster: LocalClusterFile,
     agent_upgrades: crate::hub::upgrades::UpgradeConfig,
+    kubectl: crate::hub::kubectl::KubectlConfig,
 }
 
 /// The `local_cluster:` section: the cluster the hub runs in, registered from here rather than
@@ -362,6 +363,8 @@ pub struct HubConfig {
     pub local_cluster: Option<LocalCluster>,
     /// Fleet upgrades of agents to `agent_image` (`agent_upgrades`).
     pub agent_upgrades: crate::hub::upgrades::UpgradeConfig,
+    /// kubectl through the hub: token lifetimes, audit records kept (`kubectl`).
+    pub kubectl: crate::hub::kubectl::KubectlConfig,
 }
 
 /// Default agent image: the one released with this hub.
@@ -395,6 +398,7 @@ impl Default for HubConfig {
             events_capacity: 10_000,
             local_cluster: None,
             agent_upgrades: Default::default(),
+            kubectl: Default::default(),
         }
     }
 }
@@ -460,6 +464,7 @@ impl HubConfig {
             events_capacity: file.events_capacity.unwrap_or(defaults.events_capacity),
             local_cluster: local_cluster(file.local_cluster, local_cluster_token_file)?,
             agent_upgrades: file.agent_upgrades,
+            kubectl: file.kubectl,
         };
         config.validate()?;
         Ok(config)
@@ -487,6 +492,7 @@ impl HubConfig {
             events_capacity,
             local_cluster: _,
             agent_upgrades,
+            kubectl,
         } = self;
         check(
             *metrics_listen != Some(*listen),
@@ -575,6 +581,16 @@ impl HubConfig {
         check(
             !agent_upgrades.timeout.is_zero(),
             "agent_upgrades.timeout_seconds",
+            "must be positive",
+        )?;
+        check(
+            !kubectl.token_ttl.is_zero() && kubectl.token_ttl <= kubectl.max_token_ttl,
+            "kubectl.token_ttl_seconds",
+            "must be positive and at most kubectl.max_token_ttl_seconds",
+        )?;
+        check(
+            kubectl.audit_capacity > 0,
+            "kubectl.audit_capacity",
             "must be positive",
         )?;
         check(*events_capacity > 0, "events_capacity", "must be positive")
@@ -769,6 +785,9 @@ mod tests {
         assert_eq!(relay.buffer, 1024);
         assert_eq!(relay.ping_interval, Duration::from_secs(20));
         assert_eq!(settings.events_capacity, 10_000);
+        assert_eq!(settings.kubectl.token_ttl, Duration::from_secs(3600));
+        assert_eq!(settings.kubectl.max_token_ttl, Duration::from_secs(86_400));
+        assert_eq!(settings.kubectl.audit_capacity, 10_000);
         assert_eq!(
             settings.runtime.controllers.jobs,
             crate::render::jobs::JobSettings::default(),

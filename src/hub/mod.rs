@@ -1,5 +1,5 @@
-//! The hub process: the agent gateway, the cluster registry and the HTTP API the ShapeBlock
-//! server talks to, served on one listener (TLS with rustls, or plain HTTP behind an ingress),
+//! The hub process: the agent gateway, the cluster registry, the HTTP API the ShapeBlock
+//! server talks to and each cluster's Kubernetes API for people's kubectl, served on one listener (TLS with rustls, or plain HTTP behind an ingress),
 //! and optionally `/metrics` alone on a second, internal one.
 //!
 //! The hub starts with an embedded default configuration and no external services. It wires
@@ -11,6 +11,7 @@ pub mod api;
 pub mod config;
 
 pub mod gateway;
+pub mod kubectl;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;
@@ -53,6 +54,9 @@ pub enum HubError {
     /// The hub's own cluster (`local_cluster`) could not be registered.
     #[error("registering the local cluster: {0}")]
     LocalCluster(#[source] registry::StoreError),
+    /// The kubectl token key could not be read or created in the data directory.
+    #[error("the kubectl token key: {0}")]
+    KubectlTokens(#[source] registry::StoreError),
 }
 
 /// Certificate and key files for serving TLS.
@@ -168,7 +172,15 @@ impl Hub {
         );
         upgrades.register_metrics(&mut prometheus);
         tokio::spawn(upgrades.clone().run(runtime_shutdown.clone()));
+        let kubectl_tokens =
+            Arc::new(kubectl::Tokens::open(registry.dir()).map_err(HubError::KubectlTokens)?);
+        let audit = Arc::new(kubectl::Audit::new(config.kubectl.audit_capacity));
+        audit.register_metrics(&mut prometheus);
         let api = Arc::new(api::ApiState {
+            kubectl_tokens,
+            audit,
+            kubectl: config.kubectl.clone(),
+            max_body: config.max_request_body_bytes,
             runtimes,
             upgrades,
             registry: registry.clone(),

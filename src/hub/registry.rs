@@ -167,6 +167,12 @@ impl Default for Registry {
 
 impl Registry {
     /// A registry that keeps nothing on disk (tests, or a throw-away hub).
+    /// The directory the registry persists to (None: in memory only). Other state of the hub
+    /// that must survive a restart (the kubectl token key) is kept beside it.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
     pub fn in_memory() -> Self {
         Self {
             clusters: RwLock::new(HashMap::new()),
@@ -203,10 +209,8 @@ impl Registry {
         }
         // Temporary files of writes interrupted by a crash never took effect.
         for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".clusters.json.tmp")
+            if entry.file_name().to_string_lossy().starts_with('.')
+                && entry.file_name().to_string_lossy().contains(".json.tmp-")
             {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -477,16 +481,29 @@ fn persist(dir: &Path, clusters: &HashMap<ClusterId, ClusterRecord>) -> Result<(
         path: dir.join(STORE_FILE),
         message: e.to_string(),
     })?;
-    let tmp = dir.join(format!(".clusters.json.tmp-{}", std::process::id()));
+    write_atomically(dir, STORE_FILE, &body)
+}
+
+/// Replaces `dir/name` with `body` atomically: a temporary file (`.<name>.tmp-<pid>`, mode
+/// 0600), fsync, rename, fsync of the directory. A crash leaves the old file or the new one.
+pub(crate) fn write_atomically(dir: &Path, name: &str, body: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| StoreError::Io { path, source }
     };
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(&body).map_err(io(&tmp))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(body).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     drop(file);
-    let target = dir.join(STORE_FILE);
+    let target = dir.join(name);
     std::fs::rename(&tmp, &target).map_err(io(&target))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())

@@ -49,7 +49,8 @@ impl Default for RuntimeConfig {
 /// The controllers running for each cluster.
 pub struct Runtimes {
     gateway: Arc<Gateway>,
-    running: DashMap<ClusterId, CancellationToken>,
+    /// Each running cluster's stop signal and its Teams' membership.
+    running: DashMap<ClusterId, (CancellationToken, Arc<controllers::team::Directory>)>,
     initial_syncs: Arc<Semaphore>,
     config: RuntimeConfig,
     shutdown: CancellationToken,
@@ -137,7 +138,9 @@ impl Runtimes {
             return;
         }
         let cancel = self.shutdown.child_token();
-        self.running.insert(cluster.to_string(), cancel.clone());
+        let directory = Arc::new(controllers::team::Directory::default());
+        self.running
+            .insert(cluster.to_string(), (cancel.clone(), directory.clone()));
         let ctx = Arc::new(Context::new(
             self.gateway.client(cluster),
             cluster.to_string(),
@@ -149,14 +152,23 @@ impl Runtimes {
         let permits = self.initial_syncs.clone();
         let span = tracing::info_span!("cluster", cluster = %cluster);
         let shard = &self.shards[shard_of(cluster, self.shards.len())].handle;
-        shard.spawn(run_cluster(ctx, permits, cancel).instrument(span));
+        shard.spawn(run_cluster(ctx, directory, permits, cancel).instrument(span));
     }
 
     /// Stops the cluster's controllers (the cluster was deleted).
     pub fn stop(&self, cluster: &str) {
-        if let Some((_, cancel)) = self.running.remove(cluster) {
+        if let Some((_, (cancel, _))) = self.running.remove(cluster) {
             cancel.cancel();
         }
+    }
+
+    /// The Team groups (`shapeblock:team:<name>`) `user` belongs to in `cluster`, as its
+    /// Team controller last saw them; None while that is not known (the cluster's
+    /// controllers are not running, or have not listed its Teams yet).
+    pub fn team_groups(&self, cluster: &str, user: &str) -> Option<Vec<String>> {
+        self.running
+            .get(cluster)
+            .and_then(|entry| entry.value().1.groups_of(user))
     }
 
     /// Whether every shard thread still runs (one ends only when the hub stops, or by a bug).
@@ -170,8 +182,13 @@ impl Runtimes {
     }
 }
 
-async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: CancellationToken) {
-    {
+async fn run_cluster(
+    ctx: Arc<Context>,
+    directory: Arc<controllers::team::Directory>,
+    permits: Arc<Semaphore>,
+    cancel: CancellationToken,
+) {
+    let installed = {
         let Ok(_permit) = (tokio::select! {
             permit = permits.acquire_owned() => permit,
             _ = cancel.cancelled() => return,
@@ -179,11 +196,11 @@ async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: Cancell
             return;
         };
         let mut delay = Duration::from_secs(1);
-        loop {
+        let installed = loop {
             let install = crate::crd::install(ctx.client.clone(), Duration::from_secs(60));
             tokio::select! {
                 result = install => match result {
-                    Ok(()) => break,
+                    Ok(installed) => break installed,
                     Err(err) => tracing::warn!(error = %err, retry_in = ?delay, "installing CRDs failed"),
                 },
                 _ = cancel.cancelled() => return,
@@ -193,15 +210,29 @@ async fn run_cluster(ctx: Arc<Context>, permits: Arc<Semaphore>, cancel: Cancell
                 _ = cancel.cancelled() => return,
             }
             delay = (delay * 2).min(Duration::from_secs(60));
-        }
+        };
         tracing::info!("CRDs installed; starting controllers");
-    }
+        installed
+    };
+    // Without the Team CRD (an agent installed before Teams) there is nothing to watch.
+    let teams = async {
+        match installed.teams_refused {
+            None => controllers::team::run(ctx.clone(), directory).await,
+            Some(message) => {
+                tracing::warn!(%message,
+                    "the agent may not install the Team CRD: its install manifest predates Teams; \
+                     apply the current manifest to enable Teams and kubectl for people");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     tokio::select! {
         _ = controllers::project::run(ctx.clone()) => tracing::warn!("project controller stopped"),
         _ = controllers::app::run(ctx.clone()) => tracing::warn!("app controller stopped"),
         _ = controllers::appbuild::run(ctx.clone()) => tracing::warn!("appbuild controller stopped"),
         _ = controllers::service::run(ctx.clone()) => tracing::warn!("service controller stopped"),
         _ = controllers::runtime::run(ctx.clone()) => tracing::warn!("runtime controller stopped"),
+        _ = teams => tracing::warn!("team controller stopped"),
         _ = cancel.cancelled() => tracing::info!("controllers stopped"),
     }
 }

@@ -22,6 +22,16 @@ pub const REGISTRY_ROLE: &str = "shapeblock-agent-registry";
 /// Role (and RoleBinding) of the agent over its own Deployment, in [`NAMESPACE`]: the hub's
 /// fleet upgrades set the agent's image through it (`crate::hub::upgrades`).
 pub const SELF_ROLE: &str = "shapeblock-agent-self";
+/// ClusterRole that lets the agent impersonate people: the users and team groups of the kubectl
+/// requests the hub forwards ([`IMPERSONATED_USER_PREFIX`], [`IMPERSONATED_GROUP_PREFIX`]).
+pub const IMPERSONATOR_ROLE: &str = "shapeblock-agent-impersonator";
+pub use crate::tunnel::{IMPERSONATED_GROUP_PREFIX, IMPERSONATED_USER_PREFIX};
+/// The ClusterRoles a Team binds in a project namespace, by role (`shapeblock-team-<role>`).
+pub const TEAM_ROLES: [&str; 3] = [
+    "shapeblock-team-admin",
+    "shapeblock-team-developer",
+    "shapeblock-team-viewer",
+];
 /// The agent's container in its Deployment.
 pub const CONTAINER: &str = "agent";
 /// Label on every project namespace (its value: the Project's name, which is also the
@@ -81,8 +91,13 @@ fn labels(cluster_id: &str) -> Value {
 ///   (never Secrets or ConfigMaps, which are read by name inside project namespaces);
 /// - Events (Projects' go to `default`);
 /// - RoleBindings, because the first one in a new project namespace (the agent's own, to
-///   [`PROJECT_ROLE`]) must be created before the agent holds anything there; `bind` only on
-///   the two ShapeBlock ClusterRoles, and the admission policy fences their subjects.
+///   [`PROJECT_ROLE`]) must be created before the agent holds anything there, and Teams'
+///   bindings are listed and removed by label; `bind` only on the ShapeBlock ClusterRoles
+///   (the agent's, the deployer's, the three team roles), and the admission policy fences
+///   their subjects.
+///
+/// - the ClusterRole [`IMPERSONATOR_ROLE`] (patch and escalate, by name): its rules, fenced by
+///   the admission policy, are the impersonation of the people Teams name.
 ///
 /// Everything else it writes (Jobs, Secrets, ConfigMaps, ServiceAccounts…) comes from
 /// [`project_rules`], bound inside each project namespace.
@@ -95,19 +110,21 @@ pub fn agent_rules() -> Value {
          "verbs": ["get", "list", "watch", "create"]},
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
          "resourceNames": ["projects.apps.shapeblock.io", "apps.apps.shapeblock.io",
-                           "appbuilds.apps.shapeblock.io", "services.apps.shapeblock.io"],
+                           "appbuilds.apps.shapeblock.io", "services.apps.shapeblock.io",
+                           "teams.apps.shapeblock.io"],
          "verbs": ["patch"]},
         // Watched by the controllers; created, applied, read and deleted by the API.
         {"apiGroups": ["apps.shapeblock.io"],
-         "resources": ["projects", "apps", "appbuilds", "services"],
+         "resources": ["projects", "apps", "appbuilds", "services", "teams"],
          "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": ["apps.shapeblock.io"],
-         "resources": ["projects/status", "apps/status", "appbuilds/status", "services/status"],
+         "resources": ["projects/status", "apps/status", "appbuilds/status", "services/status",
+                       "teams/status"],
          "verbs": ["get", "patch"]},
         // Children owned with blockOwnerDeletion need `update` on the owner's finalizers.
         {"apiGroups": ["apps.shapeblock.io"],
          "resources": ["projects/finalizers", "apps/finalizers", "appbuilds/finalizers",
-                       "services/finalizers"],
+                       "services/finalizers", "teams/finalizers"],
          "verbs": ["update"]},
         // A project's namespace: applied, labelled, watched, deleted with the project.
         {"apiGroups": [""], "resources": ["namespaces"],
@@ -119,8 +136,17 @@ pub fn agent_rules() -> Value {
         // Events on the ShapeBlock objects (`kubectl describe`), created once each.
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"], "verbs": applied},
+        // Teams' RoleBindings: found by label across namespaces, removed when a Team changes.
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"],
+         "verbs": ["list", "watch", "delete"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
-         "resourceNames": [PROJECT_ROLE, DEPLOYER_ROLE], "verbs": ["bind"]},
+         "resourceNames": [PROJECT_ROLE, DEPLOYER_ROLE, TEAM_ROLES[0], TEAM_ROLES[1], TEAM_ROLES[2]],
+         "verbs": ["bind"]},
+        // The impersonation of the people Teams name, kept by the Team controller. `escalate`
+        // because the agent does not hold what it grants; the admission policy fences the
+        // rules to impersonating ShapeBlock users and teams by name.
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+         "resourceNames": [IMPERSONATOR_ROLE], "verbs": ["patch", "escalate"]},
     ])
 }
 
@@ -234,6 +260,8 @@ pub fn admission_policy(
                                         && variables.requestNamespace == '{registry_namespace}' \
                                         && !has(request.subResource) \
                                         && has(request.name) && request.name == '{registry_secret}'")},
+                {"name": "isClusterRole",
+                 "expression": "request.resource.group == 'rbac.authorization.k8s.io' && request.resource.resource == 'clusterroles'"},
                 {"name": "isAgentDeployment",
                  "expression": format!("request.resource.group == 'apps' && request.resource.resource == 'deployments' \
                                         && variables.requestNamespace == '{NAMESPACE}'")},
@@ -262,8 +290,24 @@ pub fn admission_policy(
                               && s.namespace == variables.requestNamespace))) || \
                            (object.roleRef.name == '{PROJECT_ROLE}' && (!has(object.subjects) || \
                             object.subjects.all(s, s.kind == 'ServiceAccount' && s.name == '{NAME}' \
-                              && s.namespace == '{NAMESPACE}')))))"),
-                    "message": format!("the ShapeBlock agent binds only ClusterRole {DEPLOYER_ROLE} to its namespace's {DEPLOYER_ACCOUNT} ServiceAccount, and {PROJECT_ROLE} to itself"),
+                              && s.namespace == '{NAMESPACE}'))) || \
+                           (object.roleRef.name in ['{team_admin}', '{team_developer}', '{team_viewer}'] \
+                            && (!has(object.subjects) || object.subjects.all(s, \
+                              (s.kind == 'User' && s.name.startsWith('{IMPERSONATED_USER_PREFIX}')) || \
+                              (s.kind == 'Group' && s.name.startsWith('{IMPERSONATED_GROUP_PREFIX}')))))))",
+                        team_admin = TEAM_ROLES[0], team_developer = TEAM_ROLES[1], team_viewer = TEAM_ROLES[2]),
+                    "message": format!("the ShapeBlock agent binds only ClusterRole {DEPLOYER_ROLE} to its namespace's {DEPLOYER_ACCOUNT} ServiceAccount, {PROJECT_ROLE} to itself, and the team roles to ShapeBlock users ({IMPERSONATED_USER_PREFIX}…) and teams ({IMPERSONATED_GROUP_PREFIX}…)"),
+                    "reason": "Forbidden"
+                },
+                {
+                    "expression": format!(
+                        "!variables.isClusterRole || (request.operation == 'UPDATE' && request.name == '{IMPERSONATOR_ROLE}' \
+                         && !has(object.aggregationRule) && (!has(object.rules) || object.rules.all(r, \
+                              r.apiGroups == [''] && r.verbs == ['impersonate'] && size(r.resources) == 1 \
+                              && !has(r.nonResourceURLs) && has(r.resourceNames) && size(r.resourceNames) > 0 \
+                              && ((r.resources[0] == 'users' && r.resourceNames.all(n, n.startsWith('{IMPERSONATED_USER_PREFIX}'))) \
+                                  || (r.resources[0] == 'groups' && r.resourceNames.all(n, n.startsWith('{IMPERSONATED_GROUP_PREFIX}')))))))"),
+                    "message": format!("the ShapeBlock agent changes only ClusterRole {IMPERSONATOR_ROLE}, to impersonate ShapeBlock users ({IMPERSONATED_USER_PREFIX}…) and teams ({IMPERSONATED_GROUP_PREFIX}…) by name"),
                     "reason": "Forbidden"
                 },
                 {
@@ -295,6 +339,72 @@ pub fn admission_policy_binding() -> Value {
         "metadata": {"name": NAME},
         "spec": {"policyName": NAME, "validationActions": ["Deny"]}
     })
+}
+
+/// What a Team's role grants in each of its projects' namespaces (bound there by RoleBinding,
+/// never cluster-wide), for `role` in `admin`, `developer`, `viewer`:
+///
+/// - a viewer reads the ShapeBlock kinds, pods and their logs, Services, Events and the
+///   workloads (Deployments, Jobs, Ingresses…), and never Secrets or ConfigMaps;
+/// - a developer also creates, changes and deletes Apps, AppBuilds and Services (the
+///   ShapeBlock kinds);
+/// - an admin also manages the namespace's Secrets and ConfigMaps.
+///
+/// None grants RBAC, exec, attach, port-forward or proxy, or anything cluster-scoped.
+pub fn team_rules(role: crate::crd::TeamRole) -> Value {
+    use crate::crd::TeamRole;
+    let read = json!(["get", "list", "watch"]);
+    let write = json!([
+        "get", "list", "watch", "create", "update", "patch", "delete"
+    ]);
+    let shapeblock = json!(["apps", "appbuilds", "services"]);
+    let mut rules = vec![
+        json!({"apiGroups": ["apps.shapeblock.io"], "resources": shapeblock,
+               "verbs": if role == TeamRole::Viewer { read.clone() } else { write.clone() }}),
+        json!({"apiGroups": [""],
+               "resources": ["pods", "pods/log", "services", "endpoints", "events", "persistentvolumeclaims"],
+               "verbs": read}),
+        json!({"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets"], "verbs": read}),
+        json!({"apiGroups": ["batch"], "resources": ["jobs", "cronjobs"], "verbs": read}),
+        json!({"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": read}),
+        json!({"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": read}),
+        json!({"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": read}),
+    ];
+    if role == TeamRole::Admin {
+        rules.push(
+            json!({"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": write}),
+        );
+    }
+    Value::Array(rules)
+}
+
+/// The ClusterRole of a Team role (`shapeblock-team-admin` …).
+pub fn team_role_name(role: crate::crd::TeamRole) -> &'static str {
+    use crate::crd::TeamRole;
+    match role {
+        TeamRole::Admin => TEAM_ROLES[0],
+        TeamRole::Developer => TEAM_ROLES[1],
+        TeamRole::Viewer => TEAM_ROLES[2],
+    }
+}
+
+/// What the agent may impersonate to act for people: exactly the users and the team groups
+/// that some Team of the cluster names (`shapeblock:user:<id>` for each member,
+/// `shapeblock:team:<name>` for each Team), by resource name. The Team controller keeps these
+/// rules in the ClusterRole [`IMPERSONATOR_ROLE`] (the install manifest ships it without rules,
+/// so re-applying the manifest leaves them alone); the admission policy lets the agent write
+/// nothing else there. So even the agent's own token impersonates no one but the people Teams
+/// name, who can do only what Teams' RoleBindings grant; and the agent's code refuses any other
+/// name, a uid or extra fields before a request reaches the apiserver (`crate::agent::proxy`).
+pub fn impersonator_rules(users: &[String], groups: &[String]) -> Value {
+    let mut rules = Vec::new();
+    for (resource, names) in [("users", users), ("groups", groups)] {
+        if !names.is_empty() {
+            rules.push(json!({"apiGroups": [""], "resources": [resource],
+                              "resourceNames": names, "verbs": ["impersonate"]}));
+        }
+    }
+    Value::Array(rules)
 }
 
 /// What Helm needs inside one project namespace to install an app or a service chart. Bound
@@ -364,9 +474,36 @@ pub fn agent_manifest(p: &AgentManifestParams) -> Vec<Value> {
             "rules": deployer_rules()
         }),
         json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": TEAM_ROLES[0], "labels": labels},
+            "rules": team_rules(crate::crd::TeamRole::Admin)
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": TEAM_ROLES[1], "labels": labels},
+            "rules": team_rules(crate::crd::TeamRole::Developer)
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": TEAM_ROLES[2], "labels": labels},
+            "rules": team_rules(crate::crd::TeamRole::Viewer)
+        }),
+        json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": NAME, "labels": labels},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
+        }),
+        // Its rules are the Team controller's (`impersonator_rules`): none here, so that
+        // applying the manifest again does not take them away.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": IMPERSONATOR_ROLE, "labels": labels}
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": IMPERSONATOR_ROLE, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": IMPERSONATOR_ROLE},
             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
         }),
         json!({
@@ -768,6 +905,11 @@ mod tests {
                 "ClusterRole",
                 "ClusterRole",
                 "ClusterRole",
+                "ClusterRole",
+                "ClusterRole",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ClusterRole",
                 "ClusterRoleBinding",
                 "Role",
                 "RoleBinding",
@@ -777,7 +919,7 @@ mod tests {
                 "Deployment"
             ]
         );
-        let deployment = &objects[14];
+        let deployment = &objects[19];
         let pod = &deployment["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         // The token file (0440) is readable by the agent's user through the volume's group.
@@ -800,7 +942,7 @@ mod tests {
         // The token travels in the Secret, never on the command line.
         assert!(!container["args"].to_string().contains("sbt_"));
         assert_eq!(
-            objects[13]["stringData"]["token"],
+            objects[18]["stringData"]["token"],
             "sbt_c0123456789abcdef_secret"
         );
     }
@@ -829,11 +971,16 @@ mod tests {
 
     #[test]
     fn the_agent_roles_grant_no_wildcards_and_no_interactive_access() {
-        for rules in [
+        use crate::crd::TeamRole;
+        let agents = [
             agent_rules(),
             project_rules(),
             registry_rules("registry-creds"),
-        ] {
+        ]
+        .map(|rules| (rules, true));
+        let teams = [TeamRole::Admin, TeamRole::Developer, TeamRole::Viewer]
+            .map(|role| (team_rules(role), false));
+        for (rules, agent) in agents.into_iter().chain(teams) {
             for rule in rules.as_array().unwrap() {
                 for field in ["apiGroups", "resources", "verbs"] {
                     assert!(
@@ -842,7 +989,7 @@ mod tests {
                     );
                 }
             }
-            for (_, resource, verbs, _) in rules_of(&rules) {
+            for (_, resource, verbs, names) in &rules_of(&rules) {
                 assert!(
                     ![
                         "pods/exec",
@@ -854,14 +1001,73 @@ mod tests {
                     .contains(&resource.as_str()),
                     "{resource}"
                 );
-                for verb in ["escalate", "impersonate", "update", "deletecollection"] {
+                // People may `kubectl replace` (update) in their projects; the agent never.
+                for verb in [
+                    "escalate",
+                    "impersonate",
+                    "bind",
+                    "update",
+                    "deletecollection",
+                ] {
                     assert!(
-                        !verbs.contains(&verb.to_string()) || resource.ends_with("/finalizers"),
+                        !verbs.contains(&verb.to_string())
+                            || (agent
+                                && (resource.ends_with("/finalizers")
+                                    || verb == "bind"
+                                    || (verb == "escalate"
+                                        && names == &Some(json!([IMPERSONATOR_ROLE])))))
+                            || (!agent && verb == "update"),
                         "{verb} on {resource}"
+                    );
+                }
+                if !agent {
+                    assert!(
+                        !resource.starts_with("roles") && !resource.starts_with("rolebindings"),
+                        "a team role grants RBAC: {resource}"
                     );
                 }
             }
         }
+        let secrets = |role| {
+            rules_of(&team_rules(role))
+                .into_iter()
+                .any(|(_, resource, _, _)| resource == "secrets" || resource == "configmaps")
+        };
+        assert!(secrets(TeamRole::Admin));
+        assert!(!secrets(TeamRole::Developer) && !secrets(TeamRole::Viewer));
+        let writes_apps = |role| {
+            rules_of(&team_rules(role))
+                .into_iter()
+                .any(|(group, resource, verbs, _)| {
+                    group == "apps.shapeblock.io"
+                        && resource == "apps"
+                        && verbs.contains(&"patch".into())
+                })
+        };
+        assert!(writes_apps(TeamRole::Developer) && !writes_apps(TeamRole::Viewer));
+        // Impersonation is its own role, of named users and groups only (no uids, no extras,
+        // no service accounts, never every name).
+        assert_eq!(
+            rules_of(&impersonator_rules(
+                &["shapeblock:user:dev".into()],
+                &["shapeblock:team:web".into()]
+            )),
+            [
+                (
+                    "".into(),
+                    "users".into(),
+                    vec!["impersonate".into()],
+                    Some(json!(["shapeblock:user:dev"]))
+                ),
+                (
+                    "".into(),
+                    "groups".into(),
+                    vec!["impersonate".into()],
+                    Some(json!(["shapeblock:team:web"]))
+                )
+            ]
+        );
+        assert_eq!(impersonator_rules(&[], &[]), json!([]));
         // Binding is only possible to the ShapeBlock roles.
         let bind: Vec<_> = rules_of(&agent_rules())
             .into_iter()
@@ -869,7 +1075,16 @@ mod tests {
             .collect();
         assert_eq!(bind.len(), 1);
         assert_eq!(bind[0].1, "clusterroles");
-        assert_eq!(bind[0].3, Some(json!([PROJECT_ROLE, DEPLOYER_ROLE])));
+        assert_eq!(
+            bind[0].3,
+            Some(json!([
+                PROJECT_ROLE,
+                DEPLOYER_ROLE,
+                TEAM_ROLES[0],
+                TEAM_ROLES[1],
+                TEAM_ROLES[2]
+            ]))
+        );
     }
 
     #[test]
@@ -993,7 +1208,7 @@ mod tests {
         assert_eq!(rule["operations"], json!(["CREATE", "UPDATE", "DELETE"]));
         assert_eq!(rule["resources"], json!(["*/*"]));
         let validations = spec["validations"].as_array().unwrap();
-        assert_eq!(validations.len(), 4);
+        assert_eq!(validations.len(), 5);
         let all = validations
             .iter()
             .map(|v| v["expression"].as_str().unwrap())
@@ -1037,7 +1252,7 @@ mod tests {
     #[test]
     fn yaml_is_a_multi_document_stream() {
         let yaml = to_yaml(&agent_manifest(&params())).unwrap();
-        assert_eq!(yaml.matches("---\n").count(), 15);
+        assert_eq!(yaml.matches("---\n").count(), 20);
         assert!(yaml.contains("kind: Deployment"));
     }
 }

@@ -1,7 +1,8 @@
 //! Pure renderers: functions from settings to Kubernetes objects, with no I/O, so every shape
 //! the hub produces is tested without a cluster.
 //!
-//! Depends on: crd.
+//! Depends on: crd, tunnel (the names the agent impersonates, which the manifest's policy
+//! and the Teams' bindings use too).
 //! Never uses: kube, tokio (renderers are pure: no client, no I/O).
 
 pub mod agent;

@@ -55,6 +55,44 @@ pub const AGENT_VERSION_HEADER: &str = "x-shapeblock-agent-version";
 pub const AGENT_LOCAL_PREFIX: &str = "/shapeblock-agent/v1/";
 /// Agent-local endpoint the hub uses to measure the tunnel's round-trip time.
 pub const AGENT_PING_PATH: &str = "/shapeblock-agent/v1/ping";
+/// Header of a request the hub makes for a person (kubectl through the hub): the ShapeBlock
+/// user id it acts for. The agent impersonates `shapeblock:user:<id>` for it, and nothing else.
+pub const ACT_AS_USER_HEADER: &str = "x-shapeblock-act-as-user";
+/// Header (one per team) of the Teams the person of [`ACT_AS_USER_HEADER`] belongs to; the agent
+/// impersonates `shapeblock:team:<name>` for each.
+pub const ACT_AS_TEAM_HEADER: &str = "x-shapeblock-act-as-team";
+/// Whether `id` is a ShapeBlock user id: 1 to 128 letters, digits and `._@+-`, starting and
+/// ending with a letter or digit (the Team CRD's rule for members), so the impersonated
+/// `shapeblock:user:<id>` can never be a `system:` name or another prefix's.
+pub fn valid_user_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    let edge = |b: &u8| b.is_ascii_alphanumeric();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(b))
+}
+
+/// Whether `name` is a Team name: a DNS label of at most 63 characters.
+pub fn valid_team_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// Prefix of every user the agent impersonates: `shapeblock:user:<ShapeBlock user id>`.
+pub const IMPERSONATED_USER_PREFIX: &str = "shapeblock:user:";
+/// Prefix of every group the agent impersonates: `shapeblock:team:<Team name>`.
+pub const IMPERSONATED_GROUP_PREFIX: &str = "shapeblock:team:";
 
 /// Websocket read buffer per tunnel.
 pub const WS_READ_BUFFER: usize = 16 * 1024;

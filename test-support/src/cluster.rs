@@ -386,3 +386,33 @@ pub async fn helm_runs(admin: &Client, ns: &str, job: &str) -> String {
     assert!(ok, "helm of {job} failed:\n{output}");
     output
 }
+
+/// A pod with one container `app` (restricted security context), as an App's Deployment
+/// would make it when `labels` say `shapeblock.io/app`; waits until kwok's node runs it (and
+/// serves its log, [`crate::write_container_log`]). Needs [`crate::jobs`].
+pub async fn running_pod(admin: &Client, ns: &str, name: &str, labels: serde_json::Value) {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/web:1",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
+                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"}}}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    wait_for(
+        &format!("pod {name} running"),
+        Duration::from_secs(60),
+        async || {
+            let pod = pods.get(name).await.ok()?;
+            pod.status?
+                .container_statuses?
+                .iter()
+                .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kwok; kubelet and kube-proxy for the real node of tests/real-node) from the Go module proxy
-# with the machine's Go, into a cache outside the repository keyed by version.
+# kwok; kubelet and kube-proxy for the real node of tests/real-node; kubectl for tests/teams.rs)
+# from the Go module proxy with the machine's Go, into a cache outside the repository keyed by
+# version.
 # A binary is rebuilt only when the cached one does not report the pinned version.
 #
 # Prints the cache directory on its last line of stdout. Progress goes to stderr.
@@ -25,6 +26,10 @@ reports() { # binary, expected substring of its --version output
   [ -x "$1" ] && "$1" --version 2>/dev/null | grep -qF -- "$2"
 }
 
+kubectl_reports() { # kubectl has no --version; `version --client` says "Client Version: vX"
+  [ -x "$BIN/kubectl" ] && "$BIN/kubectl" version --client 2>/dev/null | grep -qxF -- "Client Version: $K8S_VERSION"
+}
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -33,6 +38,8 @@ build_kubernetes() {
   for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
     reports "$BIN/$c" "Kubernetes $K8S_VERSION" || need+=("$c")
   done
+  # kubectl for the tests of kubectl through the hub (tests/teams.rs).
+  kubectl_reports || need+=(kubectl)
   [ ${#need[@]} -eq 0 ] && { log "kubernetes $K8S_VERSION cached"; return; }
   log "building ${need[*]} $K8S_VERSION (the first build takes a while)"
   local w="$work/k8s" gomod staging minor ldf
@@ -59,7 +66,11 @@ build_kubernetes() {
     log "go build $c"
     go build -trimpath -tags selinux,notest -ldflags "$ldf" -o "$BIN/$c.tmp" "k8s.io/kubernetes/cmd/$c" >&2
     mv "$BIN/$c.tmp" "$BIN/$c"
-    reports "$BIN/$c" "Kubernetes $K8S_VERSION" || die "$c does not report $K8S_VERSION"
+    if [ "$c" = kubectl ]; then
+      kubectl_reports || die "kubectl does not report $K8S_VERSION"
+    else
+      reports "$BIN/$c" "Kubernetes $K8S_VERSION" || die "$c does not report $K8S_VERSION"
+    fi
   done
 }
 

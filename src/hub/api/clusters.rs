@@ -180,6 +180,18 @@ fn derived_hub_url(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<S
             .replacen("https://", "wss://", 1)
             .replacen("http://", "ws://", 1));
     }
+    request_base(state, headers, uri, ("wss", "ws"))
+}
+
+/// `<scheme>://<host>` of the hub as a request reached it: its `Host` header (HTTP/1.1) or its
+/// `:authority` (HTTP/2), with the `secure` scheme when the hub serves TLS or a proxy says it
+/// did (`X-Forwarded-Proto: https`), the `plain` one otherwise.
+pub(super) fn request_base(
+    state: &ApiState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    (secure, plain): (&str, &str),
+) -> Result<String, ApiError> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -198,9 +210,9 @@ fn derived_hub_url(state: &ApiState, headers: &HeaderMap, uri: &Uri) -> Result<S
         .get("x-forwarded-proto")
         .is_some_and(|v| v == "https");
     let scheme = if state.tls || forwarded_tls {
-        "wss"
+        secure
     } else {
-        "ws"
+        plain
     };
     Ok(format!("{scheme}://{host}"))
 }

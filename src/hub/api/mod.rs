@@ -2,8 +2,10 @@
 //! resource: `clusters` (registration, tokens, install manifests, connection status),
 //! `resources` (the ShapeBlock kinds inside a cluster, through its tunnel), `credentials`
 //! (registry credentials of a cluster and of a project), `apps` (an App's
-//! logs and its rollback in one call), [`events`] (the
-//! relay's events and build logs as streams) and `health` (liveness, readiness, metrics).
+//! logs and its rollback in one call), `kubectl` (kubeconfigs for people, revoking their
+//! tokens, the audit trail), [`events`] (the relay's events and build logs as streams) and
+//! `health` (liveness, readiness, metrics). The Kubernetes API of each cluster for kubectl,
+//! `/k8s/clusters/…`, is served by `crate::hub::kubectl`, with its own tokens.
 //! This file holds what they share: state, errors, authentication and the router. Documented
 //! by the OpenAPI document generated from the handlers (`GET /api/v1/openapi.json`, committed
 //! as `openapi.json`).
@@ -19,6 +21,7 @@ pub(crate) mod clusters;
 pub mod credentials;
 pub mod events;
 mod health;
+mod kubectl;
 mod resources;
 mod schema;
 
@@ -43,6 +46,14 @@ use crate::hub::registry::{Registry, StoreError};
 /// What the API handlers share.
 pub struct ApiState {
     pub registry: Arc<Registry>,
+    /// Signs and checks the tokens of issued kubeconfigs.
+    pub kubectl_tokens: Arc<crate::hub::kubectl::Tokens>,
+    /// The audit trail of requests made for people.
+    pub audit: Arc<crate::hub::kubectl::Audit>,
+    /// kubectl token lifetimes.
+    pub kubectl: crate::hub::kubectl::KubectlConfig,
+    /// Largest request body accepted (`max_request_body_bytes`).
+    pub max_body: usize,
     /// The per-cluster controllers, when the hub runs them.
     pub runtimes: Option<Arc<crate::hub::runtime::Runtimes>>,
     /// The fleet's agent upgrades.
@@ -340,6 +351,7 @@ async fn authenticate(State(state): Shared, request: Request, next: Next) -> Res
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags((name = "clusters", description = "Managed clusters and their agents"),
+         (name = "kubectl", description = "kubeconfigs for people, revocation, and the audit trail of their requests"),
          (name = "resources", description = "ShapeBlock resources inside a cluster, through its tunnel"))
 )]
 struct ApiDoc;
@@ -404,6 +416,15 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
             resources::apply_service,
             resources::delete_service
         ))
+        .routes(routes!(resources::list_teams, resources::create_team))
+        .routes(routes!(
+            resources::get_team,
+            resources::apply_team,
+            resources::delete_team
+        ))
+        .routes(routes!(kubectl::issue_kubeconfig))
+        .routes(routes!(kubectl::revoke_kubectl_tokens))
+        .routes(routes!(kubectl::audit))
         .routes(routes!(events::events))
         .routes(routes!(events::build_logs))
         .routes(routes!(apps::app_logs))
@@ -438,7 +459,19 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> axum::Router {
             state.clone(),
             authenticate,
         ));
+    // The Kubernetes API of each cluster, for kubectl: authenticated by its own tokens.
+    let kubernetes = axum::Router::new()
+        .route(
+            "/k8s/clusters/{cluster}",
+            axum::routing::any(crate::hub::kubectl::proxy),
+        )
+        .route(
+            "/k8s/clusters/{cluster}/{*path}",
+            axum::routing::any(crate::hub::kubectl::proxy),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable());
     axum::Router::new()
+        .merge(kubernetes)
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
         .merge(metrics)

@@ -1,4 +1,4 @@
-//! The ShapeBlock resources inside a cluster (Projects, Apps, AppBuilds, Services), read and
+//! The ShapeBlock resources inside a cluster (Projects, Teams, Apps, AppBuilds, Services), read and
 //! written through the cluster's tunnel with the hub's own field manager.
 
 use axum::Json;
@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use super::{ApiError, ApiState, Shared, check_name};
-use crate::crd::{App, AppBuild, Project, Service};
+use crate::crd::{App, AppBuild, Project, Service, Team};
 
 pub(super) const FIELD_MANAGER: &str = "shapeblock-api";
 
@@ -20,6 +20,7 @@ fn kind_of(plural: &str) -> Option<&'static str> {
         "apps" => Some("App"),
         "appbuilds" => Some("AppBuild"),
         "services" => Some("Service"),
+        "teams" => Some("Team"),
         _ => None,
     }
 }
@@ -53,12 +54,12 @@ fn target(
     let kind =
         kind_of(plural).ok_or_else(|| ApiError::not_found(format!("resource type {plural:?}")))?;
     match (kind, namespace) {
-        ("Project", Some(_)) => {
-            return Err(ApiError::not_found(
-                "projects are cluster-scoped; resource path",
-            ));
+        ("Project" | "Team", Some(_)) => {
+            return Err(ApiError::not_found(format!(
+                "{plural} are cluster-scoped; resource path"
+            )));
         }
-        ("Project", None) => {}
+        ("Project" | "Team", None) => {}
         (_, None) => {
             return Err(ApiError::not_found(format!(
                 "{plural} are namespaced; resource path"
@@ -427,4 +428,76 @@ pub(super) async fn delete_project(
     Path((cluster, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     delete_in(state, cluster, None, "projects".into(), name).await
+}
+
+/// What deleting a Team answers: the Team, still there while its RoleBindings go, or a
+/// `Status` once it is gone.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code, clippy::large_enum_variant)] // a shape for the OpenAPI document only
+pub(super) enum TeamDeleted {
+    Object(Team),
+    Gone(super::schema::Status),
+}
+
+/// List the Teams of a cluster.
+#[utoipa::path(get, path = "/api/v1/clusters/{cluster}/teams", tag = "resources",
+    params(("cluster" = String, Path, description = "Cluster id")),
+    responses((status = 200, body = super::schema::TeamList), (status = 404, body = ApiError)))]
+pub(super) async fn list_teams(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    list_in(state, cluster, None, "teams".into()).await
+}
+
+/// Create a Team: its members get their role's rights in each of its projects' namespaces
+/// (validated by the cluster's CRD schema; unknown fields are rejected).
+#[utoipa::path(post, path = "/api/v1/clusters/{cluster}/teams", tag = "resources",
+    params(("cluster" = String, Path, description = "Cluster id")), request_body = Team,
+    responses((status = 201, body = Team), (status = 400, body = ApiError), (status = 404, body = ApiError),
+              (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 415, body = ApiError),
+              (status = 422, body = ApiError)))]
+pub(super) async fn create_team(
+    State(state): Shared,
+    Path(cluster): Path<String>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    create_in(state, cluster, None, "teams".into(), body).await
+}
+
+/// Get a Team, with the projects bound and missing in status.
+#[utoipa::path(get, path = "/api/v1/clusters/{cluster}/teams/{name}", tag = "resources",
+    params(("cluster" = String, Path, description = "Cluster id"), ("name" = String, Path)),
+    responses((status = 200, body = Team), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub(super) async fn get_team(
+    State(state): Shared,
+    Path((cluster, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    get_in(state, cluster, None, "teams".into(), name).await
+}
+
+/// Create or update a Team with server-side apply: access follows within seconds.
+#[utoipa::path(put, path = "/api/v1/clusters/{cluster}/teams/{name}", tag = "resources",
+    params(("cluster" = String, Path, description = "Cluster id"), ("name" = String, Path)), request_body = Team,
+    responses((status = 200, body = Team), (status = 400, body = ApiError), (status = 404, body = ApiError),
+              (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 415, body = ApiError),
+              (status = 422, body = ApiError)))]
+pub(super) async fn apply_team(
+    State(state): Shared,
+    Path((cluster, name)): Path<(String, String)>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    apply_in(state, cluster, None, "teams".into(), name, body).await
+}
+
+/// Delete a Team (and with it, its members' access to its projects).
+#[utoipa::path(delete, path = "/api/v1/clusters/{cluster}/teams/{name}", tag = "resources",
+    params(("cluster" = String, Path, description = "Cluster id"), ("name" = String, Path)),
+    responses((status = 200, body = TeamDeleted), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub(super) async fn delete_team(
+    State(state): Shared,
+    Path((cluster, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    delete_in(state, cluster, None, "teams".into(), name).await
 }

@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde_json::{Map, Value, json};
 use utoipa::openapi::{ObjectBuilder, RefOr, Schema};
 
-use crate::crd::{App, AppBuild, Project, Service};
+use crate::crd::{App, AppBuild, Project, Service, Team};
 
 /// A list of Apps, as the apiserver returns it.
 #[derive(serde::Serialize)]
@@ -27,6 +27,9 @@ pub struct ProjectList;
 /// A list of Services, as the apiserver returns it.
 #[derive(serde::Serialize)]
 pub struct ServiceList;
+/// A list of Teams, as the apiserver returns it.
+#[derive(serde::Serialize)]
+pub struct TeamList;
 
 /// A Kubernetes `Status`: what a delete returns once the object is gone.
 #[derive(serde::Serialize)]
@@ -56,6 +59,8 @@ named!(AppList, "AppList");
 named!(AppBuildList, "AppBuildList");
 named!(ProjectList, "ProjectList");
 named!(ServiceList, "ServiceList");
+named!(Team, "Team");
+named!(TeamList, "TeamList");
 named!(Status, "Status");
 
 fn reference(name: &str) -> Value {
@@ -218,6 +223,7 @@ pub fn insert(document: &mut Value) {
         crate::crd::ServiceSpec,
         crate::crd::ServiceStatus
     );
+    kind!(Team, "Team", crate::crd::TeamSpec, crate::crd::TeamStatus);
     let status = generator.add::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>();
     schemas.insert("Status".into(), status);
     schemas.extend(generator.0.take_definitions(true));
@@ -265,7 +271,8 @@ fn error_meaning(status: &str) -> &'static str {
 pub fn declare_errors(document: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     for (path, item) in document.paths.paths.iter_mut() {
-        let through_tunnel = path.contains("/projects") || path.contains("/namespaces/");
+        let through_tunnel =
+            path.contains("/projects") || path.contains("/teams") || path.contains("/namespaces/");
         let operations = [
             (&mut item.get, false),
             (&mut item.head, false),

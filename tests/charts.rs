@@ -272,7 +272,7 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
         assert_eq!(config.listen.port(), 8080);
         assert_eq!(config.metrics_listen.map(|a| a.port()), Some(9180));
         if i == 0 {
-            // The Ingress routes the tunnel and the API, nothing else (not /metrics).
+            // The Ingress routes the tunnel, the API and kubectl, nothing else (not /metrics).
             let ingress = objects.iter().find(|o| o["kind"] == "Ingress").unwrap();
             let paths: Vec<(&str, &str)> = ingress["spec"]["rules"][0]["http"]["paths"]
                 .as_array()
@@ -284,7 +284,8 @@ async fn the_hub_chart_renders_valid_objects_with_default_and_custom_values() {
                 paths,
                 [
                     (shapeblock::tunnel::CONNECT_PATH, "Exact"),
-                    ("/api/v1", "Prefix")
+                    ("/api/v1", "Prefix"),
+                    ("/k8s/clusters", "Prefix")
                 ]
             );
         }

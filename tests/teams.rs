@@ -714,6 +714,23 @@ async fn the_agent_impersonates_only_shapeblock_users_and_teams_whatever_the_hub
         answer["status"]["userInfo"]["username"],
         "system:serviceaccount:shapeblock-agent:shapeblock-agent"
     );
+    // A well-formed user no Team names: the agent asks, and its own rights refuse it (it
+    // may impersonate only the people Teams name).
+    let (status, answer) = review(vec![("x-shapeblock-act-as-user", "mallory")]).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot impersonate resource \"users\""),
+        "{answer}"
+    );
+    let (status, answer) = review(vec![
+        ("x-shapeblock-act-as-user", "dev"),
+        ("x-shapeblock-act-as-team", "ops"),
+    ])
+    .await;
+    assert_eq!(status, 403, "a team no Team is: {answer}");
     // Whatever else a hub asks is refused by the agent before it reaches the apiserver.
     for headers in [
         vec![("impersonate-user", "system:admin")],

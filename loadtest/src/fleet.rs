@@ -18,9 +18,9 @@ use crate::sim::{Cluster, JobTimings};
 
 /// Watches the hub's controllers keep open in each cluster (Project: Projects, namespaces, the
 /// registry source; App: Apps, its uninstall Jobs, Projects; AppBuild: AppBuilds, Jobs, Pods,
-/// Apps; Service: Services, Jobs, Projects), besides the App runtime's. A cluster with this
-/// many open is fully synced.
-pub const WATCHES_PER_CLUSTER: usize = 13;
+/// Apps; Service: Services, Jobs, Projects; Team: Teams, Projects, Teams' RoleBindings),
+/// besides the App runtime's. A cluster with this many open is fully synced.
+pub const WATCHES_PER_CLUSTER: usize = 16;
 
 /// Namespace of every simulated cluster's Project.
 pub const PROJECT: &str = "shop";

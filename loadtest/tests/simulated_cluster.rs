@@ -62,8 +62,8 @@ async fn the_hub_runs_a_build_in_a_simulated_cluster() {
     .await;
     assert_eq!(
         cluster.count("apiextensions.k8s.io/customresourcedefinitions"),
-        4,
-        "the hub installs its four CRDs"
+        5,
+        "the hub installs its five CRDs"
     );
     fleet::add_apps(&cluster, 2);
     wait("Apps Ready", || fleet::ready_apps(&members) == 2).await;

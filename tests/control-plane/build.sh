@@ -27,7 +27,11 @@ reports() { # binary, expected substring of its --version output
 }
 
 kubectl_reports() { # kubectl has no --version; `version --client` says "Client Version: vX"
-  [ -x "$BIN/kubectl" ] && "$BIN/kubectl" version --client 2>/dev/null | grep -qxF -- "Client Version: $K8S_VERSION"
+  # Read whole before matching: `grep -q` would stop reading after the first line and, under
+  # pipefail, kubectl's SIGPIPE on the second would count as a mismatch (and a rebuild).
+  local out
+  [ -x "$BIN/kubectl" ] && out=$("$BIN/kubectl" version --client 2>/dev/null) &&
+    grep -qxF -- "Client Version: $K8S_VERSION" <<<"$out"
 }
 
 work=$(mktemp -d)

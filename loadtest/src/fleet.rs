@@ -112,8 +112,8 @@ pub fn start_agent(member: &Member, hub_url: &str, ca: &Path, shutdown: Cancella
     let config = shapeblock::agent::AgentConfig::load(args).expect("agent configuration");
     let cluster = member.cluster.clone();
     tokio::spawn(async move {
-        let client = crate::sim::client(cluster);
-        if let Err(err) = shapeblock::agent::run_with_client(config, client, shutdown).await {
+        let upstream = Arc::new(crate::sim::Upstream(cluster));
+        if let Err(err) = shapeblock::agent::run_with_upstream(config, upstream, shutdown).await {
             eprintln!("agent stopped: {err}");
         }
     });

@@ -1118,13 +1118,22 @@ fn not_found(target: &Target, name: &str) -> Response<SimBody> {
     )
 }
 
-/// A `kube::Client` whose requests this cluster serves.
-pub fn client(cluster: Arc<Cluster>) -> kube::Client {
-    let service = tower::service_fn(move |request: Request<kube::client::Body>| {
-        let cluster = cluster.clone();
-        async move { Ok::<_, std::convert::Infallible>(cluster.handle(request).await) }
-    });
-    kube::Client::new(service, "default")
+/// The agent's upstream when this cluster serves its requests (the agent code run in-process).
+pub struct Upstream(pub Arc<Cluster>);
+
+impl shapeblock::agent::Upstream for Upstream {
+    fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> shapeblock::agent::apiserver::UpstreamFuture<'_> {
+        let cluster = self.0.clone();
+        Box::pin(async move {
+            Ok(cluster
+                .handle(request)
+                .await
+                .map(|body| body.boxed_unsync()))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //!
 //! Depends on: tunnel, config, secret, telemetry.
 
+pub mod apiserver;
 pub mod config;
 pub mod proxy;
 
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::secret::Secret;
 use crate::tunnel::{self, Backoff, CloseReason, CloseSignal, DialError, DialOptions, Trust, WsIo};
+pub use apiserver::{Apiserver, Upstream};
 pub use config::{AgentArgs, AgentConfig, ConfigError};
 use proxy::{Policy, Proxy};
 
@@ -51,8 +53,8 @@ const REPLACED_DOUBLINGS: u32 = 4;
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot load Kubernetes credentials: {0}")]
-    Kube(String),
+    #[error("cannot reach the apiserver: {0}")]
+    Apiserver(#[from] apiserver::ApiserverError),
     #[error("TLS set-up: {0}")]
     Tls(#[from] tunnel::TlsError),
     #[error("cannot reach the hub at {url}: {source}")]
@@ -142,26 +144,18 @@ pub fn main() -> std::process::ExitCode {
 
 /// Keeps a tunnel to the hub open until `shutdown`, reconnecting after every failure.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| AgentError::Kube(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .map_err(|e| AgentError::Kube(e.to_string()))?
-        }
-        None => kube::Config::incluster().map_err(|e| AgentError::Kube(e.to_string()))?,
+    let apiserver = match &config.kubeconfig {
+        Some(path) => Apiserver::from_kubeconfig(path)?,
+        None => Apiserver::in_cluster()?,
     };
-    let client =
-        kube::Client::try_from(kube_config).map_err(|e| AgentError::Kube(e.to_string()))?;
-    run_with_client(config, client, shutdown).await
+    run_with_upstream(config, Arc::new(apiserver), shutdown).await
 }
 
-/// [`run`] with the client requests are forwarded to already built: the binary passes its
-/// apiserver's; the load test (`loadtest/`) passes one backed by a simulated cluster.
-pub async fn run_with_client(
+/// [`run`] with where requests are forwarded already chosen: the binary passes its
+/// apiserver; the load test (`loadtest/`) passes a simulated cluster.
+pub async fn run_with_upstream(
     config: AgentConfig,
-    client: kube::Client,
+    upstream: Arc<dyn Upstream>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let refused = config::REFUSED_SUBRESOURCES
@@ -170,7 +164,7 @@ pub async fn run_with_client(
         .map(|s| s.to_string())
         .collect();
     let proxy = Arc::new(Proxy::new(
-        client,
+        upstream,
         Policy {
             refused_subresources: refused,
             max_request_body_bytes: config.max_request_body_bytes,

@@ -5,18 +5,20 @@
 //! `shapeblock:team:<name>` groups itself, and nothing else ([`acting_for`]).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 
+use super::apiserver::Upstream;
 use crate::tunnel::{
     ACT_AS_TEAM_HEADER, ACT_AS_USER_HEADER, AGENT_LOCAL_PREFIX, AGENT_PING_PATH,
     IMPERSONATED_GROUP_PREFIX, IMPERSONATED_USER_PREFIX, valid_team_name, valid_user_id,
 };
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of a response sent back through the tunnel.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -251,13 +253,13 @@ fn strip_response_headers(headers: &mut HeaderMap) {
 /// The agent's request handler.
 #[derive(Clone)]
 pub struct Proxy {
-    client: kube::Client,
+    upstream: Arc<dyn Upstream>,
     policy: Policy,
 }
 
 impl Proxy {
-    pub fn new(client: kube::Client, policy: Policy) -> Self {
-        Self { client, policy }
+    pub fn new(upstream: Arc<dyn Upstream>, policy: Policy) -> Self {
+        Self { upstream, policy }
     }
 
     /// Serves one request from the hub. Never fails: every problem becomes a Status response.
@@ -356,16 +358,16 @@ impl Proxy {
             }
         };
         parts.version = http::Version::HTTP_11;
-        let upstream = Request::from_parts(parts, kube::client::Body::from(body.to_vec()));
-        match self.client.send(upstream).await {
+        match self
+            .upstream
+            .send(Request::from_parts(parts, Full::new(body)))
+            .await
+        {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_response_headers(&mut parts.headers);
                 parts.version = http::Version::HTTP_2;
-                Ok(Response::from_parts(
-                    parts,
-                    body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-                ))
+                Ok(Response::from_parts(parts, body))
             }
             Err(err) => {
                 tracing::warn!(error = %err, %path, "apiserver request failed");

@@ -41,7 +41,8 @@ pub enum Trust<'a> {
     WebPkiAnd(&'a Path),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The one crypto provider of every TLS end (ring).
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -223,16 +224,18 @@ pub fn server_config(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    /// Writes `text` to `dir/name` (also for the agent's apiserver tests).
+    pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A scratch directory named after the test (also for the agent's apiserver tests).
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sb-tls-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir

@@ -7,8 +7,9 @@
 //! every binding first (finalizer); deleting a Project removes its namespace, and the binding
 //! with it.
 //!
-//! Every binding carries the label [`TEAM_LABEL`], by which the controller finds them all
-//! (and is brought back when one is changed or deleted by hand).
+//! Every binding carries the label [`TEAM_LABEL`], by which the controller watches them all
+//! (and is brought back when one is changed or deleted by hand). It reads Projects and its
+//! bindings from those watches' stores, not from the apiserver at each reconcile.
 //!
 //! The hub also keeps each cluster's membership in a [`Directory`], from which the kubectl
 //! proxy names the groups of the user it acts for.
@@ -17,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -275,31 +276,57 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
-async fn read(team: &Team, ctx: &Context) -> Result<Observed, ReconcileError> {
-    let projects: Api<Project> = Api::all(ctx.client.clone());
-    let mut active_projects = BTreeSet::new();
-    for p in &team.spec.projects {
-        if let Some(project) = projects.get_opt(&p.project).await?
-            && project.metadata.deletion_timestamp.is_none()
-            && project.status.as_ref().and_then(|s| s.phase) == Some(ProjectPhase::Active)
-        {
-            active_projects.insert(p.project.clone());
-        }
+/// What the controller reads from its own watches instead of asking the apiserver at each
+/// reconcile (through the tunnel, one GET per project of the Team and a LIST of bindings):
+/// every Project with its phase, and every RoleBinding it labelled.
+#[derive(Clone)]
+struct Stores {
+    projects: reflector::Store<Project>,
+    bindings: reflector::Store<PartialObjectMeta<RoleBinding>>,
+}
+
+impl Stores {
+    /// Whether both watches have listed everything once. Before that a Project not yet seen
+    /// would look missing, and its binding be revoked.
+    fn ready(&self) -> bool {
+        let ready = |waiting: Option<Result<(), reflector::store::WriterDropped>>| {
+            matches!(waiting, Some(Ok(())))
+        };
+        ready(self.projects.wait_until_ready().now_or_never())
+            && ready(self.bindings.wait_until_ready().now_or_never())
     }
-    let bindings: Api<PartialObjectMeta<RoleBinding>> = Api::all(ctx.client.clone());
-    let selector = format!("{TEAM_LABEL}={}", team.name_any());
-    let bound_namespaces = bindings
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .into_iter()
-        .filter(|b| b.name_any() == binding_name(&team.name_any()))
+}
+
+fn read(team: &Team, stores: &Stores) -> Observed {
+    let active_projects = team
+        .spec
+        .projects
+        .iter()
+        .filter(|p| {
+            stores
+                .projects
+                .get(&ObjectRef::new(&p.project))
+                .is_some_and(|project| {
+                    project.metadata.deletion_timestamp.is_none()
+                        && project.status.as_ref().and_then(|s| s.phase)
+                            == Some(ProjectPhase::Active)
+                })
+        })
+        .map(|p| p.project.clone())
+        .collect();
+    let name = team.name_any();
+    let binding = binding_name(&name);
+    let bound_namespaces = stores
+        .bindings
+        .state()
+        .iter()
+        .filter(|b| b.labels().get(TEAM_LABEL) == Some(&name) && b.name_any() == binding)
         .filter_map(|b| b.namespace())
         .collect();
-    Ok(Observed {
+    Observed {
         active_projects,
         bound_namespaces,
-    })
+    }
 }
 
 async fn delete_bindings(
@@ -321,8 +348,16 @@ async fn delete_bindings(
     Ok(())
 }
 
-async fn reconcile(team: Arc<Team>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let observed = read(&team, &ctx).await?;
+async fn reconcile(
+    team: Arc<Team>,
+    ctx: Arc<Context>,
+    stores: Stores,
+) -> Result<Action, ReconcileError> {
+    if !stores.ready() {
+        // The initial lists bring every Team naming a Project back once they are in.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let observed = read(&team, &stores);
     let teams: Api<Team> = Api::all(ctx.client.clone());
     let name = team.name_any();
     match decide(&team, &observed) {
@@ -428,17 +463,27 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>) {
             }
         });
     let teams = reflector(writer, teams).applied_objects();
-    let projects: Api<PartialObjectMeta<Project>> = Api::all(client.clone());
-    let bindings: Api<PartialObjectMeta<RoleBinding>> = Api::all(client);
-    let project_store = store.clone();
+    let (projects, projects_writer) = reflector::store::<Project>();
+    let (bindings, bindings_writer) = reflector::store::<PartialObjectMeta<RoleBinding>>();
+    let stores = Stores { projects, bindings };
+    let project_events = watcher(
+        Api::<Project>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .modify(|project| project.managed_fields_mut().clear());
+    let binding_events = watcher(
+        Api::<PartialObjectMeta<RoleBinding>>::all(client),
+        watcher::Config::default().labels(TEAM_LABEL),
+    );
+    let team_store = store.clone();
     let controller = Controller::for_stream(teams, store)
         .with_config(super::controller_config())
         // A Project that appears, becomes Active or goes brings back the Teams naming it.
         .watches_stream(
-            watcher(projects, watcher::Config::default()).touched_objects(),
+            reflector(projects_writer, project_events).touched_objects(),
             move |project| {
                 let name = project.name_any();
-                project_store
+                team_store
                     .state()
                     .iter()
                     .filter(|t| t.spec.projects.iter().any(|p| p.project == name))
@@ -448,7 +493,7 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>) {
         )
         // A binding changed or deleted by hand brings its Team back.
         .watches_stream(
-            watcher(bindings, watcher::Config::default().labels(TEAM_LABEL)).touched_objects(),
+            reflector(bindings_writer, binding_events).touched_objects(),
             |binding| {
                 binding
                     .labels()
@@ -457,7 +502,9 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>) {
             },
         )
         .run(
-            super::bounded("team", reconcile),
+            super::bounded("team", move |team, ctx| {
+                reconcile(team, ctx, stores.clone())
+            }),
             |object, error, ctx| super::on_error("team", object, error, ctx),
             ctx,
         )

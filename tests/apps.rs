@@ -83,19 +83,9 @@ async fn app_logs_follow_every_pod_and_end_with_the_client() {
 
     // Following: the current pod, then a pod that starts later, from its first line.
     let before = support::apiserver_log_requests(&admin).await;
-    let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
-        .await
-        .unwrap();
     let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let request = http::Request::get(format!("{logs}?follow=true&tail=1"))
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
+        support::hub::hub_connection(hub.addr, hub.ca_file.as_deref()).await;
+    let request = support::hub::hub_get(&format!("{logs}?follow=true&tail=1"), ADMIN_TOKEN);
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
@@ -287,20 +277,12 @@ impl Drop for Held {
 /// request when it streams (200), or the error body.
 async fn open(hub: &TestHub, path: &str, token: &str) -> (u16, Result<Held, String>) {
     use http_body_util::BodyExt;
-    let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
+    let (mut sender, connection) =
+        support::hub::hub_connection(hub.addr, hub.ca_file.as_deref()).await;
+    let response = sender
+        .send_request(support::hub::hub_get(path, token))
         .await
         .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {token}"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
     let status = response.status().as_u16();
     if status == 200 {
         let held = Held {

@@ -719,25 +719,15 @@ async fn build_log_lines_reach_the_server_in_order_and_the_api_streams_them() {
     let before = log_requests().await;
     let mut abandoned = Vec::new();
     for _ in 0..5 {
-        let io = support::hub::connect_hub(hub.addr, hub.ca_file.as_deref())
-            .await
-            .unwrap();
         let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-                .await
-                .unwrap();
-        let connection = tokio::spawn(connection);
-        let request = http::Request::get(format!(
-            "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/web-logs/logs?follow=true",
-            cluster.cluster_id
-        ))
-        .header("host", "localhost")
-        .header(
-            "authorization",
-            format!("Bearer {}", support::hub::ADMIN_TOKEN),
-        )
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
+            support::hub::hub_connection(hub.addr, hub.ca_file.as_deref()).await;
+        let request = support::hub::hub_get(
+            &format!(
+                "/api/v1/clusters/{}/namespaces/{ns}/appbuilds/web-logs/logs?follow=true",
+                cluster.cluster_id
+            ),
+            support::hub::ADMIN_TOKEN,
+        );
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         abandoned.push((response, connection));

@@ -537,23 +537,14 @@ async fn a_team_member_uses_kubectl_through_the_hub_with_the_rights_of_their_tea
     let pods: Api<Pod> = Api::namespaced(direct, &a);
     pods.get("web-1").await.unwrap();
     // One kept-alive connection to the hub, as the direct client keeps one to the apiserver.
-    let io = support::hub::connect_hub(hub.addr, Some(&ca))
-        .await
-        .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = support::hub::hub_connection(hub.addr, Some(&ca)).await;
     for _ in 0..200 {
         use http_body_util::BodyExt;
-        let request = http::Request::get(&path)
-            .header("host", "localhost")
-            .header("authorization", format!("Bearer {token}"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
         let start = Instant::now();
-        let response = sender.send_request(request).await.unwrap();
+        let response = sender
+            .send_request(support::hub::hub_get(&path, &token))
+            .await
+            .unwrap();
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         through.push(start.elapsed());

@@ -532,6 +532,34 @@ impl ApiResponse {
     }
 }
 
+/// A kept-alive HTTP/1.1 connection to a test hub's API (TLS pinned to its CA when given): its
+/// sender, and the task that runs it (abort it to drop the connection at once).
+pub async fn hub_connection(
+    addr: SocketAddr,
+    ca_file: Option<&std::path::Path>,
+) -> (
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let io = connect_hub(addr, ca_file)
+        .await
+        .expect("connecting to the hub");
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .expect("HTTP/1.1 handshake with the hub");
+    (sender, tokio::spawn(connection))
+}
+
+/// A GET of `path` on a test hub, with `token` as the bearer token.
+pub fn hub_get(path: &str, token: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .expect("a GET request")
+}
+
 /// A connection to a test hub: TLS pinned to its CA when given, else plain TCP.
 pub async fn connect_hub(
     addr: SocketAddr,

@@ -64,8 +64,11 @@ pub enum ApiserverError {
     File { path: PathBuf, message: String },
     #[error("kubeconfig {}: {message}", path.display())]
     Kubeconfig { path: PathBuf, message: String },
-    #[error("the apiserver's address {0:?} is not a URL with a host")]
-    Server(String),
+    #[error("the apiserver's address {server:?}: {reason}")]
+    Server {
+        server: String,
+        reason: &'static str,
+    },
     #[error("TLS set-up: {0}")]
     Tls(#[from] rustls::Error),
 }
@@ -197,19 +200,21 @@ impl Apiserver {
         server_name: Option<String>,
         auth: Auth,
     ) -> Result<Self, ApiserverError> {
-        let uri: Uri = server
-            .parse()
-            .map_err(|_| ApiserverError::Server(server.to_string()))?;
+        let refused = |reason| ApiserverError::Server {
+            server: server.to_string(),
+            reason,
+        };
+        let uri: Uri = server.parse().map_err(|_| refused("not a URL"))?;
         let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
         else {
-            return Err(ApiserverError::Server(server.to_string()));
+            return Err(refused("not a URL with a scheme and a host"));
         };
         // Plain HTTP would show the agent's token to the network: only to this machine.
         let loopback = matches!(authority.host(), "localhost" | "127.0.0.1" | "[::1]");
         if scheme != Scheme::HTTPS && !(scheme == Scheme::HTTP && loopback) {
-            return Err(ApiserverError::Server(format!(
-                "{server} (the apiserver is reached over https, or plain http on loopback only)"
-            )));
+            return Err(refused(
+                "the apiserver is reached over https (plain http only on loopback)",
+            ));
         }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -221,8 +226,8 @@ impl Apiserver {
             .https_or_http();
         let builder = match server_name {
             Some(name) => {
-                let name = ServerName::try_from(name.clone())
-                    .map_err(|_| ApiserverError::Server(format!("tls-server-name {name:?}")))?;
+                let name = ServerName::try_from(name)
+                    .map_err(|_| refused("its tls-server-name is not a DNS name or IP address"))?;
                 builder.with_server_name_resolver(move |_: &Uri| {
                     Ok::<_, std::convert::Infallible>(name.clone())
                 })
@@ -469,7 +474,12 @@ struct User {
 impl Kubeconfig {
     /// The cluster and user of the current context (or of the only context there is).
     fn current(&self) -> Result<(&Cluster, Option<&User>), String> {
-        let context = match &self.current_context {
+        // An empty current-context is none, as kubectl reads it.
+        let context = match self
+            .current_context
+            .as_ref()
+            .filter(|name| !name.is_empty())
+        {
             Some(name) => self
                 .contexts
                 .iter()
@@ -604,7 +614,7 @@ mod tests {
             assert!(
                 matches!(
                     Apiserver::new(refused, tls(), None, Auth::None),
-                    Err(ApiserverError::Server(_))
+                    Err(ApiserverError::Server { .. })
                 ),
                 "{refused}"
             );

@@ -53,7 +53,7 @@ const REPLACED_DOUBLINGS: u32 = 4;
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot reach the apiserver: {0}")]
+    #[error("cannot set up the client of this cluster's apiserver: {0}")]
     Apiserver(#[from] apiserver::ApiserverError),
     #[error("TLS set-up: {0}")]
     Tls(#[from] tunnel::TlsError),

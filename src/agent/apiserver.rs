@@ -50,6 +50,11 @@ const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount
 const TOKEN_REREAD: Duration = Duration::from_secs(60);
 /// How long opening a connection to the apiserver (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on apiserver connections: probes after 30 s without traffic, every 10 s,
+/// and the connection is dropped after 3 unanswered (a dead apiserver found within 60 s).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
 /// How long an unused pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -220,7 +225,13 @@ impl Apiserver {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_keepalive(Some(Duration::from_secs(30)));
+        // A watch waits on its connection for minutes: an apiserver that vanished without
+        // closing it (a crashed node, a partition) is found by TCP keepalive within a minute,
+        // and the watch ends with an error the hub's watcher re-lists after (the kube client's
+        // 295 s read timeout did this before).
+        http.set_keepalive(Some(KEEPALIVE_IDLE));
+        http.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+        http.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();

@@ -153,16 +153,7 @@ impl Apiserver {
         if user.username.is_some() || user.password.is_some() {
             return Err(bad("basic authentication is not supported".into()));
         }
-        let ca = match (
-            &cluster.certificate_authority_data,
-            &cluster.certificate_authority,
-        ) {
-            (Some(data), _) => {
-                Some(decode(data).map_err(|e| bad(format!("certificate-authority-data: {e}")))?)
-            }
-            (None, Some(file)) => Some(read(&resolve(file))?),
-            (None, None) => None,
-        };
+        // A PEM given inline (base64 `<what>-data`, which wins) or as a file.
         let pem = |data: &Option<String>,
                    file: &Option<PathBuf>,
                    what: &str|
@@ -175,6 +166,11 @@ impl Apiserver {
                 (None, None) => Ok(None),
             }
         };
+        let ca = pem(
+            &cluster.certificate_authority_data,
+            &cluster.certificate_authority,
+            "certificate-authority",
+        )?;
         let cert = pem(
             &user.client_certificate_data,
             &user.client_certificate,

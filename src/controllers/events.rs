@@ -83,6 +83,46 @@ fn namespace_of(regarding: &ObjectReference) -> &str {
     regarding.namespace.as_deref().unwrap_or("default")
 }
 
+/// Publishes the Event for a step that happens once in an object's life (an AppBuild entering
+/// a phase), under a name made of the object's name, `once` and its uid: publishing it again
+/// (a reconcile retried before its status write landed) finds it there and succeeds. An
+/// error is returned only when trying again may help (the tunnel or the apiserver failed);
+/// a refusal is logged, as an Event never holds an object back.
+pub async fn publish_once(
+    client: &kube::Client,
+    regarding: &ObjectReference,
+    once: &str,
+    event: Event,
+) -> Result<(), kube::Error> {
+    let mut object = object(&event, regarding, 0);
+    object.metadata.name = Some(once_name(regarding, once));
+    let events: Api<KubeEvent> = Api::namespaced(client.clone(), namespace_of(regarding));
+    match events.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(kube::Error::Api(e)) if e.code != 429 && e.code < 500 => {
+            tracing::warn!(error = %e, reason = %event.reason, "the apiserver refused an Event");
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// `<name>.<once>.<uid's first 8>`: the uid tells apart an object deleted and made again
+/// under its name, whose Events of the last hour are still there.
+fn once_name(regarding: &ObjectReference, once: &str) -> String {
+    let name = regarding.name.as_deref().unwrap_or(REPORTER);
+    let uid = regarding.uid.as_deref().unwrap_or("0");
+    let uid = &uid[..uid.len().min(8)];
+    // An Event's name is a DNS subdomain: 253 characters at most.
+    let room = 253 - once.len() - uid.len() - 2;
+    let mut end = name.len().min(room);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}.{once}.{uid}", name[..end].trim_end_matches('.'))
+}
+
 /// Publishes an Event, logging (not returning) a failure.
 pub async fn publish(client: &kube::Client, regarding: &ObjectReference, event: Event) {
     let nanos = jiff::Timestamp::now().as_nanosecond();
@@ -146,6 +186,23 @@ mod tests {
         );
         assert_eq!(event.metadata.namespace.as_deref(), Some("default"));
         assert_eq!(event.type_.as_deref(), Some("Warning"));
+    }
+
+    #[test]
+    fn an_event_published_once_is_named_by_its_object_step_and_uid() {
+        let mut regarding = ObjectReference {
+            name: Some("web-1".into()),
+            uid: Some("0f3c9a2e-1111-2222-3333-444455556666".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            once_name(&regarding, "completed"),
+            "web-1.completed.0f3c9a2e"
+        );
+        regarding.name = Some("a".repeat(253));
+        let long = once_name(&regarding, "deploying");
+        assert_eq!(long.len(), 253);
+        assert!(long.ends_with(".deploying.0f3c9a2e"), "{long}");
     }
 
     #[test]

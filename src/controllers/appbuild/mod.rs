@@ -640,27 +640,32 @@ async fn start_deploy(
 
 /// Writes the status a step leads to, and tells the story as Events: a Normal Event for each
 /// phase entered, a Warning with the failure's reason when the build fails.
+///
+/// A build enters each phase once, so its Event is published under a name of its own, and
+/// before the status: a reconcile retried after the status write (its answer lost, or the
+/// hub stopped in between) sees the phase already entered and would not publish it, while
+/// one retried before it publishes the same Event again, which is then found there.
 async fn report(
     build: &AppBuild,
     status: &AppBuildStatus,
     ctx: &Context,
     version: &mut Option<String>,
 ) -> Result<(), ReconcileError> {
+    let before = build.status.as_ref().and_then(|s| s.phase);
+    if let Some(phase) = status.phase
+        && status.phase != before
+    {
+        let note = status.message.clone().unwrap_or_default();
+        let event = match (phase, status.reason.as_deref()) {
+            (AppBuildPhase::Failed, Some(reason)) => super::events::failed(reason, note),
+            (phase, _) => super::events::phase(&format!("{phase:?}"), note),
+        };
+        let once = format!("{phase:?}").to_lowercase();
+        super::events::publish_once(&ctx.client, &build.object_ref(&()), &once, event).await?;
+    }
     let api: Api<AppBuild> =
         Api::namespaced(ctx.client.clone(), &build.namespace().unwrap_or_default());
-    write_status(&api, build, status, version).await?;
-    let before = build.status.as_ref().and_then(|s| s.phase);
-    if status.phase == before {
-        return Ok(());
-    }
-    let note = status.message.clone().unwrap_or_default();
-    let event = match (status.phase, status.reason.as_deref()) {
-        (Some(AppBuildPhase::Failed), Some(reason)) => super::events::failed(reason, note),
-        (Some(phase), _) => super::events::phase(&format!("{phase:?}"), note),
-        (None, _) => return Ok(()),
-    };
-    super::events::publish(&ctx.client, &build.object_ref(&()), event).await;
-    Ok(())
+    write_status(&api, build, status, version).await
 }
 
 async fn reconcile(

@@ -241,7 +241,7 @@ async fn run() {
 
     // Hub memory per idle tunnel, on the real hub process (plain HTTP, as behind the chart's
     // TLS-terminating ingress): the tunnel alone (controllers off), then with each cluster's
-    // controllers watching (the default; CRDs installed, 14 watches, nothing to reconcile).
+    // controllers watching (the default; CRDs installed, 12 watches, nothing to reconcile).
     hub_per_idle_tunnel(&dir, &identity.kubeconfig, false).await;
     hub_per_idle_tunnel(&dir, &identity.kubeconfig, true).await;
 }

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::sim::{Cluster, JobTimings};
 
-/// Watches the hub's controllers keep open in each cluster (Project: Projects, namespaces, the
-/// registry source; App: Apps, its uninstall Jobs, Projects; AppBuild: AppBuilds, Jobs, Pods,
-/// Apps; Service: Services, Jobs, Projects; Team: Teams, Projects, Teams' RoleBindings),
-/// besides the App runtime's. A cluster with this many open is fully synced.
-pub const WATCHES_PER_CLUSTER: usize = 16;
+/// Watches the hub keeps open in each cluster: the four its controllers share (Projects, Apps,
+/// the hub's Jobs, App Deployments), and each controller's own (Project: namespaces, the
+/// registry source; AppBuild: AppBuilds, build pods; Service: Services; runtime: App pods;
+/// Team: Teams, Teams' RoleBindings). A cluster with this many open is fully synced.
+pub const WATCHES_PER_CLUSTER: usize = 12;
 
 /// Namespace of every simulated cluster's Project.
 pub const PROJECT: &str = "shop";

@@ -11,10 +11,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -820,42 +818,27 @@ async fn report(
     Ok(())
 }
 
-/// Runs the App controller; stop it by dropping the future.
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
+/// Runs the App controller on the cluster's shared watches; stop it by dropping the future.
+pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let metrics = ctx.metrics.clone();
-    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<App>::all(client.clone()), &ctx);
-    Controller::for_stream(stream, store.clone())
+    let store = watches.apps.store();
+    Controller::for_shared_stream(watches.apps.applied(), store.clone())
         .with_config(super::controller_config())
         // The uninstall Job, metadata only. The other children (deploy key, known_hosts) are
         // not watched: the agent may not list Secrets or ConfigMaps across namespaces; they
         // are read by name in the App's namespace at each reconcile.
-        .owns_stream(
-            watcher(
-                Api::<PartialObjectMeta<k8s_openapi::api::batch::v1::Job>>::all(client.clone()),
-                watcher::Config::default().labels(&managed),
-            )
-            .touched_objects(),
-        )
+        .owns_shared_stream(watches.jobs.touched())
         // A Project turns Active once its registry copy is in place: that re-checks the Apps
         // of its namespace (which has the Project's name) that waited for it.
-        .watches_stream(
-            watcher(
-                Api::<PartialObjectMeta<Project>>::all(client),
-                watcher::Config::default(),
-            )
-            .touched_objects(),
-            move |project| {
-                let ns = Some(project.name_any());
-                store
-                    .state()
-                    .iter()
-                    .filter(|app| app.namespace() == ns)
-                    .map(|app| ObjectRef::from_obj(app.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(watches.projects.touched(), move |project: Arc<Project>| {
+            let ns = Some(project.name_any());
+            store
+                .state()
+                .iter()
+                .filter(|app| app.namespace() == ns)
+                .map(|app| ObjectRef::from_obj(app.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .run(
             super::bounded("app", reconcile),
             |object, error, ctx| super::on_error("app", object, error, ctx),

@@ -19,14 +19,19 @@ pub mod metrics;
 pub mod project;
 pub mod runtime;
 pub mod service;
+pub mod shared;
 pub mod team;
 pub mod tenancy;
 
+use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::Resource;
 use kube::runtime::controller::Action;
+use serde::de::DeserializeOwned;
+
+use crate::relay::Relayed;
 
 /// Settings shared by the controllers of every cluster (keys of the hub's configuration file).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -360,6 +365,11 @@ fn jittered(delay: Duration) -> Duration {
 /// Labels every object the hub creates carries.
 pub const MANAGED_BY: (&str, &str) = (crate::crd::MANAGED_BY_LABEL, crate::crd::MANAGED_BY_VALUE);
 
+/// A controller's main resource, whose changes the relay's journal sees.
+pub trait Tapped: Relayed + Clone + Debug + DeserializeOwned + Send + Sync + 'static {}
+
+impl<K: Relayed + Clone + Debug + DeserializeOwned + Send + Sync + 'static> Tapped for K {}
+
 /// A reflector for a controller's main resource whose cache drops `managedFields` (often
 /// half of an object's size, and never read by a reconcile). Every change passes the relay's
 /// journal first, so status transitions are relayed from the watch the controller needs anyway.
@@ -371,23 +381,34 @@ pub fn trimmed_reflector<K>(
     impl futures_util::Stream<Item = Result<K, kube::runtime::watcher::Error>> + Send + 'static,
 )
 where
-    K: crate::relay::Relayed
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Tapped,
+{
+    use kube::runtime::{WatchStreamExt, reflector};
+    let (store, writer) = reflector::store();
+    let stream = reflector(writer, tapped_watch(api, ctx)).applied_objects();
+    (store, stream)
+}
+
+/// The watch of a controller's main resource, `managedFields` dropped, every change passed
+/// through the relay's journal (see [`trimmed_reflector`]).
+pub fn tapped_watch<K>(
+    api: kube::Api<K>,
+    ctx: &Context,
+) -> impl futures_util::Stream<
+    Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>,
+> + Send
++ 'static
+where
+    K: Tapped,
 {
     use futures_util::{StreamExt, TryStreamExt};
     use kube::ResourceExt;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let (store, writer) = reflector::store();
+    use kube::runtime::{WatchStreamExt, watcher};
     let mut tap = ctx
         .journal
         .as_ref()
         .map(|journal| journal.tap::<K>(ctx.cluster.clone()));
-    let events = watcher(api, watcher::Config::default())
+    watcher(api, watcher::Config::default())
         .modify(|object| {
             object.managed_fields_mut().clear();
         })
@@ -399,9 +420,7 @@ where
             };
             async move { Ok(relayed.await) }
         })
-        .boxed();
-    let stream = reflector(writer, events).applied_objects();
-    (store, stream)
+        .boxed()
 }
 
 #[cfg(test)]

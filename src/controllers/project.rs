@@ -489,17 +489,18 @@ async fn report(
     Ok(())
 }
 
-/// Runs the Project controller; stop it by dropping the future.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the Project controller on the cluster's shared Project watch; stop it by dropping
+/// the future.
+pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let client = ctx.client.clone();
     let metrics = ctx.metrics.clone();
     let namespaces: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
     let sources: Api<PartialObjectMeta<Secret>> =
         Api::namespaced(client.clone(), &ctx.config.registry_source_namespace);
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<Project>::all(client), &ctx);
+    let store = watches.projects.store();
     let default_source = ctx.config.default_registry_secret.clone();
-    Controller::for_stream(stream, store.clone())
+    Controller::for_shared_stream(watches.projects.applied(), store.clone())
         .with_config(super::controller_config())
         .owns_stream(
             watcher(namespaces, watcher::Config::default().labels(&managed)).touched_objects(),

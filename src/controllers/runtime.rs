@@ -10,9 +10,11 @@
 //! its fields; and only when it changed. Report: an Event when state or reason changed; the
 //! relay sees the new status through the App controller's watch, like every status change.
 //!
-//! Every cached object is trimmed to the fields read ([`trim_app`], [`trim_deployment`],
-//! [`trim_pod`]): a hub caches these for every App of thousands of clusters, and a pod as
-//! the apiserver sends it is mostly spec and managed fields nobody here reads.
+//! Every cached workload is trimmed to the fields read ([`trim_deployment`], [`trim_pod`]): a
+//! hub caches these for every App of thousands of clusters, and a pod as the apiserver sends
+//! it is mostly spec and managed fields nobody here reads. The Apps and their Deployments come
+//! from the cluster's shared watches ([`super::shared::Watches`]): the App controller's cache
+//! is this controller's too, instead of a second, trimmed copy of every App.
 
 use std::sync::Arc;
 
@@ -28,7 +30,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::{Context, ReconcileError, events};
-use crate::crd::{App, AppSpec, AppStatus, RunSpec, RuntimeState, RuntimeStatus};
+use crate::crd::{App, RuntimeState, RuntimeStatus};
 use crate::observed::workload;
 use crate::render::app::{APP_LABEL, hosts, urls};
 
@@ -122,29 +124,6 @@ pub fn transition_event(after: &RuntimeStatus) -> kube::runtime::events::Event {
             events::phase("NotDeployed", "the App's Deployment is gone".into())
         }
     }
-}
-
-/// Keeps what the runtime controller reads of an App: its identity, `spec.run.domains` (the
-/// URLs) and `status.runtime` (the status it compares with).
-pub fn trim_app(app: &mut App) {
-    let meta = &mut app.metadata;
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.labels = None;
-    meta.finalizers = None;
-    meta.owner_references = None;
-    let domains = app.spec.run.take().map(|r| r.domains).unwrap_or_default();
-    app.spec = AppSpec {
-        run: (!domains.is_empty()).then(|| RunSpec {
-            domains,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    app.status = app.status.take().map(|s| AppStatus {
-        runtime: s.runtime,
-        ..Default::default()
-    });
 }
 
 /// Keeps only the App label of an object's metadata, besides its identity.
@@ -288,23 +267,12 @@ fn owning_app(meta: &ObjectMeta) -> Option<ObjectRef<App>> {
     Some(ObjectRef::new(app).within(meta.namespace.as_deref()?))
 }
 
-/// Runs the runtime controller; stop it by dropping the future.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the runtime controller on the cluster's shared App and Deployment watches (its pods
+/// are its own); stop it by dropping the future.
+pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let client = ctx.client.clone();
     let metrics = ctx.metrics.clone();
-    let (apps, apps_writer) = reflector::store();
-    let app_stream = watcher(Api::<App>::all(client.clone()), watcher::Config::default())
-        .modify(trim_app)
-        .reflect(apps_writer)
-        .applied_objects();
-    let (deployments, deployments_writer) = reflector::store();
-    let deployment_stream = watcher(
-        Api::<Deployment>::all(client.clone()),
-        watcher::Config::default().labels(APP_LABEL),
-    )
-    .modify(trim_deployment)
-    .reflect(deployments_writer)
-    .touched_objects();
+    let deployments = watches.deployments.store();
     let (pods, pods_writer) = reflector::store();
     let pod_stream = watcher(
         Api::<Pod>::all(client),
@@ -314,9 +282,11 @@ pub async fn run(ctx: Arc<Context>) {
     .reflect(pods_writer)
     .touched_objects();
     let workloads = Arc::new(Workloads { deployments, pods });
-    Controller::for_stream(app_stream, apps)
+    Controller::for_shared_stream(watches.apps.applied(), watches.apps.store())
         .with_config(super::controller_config())
-        .watches_stream(deployment_stream, |d: Deployment| owning_app(&d.metadata))
+        .watches_shared_stream(watches.deployments.touched(), |d: Arc<Deployment>| {
+            owning_app(&d.metadata)
+        })
         .watches_stream(pod_stream, |p: Pod| owning_app(&p.metadata))
         .run(
             super::bounded("runtime", move |app, ctx| {
@@ -476,26 +446,5 @@ mod tests {
         assert_eq!(trimmed["spec"]["replicas"], 2);
         assert_eq!(trimmed["metadata"]["generation"], 2);
         assert_eq!(trimmed["status"]["readyReplicas"], 1);
-
-        let mut app: App = serde_json::from_value(json!({
-            "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App",
-            "metadata": {"name": "web", "namespace": "shop", "uid": "u"},
-            "spec": {"displayName": "Web", "registry": {"url": "r"}, "build": {"type": "image", "image": "x"},
-                "run": {"port": 3000, "domains": [{"host": "shop.example.com"}]}},
-            "status": {"phase": "Ready", "deployKey": "ssh-ed25519 AAAA",
-                "runtime": {"state": "Running"}}}))
-        .unwrap();
-        trim_app(&mut app);
-        let run = app.spec.run.as_ref().unwrap();
-        assert_eq!(run.domains[0].host, "shop.example.com");
-        assert_eq!(run.port, None);
-        let status = app.status.unwrap();
-        assert_eq!(status.runtime.unwrap().state, RuntimeState::Running);
-        assert_eq!((status.phase, status.deploy_key), (None, None));
-        assert_eq!(
-            app.metadata.uid.as_deref(),
-            Some("u"),
-            "Events name the App"
-        );
     }
 }

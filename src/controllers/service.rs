@@ -10,15 +10,13 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::jobs;
-use super::{Context, MANAGED_BY, ReconcileError};
+use super::{Context, ReconcileError};
 use crate::crd::{ChartSource, FIELD_MANAGER, Service, ServicePhase, ServiceSpec, ServiceStatus};
 use crate::observed::{self, Outcome};
 use crate::render::build::child_name;
@@ -524,31 +522,21 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
     }
 }
 
-/// Runs the Service controller; stop it by dropping the future.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the Service controller (its Jobs and Projects from the cluster's shared watches);
+/// stop it by dropping the future.
+pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let client = ctx.client.clone();
     let metrics = ctx.metrics.clone();
-    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client.clone()), &ctx);
+    let (store, stream) = super::trimmed_reflector(Api::<Service>::all(client), &ctx);
     let project_store = store.clone();
     Controller::for_stream(stream, store)
         .with_config(super::controller_config())
-        .owns_stream(
-            watcher(
-                Api::<PartialObjectMeta<Job>>::all(client.clone()),
-                watcher::Config::default().labels(&managed),
-            )
-            .touched_objects(),
-        )
+        .owns_shared_stream(watches.jobs.touched())
         // A Project that changes (it is made, or its namespace is ready: its status moves)
         // brings the Services of its namespace, which wait for it outside a project.
-        .watches_stream(
-            watcher(
-                Api::<PartialObjectMeta<crate::crd::Project>>::all(client),
-                watcher::Config::default(),
-            )
-            .touched_objects(),
-            move |project| {
+        .watches_shared_stream(
+            watches.projects.touched(),
+            move |project: Arc<crate::crd::Project>| {
                 let ns = Some(project.name_any());
                 project_store
                     .state()

@@ -445,8 +445,9 @@ async fn write_status(
     Ok(())
 }
 
-/// Runs the Team controller; stop it by dropping the future.
-pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>) {
+/// Runs the Team controller (its Projects from the cluster's shared watch); stop it by
+/// dropping the future.
+pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>, watches: &super::shared::Watches) {
     let client = ctx.client.clone();
     let ctx_for_impersonation = ctx.clone();
     let metrics = ctx.metrics.clone();
@@ -463,14 +464,11 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>) {
             }
         });
     let teams = reflector(writer, teams).applied_objects();
-    let (projects, projects_writer) = reflector::store::<Project>();
     let (bindings, bindings_writer) = reflector::store::<PartialObjectMeta<RoleBinding>>();
-    let stores = Stores { projects, bindings };
-    let project_events = watcher(
-        Api::<Project>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .modify(|project| project.managed_fields_mut().clear());
+    let stores = Stores {
+        projects: watches.projects.store(),
+        bindings,
+    };
     let binding_events = watcher(
         Api::<PartialObjectMeta<RoleBinding>>::all(client),
         watcher::Config::default().labels(TEAM_LABEL),
@@ -479,18 +477,15 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>) {
     let controller = Controller::for_stream(teams, store)
         .with_config(super::controller_config())
         // A Project that appears, becomes Active or goes brings back the Teams naming it.
-        .watches_stream(
-            reflector(projects_writer, project_events).touched_objects(),
-            move |project| {
-                let name = project.name_any();
-                team_store
-                    .state()
-                    .iter()
-                    .filter(|t| t.spec.projects.iter().any(|p| p.project == name))
-                    .map(|t| ObjectRef::from_obj(t.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(watches.projects.touched(), move |project: Arc<Project>| {
+            let name = project.name_any();
+            team_store
+                .state()
+                .iter()
+                .filter(|t| t.spec.projects.iter().any(|p| p.project == name))
+                .map(|t| ObjectRef::from_obj(t.as_ref()))
+                .collect::<Vec<_>>()
+        })
         // A binding changed or deleted by hand brings its Team back.
         .watches_stream(
             reflector(bindings_writer, binding_events).touched_objects(),

@@ -214,10 +214,12 @@ async fn run_cluster(
         tracing::info!("CRDs installed; starting controllers");
         installed
     };
+    // One watch per kind that several controllers read (see `controllers::shared`).
+    let watches = controllers::shared::Watches::new();
     // Without the Team CRD (an agent installed before Teams) there is nothing to watch.
     let teams = async {
         match installed.teams_refused {
-            None => controllers::team::run(ctx.clone(), directory).await,
+            None => controllers::team::run(ctx.clone(), directory, &watches).await,
             Some(message) => {
                 tracing::warn!(%message,
                     "the agent may not install the Team CRD: its install manifest predates Teams; \
@@ -227,11 +229,12 @@ async fn run_cluster(
         }
     };
     tokio::select! {
-        _ = controllers::project::run(ctx.clone()) => tracing::warn!("project controller stopped"),
-        _ = controllers::app::run(ctx.clone()) => tracing::warn!("app controller stopped"),
-        _ = controllers::appbuild::run(ctx.clone()) => tracing::warn!("appbuild controller stopped"),
-        _ = controllers::service::run(ctx.clone()) => tracing::warn!("service controller stopped"),
-        _ = controllers::runtime::run(ctx.clone()) => tracing::warn!("runtime controller stopped"),
+        _ = watches.run(&ctx) => tracing::warn!("shared watches stopped"),
+        _ = controllers::project::run(ctx.clone(), &watches) => tracing::warn!("project controller stopped"),
+        _ = controllers::app::run(ctx.clone(), &watches) => tracing::warn!("app controller stopped"),
+        _ = controllers::appbuild::run(ctx.clone(), &watches) => tracing::warn!("appbuild controller stopped"),
+        _ = controllers::service::run(ctx.clone(), &watches) => tracing::warn!("service controller stopped"),
+        _ = controllers::runtime::run(ctx.clone(), &watches) => tracing::warn!("runtime controller stopped"),
         _ = teams => tracing::warn!("team controller stopped"),
         _ = cancel.cancelled() => tracing::info!("controllers stopped"),
     }

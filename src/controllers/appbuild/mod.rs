@@ -758,8 +758,9 @@ fn waiting_on_app(
         .collect()
 }
 
-/// Runs the AppBuild controller; stop it by dropping the future.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the AppBuild controller (its Jobs, Apps and Deployments from the cluster's shared
+/// watches); stop it by dropping the future.
+pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let client = ctx.client.clone();
     let metrics = ctx.metrics.clone();
     let managed = format!("{}={}", super::MANAGED_BY.0, super::MANAGED_BY.1);
@@ -795,13 +796,7 @@ pub async fn run(ctx: Arc<Context>) {
     Controller::for_stream(stream, store)
         .with_config(super::controller_config())
         .reconcile_on(woken)
-        .owns_stream(
-            watcher(
-                Api::<PartialObjectMeta<Job>>::all(client.clone()),
-                watcher::Config::default().labels(&managed),
-            )
-            .touched_objects(),
-        )
+        .owns_shared_stream(watches.jobs.touched())
         // Pods of build and deploy Jobs (metadata only: a status change still bumps the
         // resourceVersion and so arrives as an event).
         .watches_stream(
@@ -817,27 +812,18 @@ pub async fn run(ctx: Arc<Context>) {
         )
         // An App becoming Ready (or appearing) starts the builds waiting for it; its runtime
         // status moves the builds deploying it.
-        .watches_stream(
-            watcher(
-                Api::<PartialObjectMeta<App>>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .touched_objects(),
-            move |app| {
-                let ns = app.namespace();
-                let name = app.name_any();
-                waiting_on_app(&app_store, ns.as_deref(), &name)
-            },
-        )
-        // The App's Deployment rolling out (metadata only: its status changes still bump the
-        // resourceVersion) brings the builds deploying it.
-        .watches_stream(
-            watcher(
-                Api::<PartialObjectMeta<Deployment>>::all(client),
-                watcher::Config::default().labels(crate::render::app::APP_LABEL),
-            )
-            .touched_objects(),
-            move |deployment| match deployment.labels().get(crate::render::app::APP_LABEL) {
+        .watches_shared_stream(watches.apps.touched(), move |app: Arc<App>| {
+            let ns = app.namespace();
+            let name = app.name_any();
+            waiting_on_app(&app_store, ns.as_deref(), &name)
+        })
+        // The App's Deployment rolling out brings the builds deploying it.
+        .watches_shared_stream(
+            watches.deployments.touched(),
+            move |deployment: Arc<Deployment>| match deployment
+                .labels()
+                .get(crate::render::app::APP_LABEL)
+            {
                 Some(app) => {
                     waiting_on_app(&deployment_store, deployment.namespace().as_deref(), app)
                 }

@@ -502,13 +502,11 @@ pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let default_source = ctx.config.default_registry_secret.clone();
     Controller::for_shared_stream(watches.projects.applied(), store.clone())
         .with_config(super::controller_config())
-        .owns_stream(
-            watcher(namespaces, watcher::Config::default().labels(&managed)).touched_objects(),
-        )
+        .owns_stream(watcher(namespaces, super::watch_config().labels(&managed)).touched_objects())
         // A change to a registry source Secret re-syncs every project that copies it (metadata
         // only: a data change still moves the resourceVersion, which is an event).
         .watches_stream(
-            watcher(sources, watcher::Config::default()).touched_objects(),
+            watcher(sources, super::watch_config()).touched_objects(),
             move |secret| {
                 let changed = secret.name_any();
                 store

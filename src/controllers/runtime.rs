@@ -276,7 +276,7 @@ pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
     let (pods, pods_writer) = reflector::store();
     let pod_stream = watcher(
         Api::<Pod>::all(client),
-        watcher::Config::default().labels(POD_SELECTOR),
+        super::watch_config().labels(POD_SELECTOR),
     )
     .modify(trim_pod)
     .reflect(pods_writer)

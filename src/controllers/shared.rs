@@ -58,11 +58,11 @@ impl Watches {
         let managed = format!("{}={}", super::MANAGED_BY.0, super::MANAGED_BY.1);
         let jobs = watcher(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),
-            watcher::Config::default().labels(&managed),
+            super::watch_config().labels(&managed),
         );
         let deployments = watcher(
             Api::<Deployment>::all(client.clone()),
-            watcher::Config::default().labels(crate::render::app::APP_LABEL),
+            super::watch_config().labels(crate::render::app::APP_LABEL),
         )
         .modify(super::runtime::trim_deployment);
         futures_util::join!(

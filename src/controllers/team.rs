@@ -452,7 +452,7 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>, watches: &super::
     let ctx_for_impersonation = ctx.clone();
     let metrics = ctx.metrics.clone();
     let (store, writer) = reflector::store::<Team>();
-    let teams = watcher(Api::<Team>::all(client.clone()), watcher::Config::default())
+    let teams = watcher(Api::<Team>::all(client.clone()), super::watch_config())
         .modify(|team| team.managed_fields_mut().clear())
         .map({
             let directory = directory.clone();
@@ -471,7 +471,7 @@ pub async fn run(ctx: Arc<Context>, directory: Arc<Directory>, watches: &super::
     };
     let binding_events = watcher(
         Api::<PartialObjectMeta<RoleBinding>>::all(client),
-        watcher::Config::default().labels(TEAM_LABEL),
+        super::watch_config().labels(TEAM_LABEL),
     );
     let team_store = store.clone();
     let controller = Controller::for_stream(teams, store)

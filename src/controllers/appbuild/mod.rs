@@ -802,7 +802,7 @@ pub async fn run(ctx: Arc<Context>, watches: &super::shared::Watches) {
         .watches_stream(
             watcher(
                 Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-                watcher::Config::default().labels(&pod_selector),
+                super::watch_config().labels(&pod_selector),
             )
             .touched_objects(),
             |pod| {

@@ -162,18 +162,20 @@ impl AgentProcess {
         let log = dir.join(format!("agent-{stem}.log"));
         let token_file = dir.join(format!("agent-{stem}.token"));
         std::fs::write(&token_file, token).expect("writing an agent token");
-        let child = shapeblock_test_support::process::agent_command(
+        let mut command = shapeblock_test_support::process::agent_command(
             binary,
             hub_url,
             Some(ca),
             &token_file,
             kubeconfig,
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("agent log"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        );
+        command
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"));
+        // Tied to this process: a load test that panics (release builds abort) leaves no agent.
+        let child = shapeblock_test_support::process::spawn_tied(command)
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         AgentProcess {
             pid: child.id(),
             child,

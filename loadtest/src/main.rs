@@ -143,6 +143,9 @@ async fn run(args: Args) {
     for figures in &all {
         figures.print_summary();
     }
+    for figures in &all {
+        figures.print_targets();
+    }
 }
 
 fn total_memory_mib() -> u64 {
@@ -303,7 +306,9 @@ async fn scenario(
         fleet::add_apps(&member.cluster, args.apps);
     }
     let expected = n * args.apps;
-    let ready = wait_until("every App Ready", Duration::from_secs(900), async || {
+    // 200,000 Apps (10,000 clusters) took 875 s on two cores shared with the simulation.
+    let ready_within = Duration::from_secs((expected as u64 / 100).max(900));
+    let ready = wait_until("every App Ready", ready_within, async || {
         let r = fleet::ready_apps(&members);
         (r < expected).then(|| format!("{r}/{expected} Apps Ready"))
     })
@@ -477,13 +482,18 @@ async fn restart(
     let pid = hub.pid;
     let api = hub.api.clone();
     let (mut connected, mut watching, mut relayed) = (None, None, None);
+    let within = Duration::from_secs((n as u64 / 10).max(600));
     let mut last = String::new();
     while connected.is_none() || watching.is_none() || relayed.is_none() {
         assert!(
-            stopped.elapsed() < Duration::from_secs(600),
-            "restart not complete within 600 s: {last}"
+            stopped.elapsed() < within,
+            "restart not complete within {within:?}: {last}"
         );
-        let c = api.connected().await;
+        // Listing every cluster costs the hub CPU (10,000 at once): only until all are back.
+        let c = match connected {
+            None => api.connected().await,
+            Some(_) => n,
+        };
         let w = fleet::watching(members, WATCHES_PER_CLUSTER);
         let r = received.seen();
         last = format!("{c}/{n} connected, {w}/{n} watching, {r}/{expected} relayed");

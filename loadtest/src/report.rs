@@ -96,4 +96,62 @@ impl Figures {
             mib(self.agent_busy_kib),
         );
     }
+
+    /// Issue 18's table for this fleet size: each figure beside its target.
+    pub fn print_targets(&self) {
+        let row = |figure: &str, measured: String, target: &str| {
+            println!("| {figure} | {measured} | {target} |");
+        };
+        println!(
+            "\n| figure, {} clusters | measured | target |",
+            self.clusters
+        );
+        println!("| --- | --- | --- |");
+        row(
+            &format!(
+                "hub RSS per cluster, {} Apps each, runtime health on",
+                self.apps
+            ),
+            format!("{:.0} KiB", self.per_cluster(self.apps_kib)),
+            "≤ 200 KiB",
+        );
+        row(
+            "hub CPU, idle fleet",
+            format!("{:.3} cores", self.idle_cores),
+            "≤ 0.1 core",
+        );
+        if let Some((connected, watching, relayed, peak)) = self.restart {
+            row(
+                "hub restart: all reconnected / all watching and resynced",
+                format!("{connected:.1} s / {:.1} s", watching.max(relayed)),
+                "≤ 60 s",
+            );
+            row(
+                "hub restart: peak RSS / steady RSS",
+                format!(
+                    "{} / {} = {:.2}",
+                    mib(peak),
+                    mib(self.apps_kib),
+                    peak as f64 / self.apps_kib.max(1) as f64
+                ),
+                "≤ 1.2",
+            );
+        }
+        row(
+            "relay latency p99, steady builds",
+            format!("{:.1} ms", self.relay_p99.as_secs_f64() * 1000.0),
+            "≤ 100 ms",
+        );
+        if self.agent_idle_kib > 0 {
+            row(
+                "agent process RSS in the fleet, idle / during builds",
+                format!(
+                    "{} / {}",
+                    mib(self.agent_idle_kib),
+                    mib(self.agent_busy_kib)
+                ),
+                "≤ 4 / ≤ 5 MiB (busy: 100 req/s, 10 watches)",
+            );
+        }
+    }
 }
